@@ -1,0 +1,42 @@
+"""Engine settings, read from config.yaml's `model_metadata.engine`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    model: str = "embedded_model"
+    served_model_name: str | None = None
+    revision: str | None = None
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    device: str = "auto"  # auto | cuda | cpu
+    attention_backend: str = "auto"  # auto | flash_attn | torch
+    max_model_len: int | None = None  # None: the checkpoint's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    kv_cache_memory_fraction: float = 0.90
+    kv_cache_memory_gb: float = 2.0
+    block_size: int | str = "auto"
+    enable_prefix_caching: bool = True
+    max_queue_size: int = 1024
+    tool_call_parser: str = "auto"
+    reasoning_parser: str = "auto"
+    cpu_threads: int | None = None
+    # Test-only: raise inside the engine loop after this many steps (never set in production).
+    fault_after_steps: int | None = None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> EngineConfig:
+        raw = dict(raw or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown engine settings in model_metadata.engine: {unknown}")
+        return cls(**raw)
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,202 @@
+"""The synchronous engine: add requests, step, collect outputs.
+
+`AsyncEngine` (engine/async_engine.py) runs this on its own thread; tests and
+benchmarks can drive it directly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from flashserve.config import EngineConfig
+from flashserve.engine.block_manager import BlockManager
+from flashserve.engine.model_runner import ModelRunner
+from flashserve.engine.sampling_params import SamplingParams
+from flashserve.engine.scheduler import Scheduler
+from flashserve.engine.sequence import Sequence, SequenceOutput
+from flashserve.layers.attention import select_backend
+from flashserve.models.loader import load_model
+from flashserve.models.model_config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class EngineStats:
+    num_waiting: int
+    num_running: int
+    kv_blocks_total: int
+    kv_blocks_used: int
+    prefix_queries: int
+    prefix_hits: int
+    preemptions: int
+
+
+class LLMEngine:
+    def __init__(
+        self, config: EngineConfig, model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()
+    ) -> None:
+        self.config = config
+        self.device = _pick_device(config.device)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads or max(1, os.cpu_count() or 1))
+        self.model_config = ModelConfig.from_pretrained(model_dir)
+        mc = self.model_config
+        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.max_model_len = min(
+            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
+        )
+        backend = select_backend(config.attention_backend, self.device)
+        self.attention_backend = backend.name
+        block_size = config.block_size
+        if block_size == "auto":
+            block_size = 256 if backend.name == "flash_attn" else 16
+        self.block_size = int(block_size)
+        self.model = load_model(model_dir, mc, backend, self.dtype, self.device, self.max_model_len)
+        num_blocks = self._num_kv_blocks()
+        if num_blocks * self.block_size < self.max_model_len:
+            logger.warning(
+                "KV cache holds %d tokens; lowering max_model_len from %d",
+                num_blocks * self.block_size,
+                self.max_model_len,
+            )
+            self.max_model_len = num_blocks * self.block_size
+        self.eos_token_ids = tuple(eos_token_ids) or mc.eos_token_ids
+        self.runner = ModelRunner(
+            self.model, self.device, num_blocks, self.block_size, self.dtype, self.eos_token_ids
+        )
+        self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
+        self.sequences: dict[str, Sequence] = {}
+        self.steps = 0
+        logger.info(
+            "engine ready: %s on %s (%s), attention=%s, %d KV blocks x %d tokens, max_model_len=%d",
+            mc.architecture,
+            self.device,
+            self.dtype,
+            backend.name,
+            num_blocks,
+            self.block_size,
+            self.max_model_len,
+        )
+
+    def _num_kv_blocks(self) -> int:
+        per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * self.config.kv_cache_memory_fraction
+        else:
+            budget = self.config.kv_cache_memory_gb * (1 << 30)
+        return max(1, int(budget // per_block))
+
+    # -- requests ---------------------------------------------------------
+
+    def add_request(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> None:
+        if request_id in self.sequences:
+            raise ValueError(f"duplicate request id {request_id}")
+        if not prompt_token_ids:
+            raise ValueError("empty prompt")
+        if len(prompt_token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt of {len(prompt_token_ids)} tokens leaves no room in a {self.max_model_len}-token context"
+            )
+        seq = Sequence(request_id, list(prompt_token_ids), params)
+        if params.seed is not None:
+            seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> bool:
+        seq = self.sequences.pop(request_id, None)
+        if seq is None:
+            return False
+        self.scheduler.remove(seq)
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # -- one step ---------------------------------------------------------
+
+    def step(self) -> list[SequenceOutput]:
+        self.steps += 1
+        if self.config.fault_after_steps is not None and self.steps > self.config.fault_after_steps:
+            raise RuntimeError("injected engine fault (fault_after_steps)")
+        batch = self.scheduler.schedule()
+        if batch.empty:
+            return []
+        sampled, result = self.runner.step(batch.items)
+        for seq, n in batch.items:
+            seq.num_computed_tokens += n
+            self.block_manager.register_full_blocks(seq)
+        outputs: list[SequenceOutput] = []
+        if result is None:
+            return outputs
+        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+            seq.token_ids.append(token)
+            finish, stop_reason = self._check_stop(seq, token)
+            outputs.append(
+                SequenceOutput(
+                    request_id=seq.request_id,
+                    new_token_ids=[token],
+                    finished=finish is not None,
+                    finish_reason=finish,
+                    stop_reason=stop_reason,
+                    logprobs=[logprob] if logprob is not None else None,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_tokens,
+                )
+            )
+            if finish is not None:
+                self.sequences.pop(seq.request_id, None)
+                self.scheduler.remove(seq)
+        return outputs
+
+    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+        p = seq.params
+        if seq.num_output_tokens >= p.min_tokens:
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop", None
+            if token in p.stop_token_ids:
+                return "stop", token
+        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def stats(self) -> EngineStats:
+        bm = self.block_manager
+        return EngineStats(
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            kv_blocks_total=bm.num_blocks,
+            kv_blocks_used=bm.num_used_blocks,
+            prefix_queries=bm.prefix_queries,
+            prefix_hits=bm.prefix_hits,
+            preemptions=self.scheduler.total_preemptions,
+        )
+
+
+def _pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        # On CPUs like this one fp32 matmuls outrun bf16 ones; GPUs want bf16.
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {name!r}")
+    return _DTYPES[name]

@@ -1,0 +1,118 @@
+"""Owns the model weights and the KV cache; turns a scheduled batch into tokens."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from flashserve.engine.sampler import Sampler, SamplerOutput
+from flashserve.engine.sequence import Sequence
+from flashserve.layers.attention import AttentionMetadata
+from flashserve.models.llama import LlamaForCausalLM
+
+logger = logging.getLogger(__name__)
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        device: torch.device,
+        num_blocks: int,
+        block_size: int,
+        cache_dtype: torch.dtype,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        cfg = model.config
+        self.model = model
+        self.device = device
+        self.block_size = block_size
+        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=cache_dtype, device=device),
+                torch.zeros(shape, dtype=cache_dtype, device=device),
+            )
+            for _ in range(cfg.num_layers)
+        ]
+        self.sampler = Sampler(device, cfg.vocab_size, eos_token_ids)
+
+    @staticmethod
+    def bytes_per_block(model: LlamaForCausalLM, block_size: int, cache_dtype: torch.dtype) -> int:
+        cfg = model.config
+        itemsize = torch.empty((), dtype=cache_dtype).element_size()
+        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+
+    @torch.inference_mode()
+    def step(
+        self, items: list[tuple[Sequence, int]]
+    ) -> tuple[list[Sequence], SamplerOutput | None]:
+        """Compute the scheduled tokens; sample for sequences whose chunk reaches their end.
+
+        Returns the sequences that were sampled, in order, with their tokens.
+        """
+        hidden, sample_rows, sampled = self.forward(items)
+        if not sampled:
+            return [], None
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
+        return sampled, self.sampler(logits, sampled)
+
+    @torch.inference_mode()
+    def forward(
+        self, items: list[tuple[Sequence, int]]
+    ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
+        """Run the model over the scheduled tokens (blocks already allocated).
+
+        Returns the hidden states of every token, the rows that end a
+        sequence's known tokens, and those sequences.
+        """
+        # Single-token entries (decodes) first: the torch backend batches them.
+        items = sorted(items, key=lambda item: item[1] != 1)
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        context_lens: list[int] = []
+        sample_rows: list[int] = []
+        sampled: list[Sequence] = []
+        bs = self.block_size
+        for seq, n in items:
+            start = seq.num_computed_tokens
+            end = start + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            table = seq.block_ids
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
+            query_lens.append(n)
+            context_lens.append(end)
+            if end == seq.num_tokens:
+                sample_rows.append(len(input_ids) - 1)
+                sampled.append(seq)
+        num_decode = 0
+        while num_decode < len(query_lens) and query_lens[num_decode] == 1:
+            num_decode += 1
+        max_blocks = max(len(seq.block_ids) for seq, _ in items)
+        tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq, _ in items]
+        dev = self.device
+        cu = [0]
+        for n in query_lens:
+            cu.append(cu[-1] + n)
+        meta = AttentionMetadata(
+            num_decode_tokens=num_decode,
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
+            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
+            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            max_query_len=max(query_lens),
+            max_context_len=max(context_lens),
+            query_lens_host=query_lens,
+            context_lens_host=context_lens,
+        )
+        hidden = self.model(
+            torch.tensor(input_ids, dtype=torch.int64, device=dev),
+            torch.tensor(positions, dtype=torch.int64, device=dev),
+            self.kv_caches,
+            meta,
+        )
+        return hidden, sample_rows, sampled

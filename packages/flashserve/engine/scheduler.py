@@ -1,0 +1,97 @@
+"""Decides, every step, which sequences run and how many tokens each computes.
+
+One token budget per step is shared by everything: running sequences go
+first (a decode costs one token, an unfinished prompt continues with the next
+chunk), then waiting ones are admitted with whatever budget is left. A long
+prompt is therefore computed in chunks across steps while the decodes of other
+requests keep moving. When blocks run out, the newest running sequence is
+preempted: its blocks are released and it goes back to the front of the queue
+to be recomputed (prefix caching makes that cheap), never dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from flashserve.engine.block_manager import BlockManager
+from flashserve.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
+    num_preempted: int = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self.items
+
+
+class Scheduler:
+    def __init__(
+        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+    ) -> None:
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.total_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def remove(self, seq: Sequence) -> None:
+        """Take a sequence out of the engine wherever it is and free its blocks."""
+        if seq.status is SequenceStatus.RUNNING and seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.FINISHED
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        items: list[tuple[Sequence, int]] = []
+        preempted = 0
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            while not self.blocks.allocate(seq, n):
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted += 1
+                if victim is seq:
+                    break
+            else:
+                items.append((seq, n))
+                budget -= n
+                i += 1
+        # Admitting new work while evicting running work would only thrash.
+        while (
+            not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs
+        ):
+            seq = self.waiting[0]
+            if not seq.block_ids:
+                self.blocks.reuse_prefix(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.blocks.allocate(seq, n):
+                self.blocks.release(seq)
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            items.append((seq, n))
+            budget -= n
+        self.total_preemptions += preempted
+        return ScheduledBatch(items=items, num_preempted=preempted)
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.blocks.release(seq)
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)

@@ -1,0 +1,210 @@
+"""Paged attention over the engine's KV cache, behind one interface.
+
+A step's batch is one flat run of tokens: the decoding sequences first (one
+token each), then the prefill chunks. Each layer writes its new keys/values
+into the paged cache (`slot_mapping`) and attends over everything the cache
+holds for the sequence (`block_tables`, `context_lens`).
+
+Two backends compute the same thing:
+- `flash_attn`: varlen kernel reading the paged cache directly (CUDA only).
+- `torch`: scaled_dot_product_attention; runs everywhere, including CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AttentionMetadata:
+    num_decode_tokens: int  # the first rows of the batch, one token per sequence
+    cu_seqlens_q: torch.Tensor  # int32 [S+1] prefix sums of new tokens per sequence
+    context_lens: torch.Tensor  # int32 [S] tokens in cache after this step, per sequence
+    slot_mapping: torch.Tensor  # int64 [T] cache slot of each new token
+    block_tables: torch.Tensor  # int32 [S, max_blocks], padded with 0
+    max_query_len: int
+    max_context_len: int
+    # Host copies, so the torch backend never syncs with the device to loop.
+    query_lens_host: list[int]
+    context_lens_host: list[int]
+
+
+class AttentionBackend:
+    name = "base"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def write_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> None:
+    """Store this step's keys/values. Cache layout: [blocks, block_size, kv_heads, head_dim]."""
+    kv_heads, head_dim = k_cache.shape[-2:]
+    k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+class TorchAttention(AttentionBackend):
+    """SDPA over keys gathered from the paged cache.
+
+    Decodes are batched into one call (padded to the longest context, masked);
+    each prefill chunk is its own call because its causal offset differs.
+    """
+
+    name = "torch"
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        num_decode = meta.num_decode_tokens
+        if num_decode:
+            out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
+        starts = _prefix_sums(meta.query_lens_host)
+        for i in range(num_decode, len(meta.query_lens_host)):
+            start, q_len = starts[i], meta.query_lens_host[i]
+            ctx = meta.context_lens_host[i]
+            keys, values = _gather(k_cache, v_cache, meta.block_tables[i], ctx)
+            out[start : start + q_len] = _attend(q[start : start + q_len], keys, values, ctx, scale)
+        return out
+
+    @staticmethod
+    def _decode(q, k_cache, v_cache, meta, scale):
+        n = q.shape[0]
+        block_size = k_cache.shape[1]
+        blocks_needed = -(-meta.max_context_len // block_size)
+        tables = meta.block_tables[:n, :blocks_needed]
+        kv_heads, head_dim = k_cache.shape[-2:]
+        keys = k_cache[tables].view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache[tables].view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = positions[None, :] < meta.context_lens[:n, None]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2).to(keys.dtype),  # [n, heads, 1, d]
+            keys,
+            values,
+            attn_mask=mask[:, None, None, :],
+            scale=scale,
+            enable_gqa=True,
+        )
+        return out.squeeze(2).to(q.dtype)
+
+
+def _prefix_sums(lengths: list[int]) -> list[int]:
+    starts, total = [], 0
+    for n in lengths:
+        starts.append(total)
+        total += n
+    return starts
+
+
+def _gather(k_cache, v_cache, table, ctx):
+    block_size = k_cache.shape[1]
+    blocks = table[: -(-ctx // block_size)]
+    kv_heads, head_dim = k_cache.shape[-2:]
+    keys = k_cache[blocks].view(-1, kv_heads, head_dim)[:ctx]
+    values = v_cache[blocks].view(-1, kv_heads, head_dim)[:ctx]
+    return keys, values
+
+
+def _attend(q, keys, values, ctx, scale):
+    """Causal attention of the last q_len positions over ctx keys."""
+    q_len = q.shape[0]
+    qh = q.transpose(0, 1).unsqueeze(0).to(keys.dtype)  # [1, heads, q_len, d]
+    kh = keys.transpose(0, 1).unsqueeze(0)
+    vh = values.transpose(0, 1).unsqueeze(0)
+    if q_len == ctx:
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        # The chunk sits at the end of the context: query j sees keys up to ctx-q_len+j.
+        rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+        mask = torch.arange(ctx, device=q.device)[None, :] <= rows
+        out = F.scaled_dot_product_attention(
+            qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=True
+        )
+    return out.squeeze(0).transpose(0, 1).to(q.dtype)
+
+
+class FlashAttention(AttentionBackend):
+    """flash-attn 2 varlen kernel reading keys/values straight from the paged cache.
+
+    The cache must use a block size that is a multiple of 256 (flash-attn's
+    paged-KV requirement); the engine picks 256 when this backend is active.
+    """
+
+    name = "flash_attn"
+
+    def __init__(self) -> None:
+        from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
+
+        self._varlen = flash_attn_varlen_func
+        self._with_kvcache = flash_attn_with_kvcache
+
+    def forward(self, q, k, v, k_cache, v_cache, meta, scale):
+        write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.max_query_len == 1:
+            out = self._with_kvcache(
+                q.unsqueeze(1),
+                k_cache,
+                v_cache,
+                cache_seqlens=meta.context_lens,
+                block_table=meta.block_tables,
+                softmax_scale=scale,
+                causal=True,
+            )
+            return out.squeeze(1)
+        cu_seqlens_k = F.pad(meta.context_lens.cumsum(0, dtype=torch.int32), (1, 0))
+        return self._varlen(
+            q,
+            k_cache,
+            v_cache,
+            cu_seqlens_q=meta.cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            max_seqlen_q=meta.max_query_len,
+            max_seqlen_k=meta.max_context_len,
+            softmax_scale=scale,
+            causal=True,
+            block_table=meta.block_tables,
+        )
+
+
+def select_backend(requested: str, device: torch.device) -> AttentionBackend:
+    """Pick flash_attn on CUDA when it imports, else torch; log the choice."""
+    if requested not in ("auto", "flash_attn", "torch"):
+        raise ValueError(f"attention_backend must be auto, flash_attn or torch, not {requested!r}")
+    if requested in ("auto", "flash_attn") and device.type == "cuda":
+        try:
+            backend: AttentionBackend = FlashAttention()
+            logger.info("attention backend: flash_attn")
+            return backend
+        except ImportError as exc:
+            if requested == "flash_attn":
+                raise RuntimeError(
+                    "attention_backend flash_attn requested but flash_attn does not import"
+                ) from exc
+            logger.warning("flash_attn does not import (%s); falling back to torch attention", exc)
+    elif requested == "flash_attn":
+        raise RuntimeError("attention_backend flash_attn needs a CUDA device")
+    logger.info("attention backend: torch (scaled_dot_product_attention) on %s", device.type)
+    return TorchAttention()

@@ -1,0 +1,107 @@
+"""Rotary position embeddings with the scaling schemes Llama-family configs declare."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+
+def inverse_frequencies(
+    rope: dict[str, Any], head_dim: int, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    """Per-pair rotation frequencies and the cos/sin magnitude for one rope config.
+
+    Returns (inv_freq [head_dim/2] float32, attention_factor).
+    """
+    base = float(rope.get("rope_theta", 10000.0))
+    dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    kind = rope.get("rope_type", "default")
+    if kind == "default":
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / float(rope["factor"]), 1.0
+    if kind == "llama3":
+        return _llama3(inv_freq, rope), 1.0
+    if kind == "yarn":
+        return _yarn(inv_freq, rope, dim, base, max_positions)
+    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def _llama3(inv_freq: torch.Tensor, rope: dict[str, Any]) -> torch.Tensor:
+    # Long wavelengths are slowed by `factor`, short ones kept; the band in
+    # between is blended smoothly so nearby positions stay distinguishable.
+    factor = float(rope["factor"])
+    low, high = float(rope["low_freq_factor"]), float(rope["high_freq_factor"])
+    original = float(rope["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (original / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    out = torch.where(wavelen > original / low, inv_freq / factor, inv_freq)
+    in_band = (wavelen <= original / low) & (wavelen >= original / high)
+    return torch.where(in_band, blended, out)
+
+
+def _yarn(
+    inv_freq: torch.Tensor, rope: dict[str, Any], dim: int, base: float, max_positions: int
+) -> tuple[torch.Tensor, float]:
+    original = rope.get("original_max_position_embeddings") or max_positions
+    factor = rope.get("factor") or max_positions / original
+
+    def magnitude(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = rope.get("attention_factor")
+    if attention_factor is None:
+        mscale, mscale_all = rope.get("mscale"), rope.get("mscale_all_dim")
+        attention_factor = (
+            magnitude(factor, mscale) / magnitude(factor, mscale_all)
+            if mscale and mscale_all
+            else magnitude(factor)
+        )
+
+    def dim_for_rotations(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low = dim_for_rotations(rope.get("beta_fast") or 32)
+    high = dim_for_rotations(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (unchanged), 0: interpolate (divided by factor)
+    scaled = inv_freq / factor * (1 - keep) + inv_freq * keep
+    return scaled, float(attention_factor)
+
+
+class RotaryEmbedding(torch.nn.Module):
+    """Applies rotate-half RoPE (the Hugging Face Llama layout) at given positions."""
+
+    def __init__(self, rope: dict[str, Any], head_dim: int, max_positions: int) -> None:
+        super().__init__()
+        inv_freq, attention_factor = inverse_frequencies(rope, head_dim, max_positions)
+        self.rotary_dim = inv_freq.numel() * 2
+        positions = torch.arange(max_positions, dtype=torch.float32)
+        freqs = torch.outer(positions, inv_freq)
+        # Cache cos|sin for every position once; a step just indexes it.
+        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor
+        self.register_buffer("cos_sin", cache, persistent=False)
+
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
+        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
+    rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
+    x1, x2 = rot.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return torch.cat([out, rest], dim=-1) if rest.numel() else out

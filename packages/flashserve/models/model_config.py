@@ -1,0 +1,104 @@
+"""The shape of a Llama-family checkpoint, read from its Hugging Face `config.json`.
+
+One dataclass covers Llama 2/3.x, Mistral, Qwen2/2.5 and Qwen3: they differ only
+in a few switches (q/k/v bias, per-head q/k RMSNorm, tied embeddings, rope
+scaling), so the engine runs one model implementation over all of them.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# architecture name -> (q/k/v projections carry a bias, per-head q/k RMSNorm)
+SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
+    "LlamaForCausalLM": (False, False),
+    "MistralForCausalLM": (False, False),
+    "Qwen2ForCausalLM": (True, False),
+    "Qwen3ForCausalLM": (False, True),
+}
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint is not one of the architectures this engine implements."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    rope: dict[str, Any] = field(default_factory=dict)
+    eos_token_ids: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
+        archs = raw.get("architectures") or ["LlamaForCausalLM"]
+        arch = archs[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise UnsupportedModelError(
+                f"architecture {arch!r} is not supported; supported: "
+                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+            )
+        qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        # Llama checkpoints may switch the bias on explicitly.
+        qkv_bias = qkv_bias or bool(raw.get("attention_bias", False))
+        num_heads = raw["num_attention_heads"]
+        head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
+        eos = raw.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        return cls(
+            architecture=arch,
+            vocab_size=raw["vocab_size"],
+            hidden_size=raw["hidden_size"],
+            intermediate_size=raw["intermediate_size"],
+            num_layers=raw["num_hidden_layers"],
+            num_heads=num_heads,
+            num_kv_heads=raw.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
+            max_position_embeddings=raw.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            rope=_rope_parameters(raw),
+            eos_token_ids=eos_ids,
+            bos_token_id=raw.get("bos_token_id"),
+            torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> ModelConfig:
+        with open(Path(model_dir) / "config.json") as f:
+            return cls.from_dict(json.load(f))
+
+
+def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
+    """Normalise the two spellings of rope settings into one dict.
+
+    Older configs carry `rope_theta` + `rope_scaling`; transformers 5 writes a
+    single `rope_parameters` dict. Either way we end with `rope_type`,
+    `rope_theta` and the type's own keys.
+    """
+    params: dict[str, Any] = dict(raw.get("rope_parameters") or {})
+    scaling = raw.get("rope_scaling") or {}
+    params = {**scaling, **params}
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params.pop("type")
+    params.setdefault("rope_type", "default")
+    params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    return params
