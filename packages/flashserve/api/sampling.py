@@ -1,0 +1,98 @@
+"""A validated chat request -> the engine's SamplingParams."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flashserve.api.errors import RequestError
+from flashserve.api.protocol import ChatRequest
+from flashserve.engine.sampling_params import SamplingParams
+
+DEFAULT_MAX_TOKENS = 4096
+DEFAULT_TOP_K = 50  # the schema's default
+
+
+@dataclass
+class ModelDefaults:
+    """Sampling defaults from the checkpoint's generation_config.json."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_generation_config(cls, raw: dict[str, Any]) -> ModelDefaults:
+        # A generation config that does not sample declares greedy decoding.
+        greedy = raw.get("do_sample") is False
+        return cls(
+            temperature=0.0 if greedy else raw.get("temperature"),
+            top_p=raw.get("top_p"),
+            top_k=raw.get("top_k"),
+            min_p=raw.get("min_p"),
+            repetition_penalty=raw.get("repetition_penalty"),
+        )
+
+
+def to_sampling_params(
+    request: ChatRequest,
+    defaults: ModelDefaults,
+    *,
+    prompt_len: int,
+    max_model_len: int,
+    vocab_size: int,
+) -> SamplingParams:
+    room = max_model_len - prompt_len
+    if room < 1:
+        raise RequestError(
+            f"The prompt is {prompt_len} tokens long; this model's context is {max_model_len} tokens, "
+            "which leaves no room for output. Shorten the messages or set truncate_prompt_tokens.",
+            param="messages",
+            code="context_length_exceeded",
+        )
+    # max_tokens beyond the context left is clipped, as the schema documents.
+    max_tokens = min(request.max_tokens or DEFAULT_MAX_TOKENS, room)
+    temperature = request.temperature
+    if temperature is None:
+        temperature = defaults.temperature if defaults.temperature is not None else 1.0
+    top_p = request.top_p if request.top_p is not None else (defaults.top_p or 1.0)
+    top_k = request.top_k if request.top_k is not None else DEFAULT_TOP_K
+    min_p = request.min_p if request.min_p is not None else (defaults.min_p or 0.0)
+    for name in ("stop_token_ids", "bad_token_ids"):
+        for i, token in enumerate(getattr(request, name) or []):
+            if not 0 <= token < vocab_size:
+                raise RequestError(
+                    f"{name}[{i}] = {token} is not a token id of this model (0..{vocab_size - 1})",
+                    param=name,
+                )
+    logit_bias: dict[int, float] = {}
+    for key, bias in (request.logit_bias or {}).items():
+        token = int(key)
+        if not 0 <= token < vocab_size:
+            raise RequestError(
+                f"logit_bias names token {key}, which is not a token id of this model (0..{vocab_size - 1})",
+                param=f"logit_bias.{key}",
+            )
+        logit_bias[token] = float(bias)
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=float(temperature),
+        top_p=float(top_p),
+        top_k=int(top_k),
+        min_p=float(min_p),
+        top_p_min=float(request.top_p_min or 0.0),
+        seed=request.seed,
+        stop_token_ids=tuple(request.stop_token_ids or ()),
+        ignore_eos=request.ignore_eos,
+        min_tokens=min(request.min_tokens, max_tokens),
+        frequency_penalty=request.frequency_penalty,
+        presence_penalty=request.presence_penalty,
+        repetition_penalty=request.repetition_penalty,
+        logit_bias=logit_bias,
+        bad_token_ids=tuple(request.bad_token_ids or ()),
+        logprobs=request.logprobs,
+        top_logprobs=request.top_logprobs if request.logprobs else 0,
+    )

@@ -1,0 +1,175 @@
+"""Runs the engine loop on its own thread and fans outputs out to asyncio callers.
+
+One thread owns the scheduler, the KV cache and the model. Callers talk to it
+through a thread-safe inbox (add / abort) and receive outputs on per-request
+asyncio queues, delivered once per step per event loop. No caller ever blocks
+the loop, and the loop never blocks a caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from flashserve.engine.llm_engine import EngineStats, LLMEngine
+from flashserve.engine.sampling_params import SamplingParams
+from flashserve.engine.sequence import SequenceOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineOverloadedError(Exception):
+    """The waiting queue is full; the caller should retry later (HTTP 503)."""
+
+
+class EngineDeadError(Exception):
+    """The engine loop failed; in-flight and new requests cannot be served."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine, max_queue_size: int = 1024) -> None:
+        self.engine = engine
+        self.max_queue_size = max_queue_size
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._lock = threading.Lock()
+        self._stopping = False
+        self.error: BaseException | None = None
+        self.last_step_time = time.monotonic()
+        self._stats = engine.stats()
+        self._thread = threading.Thread(target=self._run, name="flashserve-engine", daemon=True)
+
+    # -- caller side (any thread / event loop) ------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    @property
+    def healthy(self) -> bool:
+        return self.error is None and self._thread.is_alive()
+
+    @property
+    def stats(self) -> EngineStats:
+        return self._stats
+
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._streams)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> AsyncIterator[SequenceOutput]:
+        """Submit a request and iterate over its outputs until it finishes.
+
+        Closing the iterator early (a stop string matched, the client left)
+        aborts the request and frees its KV blocks on the next loop turn.
+        """
+        if self.error is not None:
+            raise EngineDeadError(f"engine loop failed: {self.error}")
+        with self._lock:
+            queued = len(self._streams) - self._stats.num_running
+            if queued >= self.max_queue_size:
+                raise EngineOverloadedError(f"{queued} requests are already waiting")
+            stream = _Stream(loop=asyncio.get_running_loop())
+            self._streams[request_id] = stream
+        self._inbox.put(("add", request_id, prompt_token_ids, params))
+        self._wake.set()
+        finished = False
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    finished = True
+                    raise item
+                yield item
+                if item.finished:
+                    finished = True
+                    return
+        finally:
+            with self._lock:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._wake.set()
+
+    # -- engine thread -------------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                self._drain_inbox()
+                if not self.engine.has_work():
+                    self._stats = self.engine.stats()
+                    self._wake.wait(timeout=1.0)
+                    self._wake.clear()
+                    continue
+                outputs = self.engine.step()
+                self.last_step_time = time.monotonic()
+                self._stats = self.engine.stats()
+                self._deliver(outputs)
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the callers
+            logger.exception("engine loop failed")
+            self.error = exc
+            self._fail_all(exc)
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                command = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if command[0] == "add":
+                _, request_id, prompt, params = command
+                if request_id not in self._streams:
+                    continue  # the caller left before the request was admitted
+                try:
+                    self.engine.add_request(request_id, prompt, params)
+                except ValueError as exc:
+                    self._deliver_one(request_id, exc)
+            else:
+                self.engine.abort(command[1])
+
+    def _deliver(self, outputs: list[SequenceOutput]) -> None:
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is not None:
+                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _deliver_one(self, request_id: str, item: object) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.loop.call_soon_threadsafe(_put_all, [(stream.queue, item)])
+
+    def _fail_all(self, exc: BaseException) -> None:
+        with self._lock:
+            streams = list(self._streams.items())
+        for request_id, _ in streams:
+            self._deliver_one(request_id, EngineDeadError(f"engine loop failed: {exc}"))
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for q, item in items:
+        q.put_nowait(item)

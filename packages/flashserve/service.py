@@ -1,0 +1,73 @@
+"""Assemble the serving stack (weights, tokenizer, engine thread, chat API) from a Truss config."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from flashserve.api.chat import ChatService
+from flashserve.api.sampling import ModelDefaults
+from flashserve.api.schema import RequestValidator
+from flashserve.config import EngineConfig
+from flashserve.engine.async_engine import AsyncEngine
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.weights import resolve_model_dir
+
+logger = logging.getLogger(__name__)
+
+
+def build_chat_service(
+    truss_config: dict[str, Any],
+    data_dir: Path | None,
+    secrets: Any = None,
+    lazy_data_resolver: Any = None,
+) -> ChatService:
+    from transformers import AutoTokenizer
+
+    metadata = truss_config.get("model_metadata") or {}
+    config = EngineConfig.from_dict(metadata.get("engine"))
+    hf_token = _secret(secrets, "hf_access_token")
+    model_dir = resolve_model_dir(
+        config.model,
+        data_dir,
+        revision=config.revision,
+        hf_token=hf_token,
+        model_cache=truss_config.get("model_cache"),
+        lazy_data_resolver=lazy_data_resolver,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    generation = _read_json(model_dir / "generation_config.json")
+    engine = LLMEngine(config, model_dir, eos_token_ids=_eos_ids(generation, tokenizer))
+    async_engine = AsyncEngine(engine, max_queue_size=config.max_queue_size)
+    async_engine.start()
+    schema_path = Path(data_dir) / "ChatCompletionRequest.schema.json" if data_dir else None
+    validator = RequestValidator(schema_path if schema_path and schema_path.is_file() else None)
+    return ChatService(
+        async_engine,
+        tokenizer,
+        served_model_name=config.served_model_name or config.model,
+        defaults=ModelDefaults.from_generation_config(generation),
+        validator=validator,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _eos_ids(generation: dict[str, Any], tokenizer: Any) -> tuple[int, ...]:
+    # generation_config may list several end tokens (Llama 3: <|eot_id|> and <|end_of_text|>).
+    raw = generation.get("eos_token_id")
+    ids = set(raw if isinstance(raw, list) else [raw] if raw is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return tuple(sorted(ids))
+
+
+def _secret(secrets: Any, name: str) -> str | None:
+    try:
+        return secrets.get(name) if secrets is not None else None
+    except Exception:  # noqa: BLE001 - Truss raises for secrets that are declared but unset
+        return None

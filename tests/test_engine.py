@@ -1,0 +1,168 @@
+"""Continuous batching, chunked prefill, preemption and prefix reuse keep outputs exact."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from flashserve.config import EngineConfig
+from flashserve.engine.async_engine import AsyncEngine
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.engine.sampling_params import SamplingParams
+from tests.tiny_models import save_tiny_llama
+
+VOCAB = 512
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab_size=VOCAB)
+
+
+def make_engine(model_dir, **overrides) -> LLMEngine:
+    settings = dict(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=1024)
+    settings.update(overrides)
+    return LLMEngine(EngineConfig(**settings), model_dir)
+
+
+def run_all(
+    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
+) -> dict[str, list[int]]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    produced: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_work():
+        for out in engine.step():
+            produced[out.request_id].extend(out.new_token_ids)
+    return produced
+
+
+def mixed_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(3, VOCAB) for _ in range(rng.choice([3, 17, 64, 130, 301]))]
+        for _ in range(count)
+    ]
+
+
+def greedy(max_tokens: int = 24) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+
+def test_greedy_alone_equals_inside_a_mixed_batch_of_16(model_dir):
+    prompts = mixed_prompts(16)
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        alone.update(run_all(make_engine(model_dir), {f"r{i}": (prompt, greedy())}))
+    # A small token budget forces chunked prefills to share steps with decodes.
+    engine = make_engine(model_dir, max_num_batched_tokens=96)
+    together = run_all(engine, {f"r{i}": (p, greedy()) for i, p in enumerate(prompts)})
+    assert together == alone
+    assert all(len(tokens) == 24 for tokens in together.values())
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_preempted_sequences_resume_with_the_same_output(model_dir):
+    prompts = mixed_prompts(8, seed=1)
+    params = greedy(max_tokens=40)
+    expected = {}
+    for i, prompt in enumerate(prompts):
+        expected.update(run_all(make_engine(model_dir), {f"r{i}": (prompt, params)}))
+    # 40 blocks of 16 tokens cannot hold 8 sequences of up to 341 tokens at once.
+    engine = make_engine(
+        model_dir,
+        kv_cache_memory_gb=40 * 2 * 2 * 16 * 2 * 16 * 4 / (1 << 30),
+        enable_prefix_caching=False,
+    )
+    assert engine.block_manager.num_blocks == 40
+    got = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    assert engine.scheduler.total_preemptions > 0
+    assert got == expected
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(model_dir):
+    engine = make_engine(model_dir)
+    prompt = mixed_prompts(1, seed=2)[0] + list(range(10, 200))
+    first = run_all(engine, {"a": (prompt, greedy())})["a"]
+    engine.add_request("b", prompt, greedy())
+    outputs = []
+    while engine.has_work():
+        outputs.extend(engine.step())
+    assert outputs[0].num_cached_tokens >= (len(prompt) - 1) // 16 * 16 - 16
+    assert [t for o in outputs for t in o.new_token_ids] == first
+
+
+def test_abort_frees_blocks(model_dir):
+    engine = make_engine(model_dir, enable_prefix_caching=False)
+    engine.add_request("x", list(range(3, 100)), greedy(max_tokens=100))
+    engine.step()
+    engine.step()
+    assert engine.block_manager.num_used_blocks > 0
+    assert engine.abort("x")
+    assert engine.block_manager.num_used_blocks == 0
+    assert not engine.has_work()
+
+
+def test_stop_token_and_max_tokens_finish_reasons(model_dir):
+    engine = make_engine(model_dir)
+    tokens = run_all(engine, {"a": (list(range(3, 40)), greedy(max_tokens=10))})["a"]
+    stop_at = tokens[4]
+    engine.add_request(
+        "b",
+        list(range(3, 40)),
+        SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=(stop_at,), ignore_eos=True),
+    )
+    outs = []
+    while engine.has_work():
+        outs.extend(engine.step())
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_reason == stop_at
+    assert [o.new_token_ids[0] for o in outs] == tokens[: tokens.index(stop_at) + 1]
+    engine.add_request("c", list(range(3, 40)), greedy(max_tokens=3))
+    outs = []
+    while engine.has_work():
+        outs.extend(engine.step())
+    assert len(outs) == 3 and outs[-1].finish_reason == "length"
+
+
+def test_seeded_sampling_is_independent_of_the_batch(model_dir):
+    params = SamplingParams(temperature=1.0, top_k=-1, seed=1234, max_tokens=30, ignore_eos=True)
+    prompt = list(range(5, 60))
+    alone = run_all(make_engine(model_dir), {"s": (prompt, params)})["s"]
+    others = {
+        f"o{i}": (p, SamplingParams(temperature=0.9, top_p=0.8, max_tokens=30, ignore_eos=True))
+        for i, p in enumerate(mixed_prompts(32, seed=3))
+    }
+    together = run_all(make_engine(model_dir), {"s": (prompt, params), **others})["s"]
+    assert together == alone
+
+
+def test_async_engine_serves_concurrent_requests_and_aborts(model_dir):
+    engine = AsyncEngine(make_engine(model_dir, enable_prefix_caching=False))
+    engine.start()
+
+    async def consume(rid, prompt, limit=None):
+        tokens = []
+        async for out in engine.generate(rid, prompt, greedy()):
+            tokens.extend(out.new_token_ids)
+            if limit and len(tokens) >= limit:
+                break  # leaving early must abort the request
+        return tokens
+
+    async def main():
+        prompts = mixed_prompts(8, seed=4)
+        results = await asyncio.gather(
+            *(consume(f"q{i}", p, limit=5 if i % 2 else None) for i, p in enumerate(prompts))
+        )
+        await asyncio.sleep(0.3)
+        return results
+
+    try:
+        results = asyncio.run(main())
+        assert [len(r) for r in results] == [24, 5] * 4
+        assert engine.engine.block_manager.num_used_blocks == 0
+        assert engine.num_in_flight == 0
+    finally:
+        engine.shutdown()
