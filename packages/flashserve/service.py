@@ -13,6 +13,7 @@ from flashserve.api.schema import RequestValidator
 from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
+from flashserve.metrics import register_engine
 from flashserve.weights import resolve_model_dir
 
 logger = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def build_chat_service(
     engine = LLMEngine(config, model_dir, eos_token_ids=_eos_ids(generation, tokenizer))
     async_engine = AsyncEngine(engine, max_queue_size=config.max_queue_size)
     async_engine.start()
+    register_engine(async_engine)
     schema_path = Path(data_dir) / "ChatCompletionRequest.schema.json" if data_dir else None
     validator = RequestValidator(schema_path if schema_path and schema_path.is_file() else None)
     return ChatService(

@@ -28,6 +28,10 @@ def resolve_model_dir(
     model_cache: list[dict[str, Any]] | None = None,
     lazy_data_resolver: Any = None,
 ) -> Path:
+    if lazy_data_resolver is not None:
+        # Truss streams model_cache weights in the background and will not finish
+        # loading the model until we have waited for them.
+        lazy_data_resolver.block_until_download_complete()
     candidates = [Path(model)]
     if data_dir is not None:
         candidates.append(Path(data_dir) / model)
@@ -36,9 +40,6 @@ def resolve_model_dir(
             return path
     for entry in model_cache or []:
         if entry.get("repo_id") == model and entry.get("volume_folder"):
-            if lazy_data_resolver is not None:
-                # Truss streams model_cache weights in the background; wait for them.
-                lazy_data_resolver.block_until_download_complete()
             path = MODEL_CACHE_ROOT / entry["volume_folder"]
             if (path / "config.json").is_file():
                 logger.info("weights from Truss model_cache: %s", path)
