@@ -167,3 +167,19 @@ def test_dropped_stream_releases_its_kv_blocks(truss_server):
     # The server keeps serving.
     ok = httpx.post(f"{truss_server}/v1/chat/completions", json={"model": "m", "messages": HELLO, "max_tokens": 2}, timeout=60)
     assert ok.status_code == 200
+
+
+def test_greedy_text_alone_equals_text_among_16_concurrent_requests(truss_server, client):
+    import asyncio
+
+    prompts = [[{"role": "user", "content": "tell me " + "more " * (i * 7 % 40) + str(i)}] for i in range(16)]
+    kwargs = dict(model="m", max_tokens=20, temperature=0, extra_body={"ignore_eos": True})
+    alone = [client.chat.completions.create(messages=p, **kwargs).choices[0].message.content for p in prompts]
+
+    async def together():
+        aclient = openai.AsyncOpenAI(base_url=f"{truss_server}/v1", api_key="unused", max_retries=0, timeout=120)
+        replies = await asyncio.gather(*(aclient.chat.completions.create(messages=p, **kwargs) for p in prompts))
+        await aclient.close()
+        return [r.choices[0].message.content for r in replies]
+
+    assert asyncio.run(together()) == alone

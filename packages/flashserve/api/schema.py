@@ -562,8 +562,16 @@ class RequestValidator:
         self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
         self.max_values = max_values
 
-    def validate(self, body: object) -> None:
-        """Raise RequestError (400) unless `body` is an acceptable chat completion request."""
+    def validate(self, body: object) -> dict:
+        """Raise RequestError (400) unless `body` is an acceptable chat completion request.
+
+        Returns the body with explicit nulls on optional top-level fields
+        removed: clients send `"temperature": null` to mean "not set", and the
+        API treats both the same (the schema itself allows no nulls there).
+        """
+        if isinstance(body, dict):
+            required = set(self.schema.get("required", ()))
+            body = {k: v for k, v in body.items() if v is not None or k in required}
         if not isinstance(body, dict):
             raise _invalid(
                 f"The request body must be a JSON object, got {_WITH_ARTICLE.get(_json_type(body), _json_type(body))}",
@@ -574,3 +582,4 @@ class RequestValidator:
         if error is not None:
             raise explain(error, self.schema)
         check_semantics(body, multimodal=self.multimodal)
+        return body
