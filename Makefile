@@ -36,7 +36,7 @@ serve: setup
 predict:
 	$(PY) -m flashserve.predict --url http://127.0.0.1:$(PORT) -d '$(D)'
 
-test:
+test: setup
 	$(PY) -m pytest -q
 
 lint:
