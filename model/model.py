@@ -28,14 +28,17 @@ class Model:
             self._config, self._data_dir, self._secrets, self._lazy_data_resolver
         )
 
-    async def predict(self, model_input: Any, request: Request) -> Any:
-        """POST /predict: the same chat-completions request and response."""
-        return await self._service.create(model_input, request)
+    # The methods take the raw request only, so Truss skips its own body parsing (which
+    # answers invalid UTF-8 or deep nesting with a 500) and the service parses the bytes.
 
-    async def chat_completions(self, model_input: Any, request: Request) -> Any:
+    async def predict(self, request: Request) -> Any:
+        """POST /predict: the same chat-completions request and response."""
+        return await self._service.handle(request)
+
+    async def chat_completions(self, request: Request) -> Any:
         """POST /v1/chat/completions: OpenAI-compatible chat completions."""
-        return await self._service.create(model_input, request)
+        return await self._service.handle(request)
 
     def is_healthy(self) -> bool:
-        # False once the engine loop has died, so Baseten restarts the replica.
+        # False once the engine loop has died or wedged, so Baseten restarts the replica.
         return self._service is not None and self._service.engine.healthy

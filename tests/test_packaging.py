@@ -40,6 +40,8 @@ ENGINE_KEYS = {
     "block_size",
     "enable_prefix_caching",
     "max_queue_size",
+    "request_timeout_s",
+    "engine_stall_timeout_s",
     "tool_call_parser",
     "reasoning_parser",
 }

@@ -23,6 +23,11 @@ class EngineConfig:
     block_size: int | str = "auto"
     enable_prefix_caching: bool = True
     max_queue_size: int = 1024
+    # Longest a request may take, arrival to last token (None: no limit). A request's
+    # `x-request-timeout` header (seconds) may ask for less, never for more.
+    request_timeout_s: float | None = None
+    # A loop turn longer than this marks the engine wedged: is_healthy() turns false.
+    engine_stall_timeout_s: float | None = 300.0
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
     cpu_threads: int | None = None

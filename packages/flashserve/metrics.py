@@ -25,6 +25,11 @@ ITL = Histogram(
     "Time between consecutive tokens of a request",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56),
 )
+REQUEST_SECONDS = Histogram(
+    "flashserve_request_duration_seconds",
+    "Time from a request reaching the engine to its end, whatever the outcome",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600),
+)
 
 
 class EngineCollector:
@@ -41,6 +46,10 @@ class EngineCollector:
             "flashserve_kv_blocks_used": ("KV-cache blocks held by sequences", stats.kv_blocks_used),
             "flashserve_kv_blocks_total": ("KV-cache blocks preallocated", stats.kv_blocks_total),
             "flashserve_engine_healthy": ("1 while the engine loop is alive", int(self.async_engine.healthy)),
+            "flashserve_requests_in_flight": (
+                "Requests holding an engine stream (waiting, running or being sent)",
+                self.async_engine.num_in_flight,
+            ),
         }
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)

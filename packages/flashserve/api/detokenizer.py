@@ -126,9 +126,13 @@ class IncrementalDetokenizer:
         prompt_ids: list[int] | None = None,
         skip_special_tokens: bool = True,
         spaces_between_special_tokens: bool = True,
+        keep_special_ids: frozenset[int] = frozenset(),
     ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
+        # Special tokens shown even when the others are skipped: markup that an output
+        # parser reads ("[TOOL_CALLS]"), which never reaches the client as text.
+        self._keep_special = keep_special_ids
         # Special tokens split the text into separately decoded segments only when shown.
         self._segmented = spaces_between_special_tokens and not skip_special_tokens
         info = _tokenizer_info(tokenizer)
@@ -156,6 +160,10 @@ class IncrementalDetokenizer:
         out: list[str] = []
         for token_id in token_ids:
             if token_id in self._special_ids:
+                if self._skip_special and token_id in self._keep_special:
+                    out.append(self._release(final=True))
+                    out.append(self._emit_kept(token_id))
+                    continue
                 if self._skip_special:
                     continue  # decode(skip_special_tokens=True) drops them before decoding
                 if self._segmented:
@@ -221,6 +229,12 @@ class IncrementalDetokenizer:
             self._prefix_text = text
         self._read = len(self._window)
         return self._separated(delta)
+
+    def _emit_kept(self, token_id: int) -> str:
+        # In line, without the separating spaces of _emit_special; the text after it
+        # decodes on its own, as it would after any other special token.
+        self._window, self._read, self._prefix_text = [], 0, ""
+        return self._separated(self._tokenizer.decode([token_id], skip_special_tokens=False))
 
     def _emit_special(self, token_id: int) -> str:
         text = self._tokenizer.decode([token_id], skip_special_tokens=False)

@@ -95,3 +95,50 @@ def usage_chunk(request_id: str, created: int, model: str, usage_body: dict) -> 
         "choices": [],
         "usage": usage_body,
     }
+
+
+def delta(content: str, reasoning: str = "", tool_calls: list[dict] | None = None) -> dict:
+    """A chunk's delta: only the fields this step has something for."""
+    body: dict[str, Any] = {}
+    if content:
+        body["content"] = content
+    if reasoning:
+        body["reasoning_content"] = reasoning
+    if tool_calls:
+        body["tool_calls"] = tool_calls
+    return body
+
+
+def assistant_message(
+    content: str, reasoning: str | None = None, tool_call_deltas: list[dict] | None = None
+) -> dict[str, Any]:
+    """The non-streamed message: what joining the streamed deltas gives.
+
+    `reasoning` None leaves `reasoning_content` out (the model does not think); a call
+    turn without text has `content: null`, as OpenAI sends it.
+    """
+    calls = join_tool_calls(tool_call_deltas or [])
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+        if not content:
+            message["content"] = None
+    if reasoning is not None:
+        message["reasoning_content"] = reasoning or None
+    return message
+
+
+def join_tool_calls(deltas: list[dict]) -> list[dict]:
+    """Tool-call deltas -> complete calls, the way OpenAI clients accumulate a stream."""
+    calls: dict[int, dict[str, Any]] = {}
+    for piece in deltas:
+        function = piece.get("function", {})
+        call = calls.get(piece["index"])
+        if call is None:
+            call = calls[piece["index"]] = {
+                "id": piece.get("id"),
+                "type": "function",
+                "function": {"name": function.get("name"), "arguments": ""},
+            }
+        call["function"]["arguments"] += function.get("arguments", "")
+    return [calls[index] for index in sorted(calls)]

@@ -5,12 +5,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from flashserve.api.bad_words import bad_word_sequences
+from flashserve.api.disaggregated import parse_disaggregated
 from flashserve.api.errors import RequestError
 from flashserve.api.protocol import ChatRequest
+from flashserve.engine.disaggregation import CONTEXT_ONLY
 from flashserve.engine.sampling_params import SamplingParams
 
 DEFAULT_MAX_TOKENS = 4096
 DEFAULT_TOP_K = 50  # the schema's default
+MAX_TOP_LOGPROBS = 20  # the API's limit on top_logprobs
+# top_p_min turns on a decaying nucleus, top_p_t = max(top_p_min, top_p * 0.9**t):
+# TensorRT-LLM's top_p_decay rule with the decay that "factual nucleus sampling"
+# (Lee et al., 2022), which that rule implements, recommends. The API has no
+# field for the decay itself, nor for reset tokens.
+TOP_P_DECAY = 0.9
 
 
 @dataclass
@@ -44,7 +53,9 @@ def to_sampling_params(
     prompt_len: int,
     max_model_len: int,
     vocab_size: int,
+    tokenizer: Any = None,
 ) -> SamplingParams:
+    """Engine settings for one request; `tokenizer` turns `bad` phrases into token sequences."""
     room = max_model_len - prompt_len
     if room < 1:
         raise RequestError(
@@ -77,22 +88,45 @@ def to_sampling_params(
                 param=f"logit_bias.{key}",
             )
         logit_bias[token] = float(bias)
+    repetition_penalty = request.repetition_penalty
+    if "repetition_penalty" not in request.model_fields_set:
+        repetition_penalty = defaults.repetition_penalty or 1.0
+    top_p_min = float(request.top_p_min or 0.0)
+    bad = [request.bad] if isinstance(request.bad, str) else list(request.bad or ())
+    if bad and tokenizer is None:
+        raise ValueError("`bad` phrases need the tokenizer")
+    # A form with a token the model cannot emit (added tokens beyond its
+    # embedding) can never be completed, so it needs no ban.
+    bad_sequences = (
+        tuple(form for form in bad_word_sequences(tokenizer, bad) if max(form) < vocab_size)
+        if bad
+        else ()
+    )
+    logprobs, top_logprobs = request.logprobs, request.top_logprobs if request.logprobs else 0
+    disaggregated = parse_disaggregated(request.disaggregated_params)
+    if disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY:
+        # The first token's entry is kept for whichever generation_only request
+        # resumes this context, and that one may ask for logprobs: keep them all.
+        logprobs, top_logprobs = True, MAX_TOP_LOGPROBS
     return SamplingParams(
         max_tokens=max_tokens,
         temperature=float(temperature),
         top_p=float(top_p),
         top_k=int(top_k),
         min_p=float(min_p),
-        top_p_min=float(request.top_p_min or 0.0),
+        top_p_min=top_p_min,
+        top_p_decay=TOP_P_DECAY if top_p_min else 1.0,
         seed=request.seed,
         stop_token_ids=tuple(request.stop_token_ids or ()),
         ignore_eos=request.ignore_eos,
         min_tokens=min(request.min_tokens, max_tokens),
         frequency_penalty=request.frequency_penalty,
         presence_penalty=request.presence_penalty,
-        repetition_penalty=request.repetition_penalty,
+        repetition_penalty=float(repetition_penalty),
         logit_bias=logit_bias,
         bad_token_ids=tuple(request.bad_token_ids or ()),
-        logprobs=request.logprobs,
-        top_logprobs=request.top_logprobs if request.logprobs else 0,
+        bad_sequences=bad_sequences,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
+        disaggregated=disaggregated,
     )

@@ -27,6 +27,7 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from flashserve.api.errors import RequestError
+from flashserve.api.tools import check_tools
 
 SCHEMA_FILENAME = "ChatCompletionRequest.schema.json"
 SCHEMA_PATH_ENV = "FLASHSERVE_SCHEMA_PATH"
@@ -418,6 +419,8 @@ BOUNDS = (
     Bound("repetition_penalty", 0, low_exclusive=True),
     Bound("frequency_penalty", -2, 2),
     Bound("presence_penalty", -2, 2),
+    # The engine seeds a torch.Generator, which takes 64 bits (signed or not).
+    Bound("seed", -(2**63), 2**64 - 1, why="a 64-bit integer"),
 )
 
 TOKEN_ID_LISTS = ("bad_token_ids", "stop_token_ids")
@@ -537,6 +540,7 @@ def check_semantics(body: dict[str, Any], *, multimodal: bool = False) -> None:
     for check in CROSS_FIELD_CHECKS:
         check(body)
     _check_messages(body.get("messages"), multimodal)
+    check_tools(body)
 
 
 # --------------------------------------------------------------------------- validator

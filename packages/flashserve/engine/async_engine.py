@@ -31,6 +31,10 @@ class EngineDeadError(Exception):
     """The engine loop failed; in-flight and new requests cannot be served."""
 
 
+class RequestTimeoutError(Exception):
+    """The request passed its deadline; it was aborted and its KV blocks freed."""
+
+
 @dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -38,9 +42,19 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine, max_queue_size: int = 1024) -> None:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        max_queue_size: int = 1024,
+        stall_timeout_s: float | None = None,
+    ) -> None:
         self.engine = engine
         self.max_queue_size = max_queue_size
+        # A loop turn (one step, or an idle wait of at most 1 s) longer than this
+        # means the engine is wedged: `healthy` turns false so the replica restarts.
+        if stall_timeout_s is None:
+            stall_timeout_s = getattr(engine.config, "engine_stall_timeout_s", None)
+        self.stall_timeout_s = stall_timeout_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._streams: dict[str, _Stream] = {}
@@ -48,6 +62,7 @@ class AsyncEngine:
         self._stopping = False
         self.error: BaseException | None = None
         self.last_step_time = time.monotonic()
+        self.last_beat = time.monotonic()  # every loop turn, idle or not
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="flashserve-engine", daemon=True)
 
@@ -63,7 +78,13 @@ class AsyncEngine:
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive()
+        return self.error is None and self._thread.is_alive() and not self.stalled
+
+    @property
+    def stalled(self) -> bool:
+        if not self.stall_timeout_s or not self._thread.is_alive():
+            return False
+        return time.monotonic() - self.last_beat > self.stall_timeout_s
 
     @property
     def stats(self) -> EngineStats:
@@ -74,21 +95,38 @@ class AsyncEngine:
         return len(self._streams)
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        deadline: float | None = None,
     ) -> AsyncIterator[SequenceOutput]:
         """Submit a request and iterate over its outputs until it finishes.
 
         Closing the iterator early (a stop string matched, the client left)
         aborts the request and frees its KV blocks on the next loop turn.
+        `deadline` (time.monotonic()): past it the iterator raises
+        RequestTimeoutError and the request is aborted the same way.
         """
-        if self.error is not None:
-            raise EngineDeadError(f"engine loop failed: {self.error}")
         with self._lock:
+            # Checked under the lock: _fail_all snapshots the streams under it after
+            # setting `error`, so a request is either refused here or failed there.
+            if self.error is not None:
+                raise EngineDeadError(f"engine loop failed: {self.error}")
             queued = len(self._streams) - self._stats.num_running
             if queued >= self.max_queue_size:
                 raise EngineOverloadedError(f"{queued} requests are already waiting")
             stream = _Stream(loop=asyncio.get_running_loop())
             self._streams[request_id] = stream
+        timer = None
+        if deadline is not None:
+            # One timer per request, not a timeout per token: it drops the error into
+            # the request's own queue, behind any outputs already delivered.
+            timer = stream.loop.call_later(
+                max(0.0, deadline - time.monotonic()),
+                stream.queue.put_nowait,
+                RequestTimeoutError("the request passed its deadline"),
+            )
         self._inbox.put(("add", request_id, prompt_token_ids, params))
         self._wake.set()
         finished = False
@@ -96,13 +134,17 @@ class AsyncEngine:
             while True:
                 item = await stream.queue.get()
                 if isinstance(item, BaseException):
-                    finished = True
+                    # The engine is done with a request it refused or died under; one
+                    # that timed out is still running and is aborted below.
+                    finished = not isinstance(item, RequestTimeoutError)
                     raise item
                 yield item
                 if item.finished:
                     finished = True
                     return
         finally:
+            if timer is not None:
+                timer.cancel()
             with self._lock:
                 self._streams.pop(request_id, None)
             if not finished:
@@ -117,6 +159,7 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._stopping:
+                self.last_beat = time.monotonic()
                 self._drain_inbox()
                 if not self.engine.has_work():
                     self._stats = self.engine.stats()
@@ -156,12 +199,12 @@ class AsyncEngine:
             if stream is not None:
                 by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            _call_soon(loop, items)
 
     def _deliver_one(self, request_id: str, item: object) -> None:
         stream = self._streams.get(request_id)
         if stream is not None:
-            stream.loop.call_soon_threadsafe(_put_all, [(stream.queue, item)])
+            _call_soon(stream.loop, [(stream.queue, item)])
 
     def _fail_all(self, exc: BaseException) -> None:
         with self._lock:
@@ -173,3 +216,12 @@ class AsyncEngine:
 def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
     for q, item in items:
         q.put_nowait(item)
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, items: list[tuple[asyncio.Queue, object]]) -> None:
+    try:
+        loop.call_soon_threadsafe(_put_all, items)
+    except RuntimeError:
+        # That caller's event loop is closed (it left without closing its iterator);
+        # nobody is listening, and the engine thread must not die of it.
+        logger.debug("dropping outputs for a closed event loop")

@@ -15,10 +15,17 @@ import torch
 
 from flashserve.config import EngineConfig
 from flashserve.engine.block_manager import BlockManager
+from flashserve.engine.disaggregation import (
+    CONTEXT_ONLY,
+    GENERATION_ONLY,
+    ContextTable,
+    resumed_sequence,
+)
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
-from flashserve.engine.sequence import Sequence, SequenceOutput
+from flashserve.engine.sequence import Sequence, SequenceOutput, TokenLogprob
+from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
 from flashserve.layers.attention import select_backend
 from flashserve.models.loader import load_model
 from flashserve.models.model_config import ModelConfig
@@ -77,6 +84,10 @@ class LLMEngine:
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.sequences: dict[str, Sequence] = {}
+        # Parked context_only requests, and outputs due before the next step's
+        # (a resumed generation_only request's first token).
+        self.contexts = ContextTable(release=self.block_manager.release)
+        self._pending_outputs: list[SequenceOutput] = []
         self.steps = 0
         logger.info(
             "engine ready: %s on %s (%s), attention=%s, %d KV blocks x %d tokens, max_model_len=%d",
@@ -111,9 +122,49 @@ class LLMEngine:
             raise ValueError(
                 f"prompt of {len(prompt_token_ids)} tokens leaves no room in a {self.max_model_len}-token context"
             )
+        self.contexts.expire()
+        disaggregated = params.disaggregated
+        if disaggregated is not None and disaggregated.request_type == GENERATION_ONLY:
+            self._resume(request_id, prompt_token_ids, params)
+            return
         seq = Sequence(request_id, list(prompt_token_ids), params)
         if params.seed is not None:
             seq.generator = torch.Generator(self.device).manual_seed(params.seed)
+        # The grammar was compiled off this thread; a matcher per sequence is cheap.
+        seq.grammar_matcher = make_matcher(params.grammar)
+        self.sequences[request_id] = seq
+        self.scheduler.add(seq)
+
+    def _resume(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> None:
+        """Continue a parked context_only request; its first token is this request's first output."""
+        assert params.disaggregated is not None and params.disaggregated.handle is not None
+        entry = self.contexts.claim(params.disaggregated.handle, prompt_token_ids)
+        seq = resumed_sequence(entry, request_id, params, self.device)
+        first = seq.token_ids[-1]
+        seq.grammar_matcher = make_matcher(params.grammar)
+        error = accept_sampled_token(seq, first)
+        finish, stop_reason = ("error", None) if error else self._check_stop(seq, first)
+        logprob = entry.first_logprob if params.logprobs else None
+        if logprob is not None:
+            logprob = TokenLogprob(
+                logprob.token_id, logprob.logprob, logprob.top[: params.top_logprobs]
+            )
+        self._pending_outputs.append(
+            SequenceOutput(
+                request_id=request_id,
+                new_token_ids=[first],
+                finished=finish is not None,
+                finish_reason=finish,
+                stop_reason=stop_reason,
+                logprobs=[logprob] if logprob is not None else None,
+                num_prompt_tokens=seq.num_prompt_tokens,
+                num_cached_tokens=seq.num_cached_tokens,
+                error=error,
+            )
+        )
+        if finish is not None:
+            self.block_manager.release(seq)
+            return
         self.sequences[request_id] = seq
         self.scheduler.add(seq)
 
@@ -125,7 +176,7 @@ class LLMEngine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._pending_outputs)
 
     # -- one step ---------------------------------------------------------
 
@@ -133,19 +184,30 @@ class LLMEngine:
         self.steps += 1
         if self.config.fault_after_steps is not None and self.steps > self.config.fault_after_steps:
             raise RuntimeError("injected engine fault (fault_after_steps)")
+        self.contexts.expire()
+        outputs, self._pending_outputs = self._pending_outputs, []
         batch = self.scheduler.schedule()
         if batch.empty:
-            return []
+            return outputs
         sampled, result = self.runner.step(batch.items)
         for seq, n in batch.items:
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        outputs: list[SequenceOutput] = []
         if result is None:
             return outputs
         for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
             seq.token_ids.append(token)
-            finish, stop_reason = self._check_stop(seq, token)
+            # Only newly sampled tokens advance the grammar (never a recompute's replay).
+            error = accept_sampled_token(seq, token)
+            finish, stop_reason = ("error", None) if error else self._check_stop(seq, token)
+            handle = None
+            disaggregated = seq.params.disaggregated
+            context_only = disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
+            if context_only and not error:
+                # The context phase ends with its first token; its blocks stay
+                # parked for the generation_only request that continues it.
+                handle = self.contexts.park(seq, logprob, finish, stop_reason)
+                finish = finish or "length"
             outputs.append(
                 SequenceOutput(
                     request_id=seq.request_id,
@@ -156,15 +218,20 @@ class LLMEngine:
                     logprobs=[logprob] if logprob is not None else None,
                     num_prompt_tokens=seq.num_prompt_tokens,
                     num_cached_tokens=seq.num_cached_tokens,
+                    error=error,
+                    context_handle=handle,
                 )
             )
             if finish is not None:
                 self.sequences.pop(seq.request_id, None)
-                self.scheduler.remove(seq)
+                self.scheduler.remove(seq, keep_blocks=handle is not None)
         return outputs
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         p = seq.params
+        if grammar_terminated(seq):
+            # The grammar accepted EOS, which it allows only once the output is complete.
+            return "stop", None
         if seq.num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return "stop", None

@@ -4,14 +4,24 @@ Per-request settings become [B] tensors; no stage loops over the vocabulary in
 Python. Stages run only when some request in the batch asks for them.
 
 Order: logits processors (engine/logits_processors.py: penalties, bias, bans,
-grammar masks) -> temperature -> logprobs (taken here: the distribution the
-request samples from, before truncation) -> top-k / top-p / min-p truncation
--> draw.
+grammar masks) -> temperature -> logprobs -> top-k / top-p / min-p
+truncation -> draw.
+
+Logprobs are the log-softmax of the logits after the processors and the
+temperature (greedy requests: temperature 1), before truncation: the
+distribution the request samples from, with every alternative still
+comparable (truncation would turn most of them into -inf, which JSON cannot
+carry). Banned tokens (-inf) never appear among the top alternatives.
+
+Dynamic top-p (TensorRT-LLM's top_p_decay / top_p_min rule): the nucleus of a
+request's t-th output token is max(top_p_min, top_p * top_p_decay**t). With
+the default decay of 1 it is just max(top_p, top_p_min).
 
 Draw: greedy rows take the argmax. Sampled rows use the exponential race
 (argmax of p / E with E ~ Exp(1)), which picks token i with probability p_i.
-Requests with a seed draw E from their own generator, so their tokens do not
-depend on what else is in the batch.
+Requests with a seed draw E from their own generator, and every stage leaves
+a row that does not ask for it bit-for-bit unchanged, so a seeded request's
+tokens do not depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -21,6 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from flashserve.engine.logits_processors import apply_logits_processors
+from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence, TokenLogprob
 
 
@@ -39,47 +50,111 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
-        logits = logits[:, : self.vocab_size].float()
+        # A private fp32 copy: the processors edit it in place.
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         logits = apply_logits_processors(logits, seqs, self.eos_token_ids)
         params = [s.params for s in seqs]
         greedy = torch.tensor([p.greedy for p in params], device=self.device)
-        temps = torch.tensor(
-            [p.temperature if not p.greedy else 1.0 for p in params], device=self.device
-        )
         if any(p.temperature not in (0.0, 1.0) for p in params):
+            temps = torch.tensor(
+                [p.temperature if not p.greedy else 1.0 for p in params], device=self.device
+            )
             logits = logits / temps[:, None]
-        logprob_rows = [i for i, p in enumerate(params) if p.logprobs]
-        full_logprobs = torch.log_softmax(logits[logprob_rows], dim=-1) if logprob_rows else None
 
         if bool(greedy.all()):
             chosen = logits.argmax(dim=-1)
         else:
-            probs = torch.softmax(_truncate(logits, params, self.device), dim=-1)
-            noise = torch.empty_like(probs).exponential_()
-            for i, seq in enumerate(seqs):
-                if seq.generator is not None and not params[i].greedy:
-                    noise[i].exponential_(generator=seq.generator)
-            sampled = (probs / noise).argmax(dim=-1)
+            top_p = [effective_top_p(p, s.num_output_tokens) for p, s in zip(params, seqs)]
+            sampled = _draw(logits, seqs, top_p, self.device)
             chosen = torch.where(greedy, logits.argmax(dim=-1), sampled)
 
         token_ids = chosen.tolist()
-        logprobs: list[TokenLogprob | None] = [None] * len(seqs)
-        if full_logprobs is not None:
-            for row, i in enumerate(logprob_rows):
-                logprobs[i] = _token_logprob(
-                    full_logprobs[row], token_ids[i], params[i].top_logprobs
-                )
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(logits, chosen, params))
 
 
-def _truncate(logits: torch.Tensor, params, device) -> torch.Tensor:
+def effective_top_p(p: SamplingParams, num_output_tokens: int) -> float:
+    """The nucleus for a request's next token (see the module docstring)."""
+    if not p.top_p_min and p.top_p_decay == 1.0:
+        return p.top_p
+    return max(p.top_p_min, p.top_p * p.top_p_decay**num_output_tokens)
+
+
+# Rows with 0 < top_k <= this draw from their top_k candidates alone: a topk()
+# over the vocabulary instead of a full sort, and noise for k tokens instead of
+# for the whole vocabulary (together most of a CPU decode step's sampling cost).
+CANDIDATE_TOP_K_LIMIT = 1024
+
+
+def _draw(
+    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+) -> torch.Tensor:
+    """One sampled token per row (greedy rows get one too; the caller ignores it).
+
+    Which path a row takes depends only on its own top_k, never on the rest of
+    the batch, so a seeded request draws the same tokens in any batch.
+    """
+    limit = min(CANDIDATE_TOP_K_LIMIT, logits.shape[-1])
+    small = [0 < s.params.top_k <= limit for s in seqs]
+    if all(small):
+        return _draw_from_top_k(logits, seqs, top_p, device)
+    if not any(small):
+        return _draw_from_vocab(logits, seqs, top_p, device)
+    out = torch.empty(len(seqs), dtype=torch.long, device=device)
+    for wanted, draw in ((True, _draw_from_top_k), (False, _draw_from_vocab)):
+        rows = [i for i, s in enumerate(small) if s == wanted]
+        index = torch.tensor(rows, device=device)
+        picked = [seqs[i] for i in rows]
+        out[index] = draw(logits.index_select(0, index), picked, [top_p[i] for i in rows], device)
+    return out
+
+
+def _draw_from_vocab(
+    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+) -> torch.Tensor:
+    params = [s.params for s in seqs]
+    probs = torch.softmax(_truncate(logits, params, top_p, device), dim=-1)
+    noise = torch.empty_like(probs).exponential_()
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None and not params[i].greedy:
+            noise[i].exponential_(generator=seq.generator)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _draw_from_top_k(
+    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+) -> torch.Tensor:
+    """The same truncation as _truncate (top-k, min-p, top-p), on each row's k best tokens."""
+    params = [s.params for s in seqs]
+    ks = [p.top_k for p in params]
+    values, candidates = logits.topk(max(ks), dim=-1)  # sorted, best first
+    ranks = torch.arange(values.shape[-1], device=device)[None, :]
+    drop = ranks >= torch.tensor(ks, device=device)[:, None]
+    # min-p keeps p >= min_p * p_max, i.e. logit - best_logit >= log(min_p).
+    if any(p.min_p > 0 for p in params):
+        log_min_p = torch.tensor([p.min_p for p in params], device=device).log()[:, None]
+        drop |= values - values[:, :1] < log_min_p
+    if any(tp < 1.0 for tp in top_p):
+        probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
+        nucleus = torch.tensor(top_p, device=device)[:, None]
+        drop |= (probs.cumsum(dim=-1) - probs >= nucleus) & (nucleus < 1.0)
+    drop[:, 0] = False
+    # The exponential race needs weights proportional to p only: skip normalising.
+    weights = (values - values[:, :1]).exp().masked_fill(drop, 0.0)
+    noise = torch.empty_like(weights).exponential_()
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None and not params[i].greedy:
+            # Exactly k draws from the request's own generator, whatever the batch's widest k.
+            noise[i, : ks[i]].exponential_(generator=seq.generator)
+    return candidates.gather(1, (weights / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
+
+
+def _truncate(
+    logits: torch.Tensor, params: list[SamplingParams], top_p: list[float], device: torch.device
+) -> torch.Tensor:
     """Mask tokens outside each row's top-k, nucleus (top-p) and min-p sets."""
     vocab = logits.shape[-1]
     top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-    top_p = [_effective_top_p(p) for p in params]
     min_p = [p.min_p for p in params]
-    if all(k >= vocab for k in top_k) and all(tp >= 1.0 for tp in top_p) and not any(min_p):
-        return logits
     if any(mp > 0 for mp in min_p):
         probs = torch.softmax(logits, dim=-1)
         floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device)[:, None]
@@ -91,22 +166,36 @@ def _truncate(logits: torch.Tensor, params, device) -> torch.Tensor:
     drop = ranks >= torch.tensor(top_k, device=device)[:, None]
     sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
     # Keep the smallest prefix whose mass reaches top_p (the token that
-    # crosses the threshold stays in).
+    # crosses the threshold stays in). Rows with top_p >= 1 keep everything:
+    # rounding in the cumulative sum must not clip their tails.
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+    nucleus = torch.tensor(top_p, device=device)[:, None]
+    drop |= (mass_before >= nucleus) & (nucleus < 1.0)
     drop[:, 0] = False
     return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
-def _effective_top_p(p) -> float:
-    # top_p_min is the floor of a dynamic top-p; without a decay schedule in
-    # the request the nucleus is simply max(top_p, top_p_min).
-    return max(p.top_p, p.top_p_min) if p.top_p_min else p.top_p
-
-
-def _token_logprob(row: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
-    top: list[tuple[int, float]] = []
-    if top_n:
-        values, ids = row.topk(top_n)
-        top = list(zip(ids.tolist(), values.tolist()))
-    return TokenLogprob(token_id=token_id, logprob=float(row[token_id]), top=top)
+def _logprobs(
+    logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]
+) -> list[TokenLogprob | None]:
+    """Logprob entries for the rows that asked, from one log-softmax and one top-k."""
+    out: list[TokenLogprob | None] = [None] * len(params)
+    rows = [i for i, p in enumerate(params) if p.logprobs]
+    if not rows:
+        return out
+    row_ids = torch.tensor(rows, device=logits.device)
+    table = torch.log_softmax(logits.index_select(0, row_ids), dim=-1)
+    picked = chosen.index_select(0, row_ids)
+    values = table.gather(1, picked[:, None]).squeeze(1).tolist()
+    picked_ids = picked.tolist()
+    widest = max(params[i].top_logprobs for i in rows)
+    top_values: list[list[float]] = [[] for _ in rows]
+    top_ids: list[list[int]] = [[] for _ in rows]
+    if widest:
+        found = table.topk(widest, dim=-1)
+        top_values, top_ids = found.values.tolist(), found.indices.tolist()
+    for r, i in enumerate(rows):
+        n = params[i].top_logprobs
+        top = [(t, v) for t, v in zip(top_ids[r][:n], top_values[r][:n]) if v != float("-inf")]
+        out[i] = TokenLogprob(token_id=picked_ids[r], logprob=values[r], top=top)
+    return out

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from flashserve.engine.disaggregation import DisaggregatedRequest
 
 
 @dataclass
@@ -14,6 +17,8 @@ class SamplingParams:
     top_k: int = -1  # -1 or 0: no limit
     min_p: float = 0.0
     top_p_min: float = 0.0  # floor of the dynamic top-p (see engine/sampler.py)
+    # Per-token decay of the dynamic top-p: top_p_t = max(top_p_min, top_p * decay**t).
+    top_p_decay: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
@@ -30,6 +35,8 @@ class SamplingParams:
     top_logprobs: int = 0
     # A structured-output matcher factory (engine/structured.py); None: unconstrained.
     grammar: Any = None
+    # Prefill/decode split (engine/disaggregation.py); None: an ordinary request.
+    disaggregated: DisaggregatedRequest | None = None
 
     @property
     def greedy(self) -> bool:

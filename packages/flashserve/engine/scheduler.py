@@ -45,13 +45,17 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the engine wherever it is and free its blocks."""
+    def remove(self, seq: Sequence, keep_blocks: bool = False) -> None:
+        """Take a sequence out of the engine wherever it is and free its blocks.
+
+        keep_blocks: the caller takes over the blocks (a parked context_only request).
+        """
         if seq.status is SequenceStatus.RUNNING and seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self.blocks.release(seq)
+        if not keep_blocks:
+            self.blocks.release(seq)
         seq.status = SequenceStatus.FINISHED
 
     def schedule(self) -> ScheduledBatch:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from flashserve.engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from flashserve.engine.disaggregation import ContextHandle
 
 
 class SequenceStatus(enum.Enum):
@@ -37,6 +41,8 @@ class SequenceOutput:
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     error: str | None = None
+    # context_only requests: the handle a generation_only request resumes with.
+    context_handle: ContextHandle | None = None
 
 
 @dataclass(eq=False)

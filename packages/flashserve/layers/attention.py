@@ -83,30 +83,36 @@ class TorchAttention(AttentionBackend):
         for i in range(num_decode, len(meta.query_lens_host)):
             start, q_len = starts[i], meta.query_lens_host[i]
             ctx = meta.context_lens_host[i]
-            keys, values = _gather(k_cache, v_cache, meta.block_tables[i], ctx)
+            if q_len == ctx:  # nothing cached before this chunk: attend over it directly
+                keys, values = k[start : start + q_len], v[start : start + q_len]
+            else:
+                keys, values = _gather(k_cache, v_cache, meta.block_tables[i], ctx)
             out[start : start + q_len] = _attend(q[start : start + q_len], keys, values, ctx, scale)
         return out
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
-        n = q.shape[0]
-        block_size = k_cache.shape[1]
+        n, num_heads, head_dim = q.shape
+        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
         blocks_needed = -(-meta.max_context_len // block_size)
-        tables = meta.block_tables[:n, :blocks_needed]
-        kv_heads, head_dim = k_cache.shape[-2:]
-        keys = k_cache[tables].view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache[tables].view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        # index_select copies whole blocks; advanced indexing (k_cache[tables])
+        # computes an offset per element and is markedly slower on the CPU.
+        blocks = meta.block_tables[:n, :blocks_needed].reshape(-1)
+        keys = k_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
         positions = torch.arange(keys.shape[2], device=q.device)
         mask = positions[None, :] < meta.context_lens[:n, None]
+        # The query heads sharing a KV head act as that head's query rows, so
+        # SDPA needs no enable_gqa: on the CPU its GQA path is several times
+        # slower in bf16. Query head h reads KV head h // group, as in HF's repeat_kv.
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(keys.dtype),  # [n, heads, 1, d]
+            q.view(n, kv_heads, num_heads // kv_heads, head_dim).to(keys.dtype),
             keys,
             values,
             attn_mask=mask[:, None, None, :],
             scale=scale,
-            enable_gqa=True,
         )
-        return out.squeeze(2).to(q.dtype)
+        return out.reshape(n, num_heads, head_dim).to(q.dtype)
 
 
 def _prefix_sums(lengths: list[int]) -> list[int]:
@@ -121,8 +127,8 @@ def _gather(k_cache, v_cache, table, ctx):
     block_size = k_cache.shape[1]
     blocks = table[: -(-ctx // block_size)]
     kv_heads, head_dim = k_cache.shape[-2:]
-    keys = k_cache[blocks].view(-1, kv_heads, head_dim)[:ctx]
-    values = v_cache[blocks].view(-1, kv_heads, head_dim)[:ctx]
+    keys = k_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
+    values = v_cache.index_select(0, blocks).view(-1, kv_heads, head_dim)[:ctx]
     return keys, values
 
 

@@ -1,0 +1,75 @@
+"""Workload W1 (and the concurrency sweep) on vLLM's CPU build; prints one JSON line.
+
+Runs inside vLLM's own virtualenv (build/vllm-venv), never the project's: it
+imports nothing from flashserve. bench/throughput.py starts it as a subprocess:
+
+    build/vllm-venv/bin/python bench/vllm_w1.py --model build/bench_model \
+        --prompts prompts.json --output-len 128 [--dtype bfloat16] [--batch-sizes 64]
+
+prompts.json holds a list of token-id lists. For each batch size B, the first B
+prompts are submitted at once; the JSON gives wall time and output tokens per B.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--prompts", required=True)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batch-sizes", default="64")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-p", type=float, default=0.95)
+    parser.add_argument("--top-k", type=int, default=50)
+    parser.add_argument("--max-model-len", type=int, default=2048)
+    args = parser.parse_args()
+    # KV cache budget in GiB, like the engine's kv_cache_memory_gb.
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    with open(args.prompts) as f:
+        prompts: list[list[int]] = json.load(f)
+    started = time.perf_counter()
+    llm = LLM(
+        model=args.model,
+        dtype=args.dtype,
+        max_model_len=args.max_model_len,
+        skip_tokenizer_init=True,
+        seed=0,
+    )
+    load_s = time.perf_counter() - started
+    params = SamplingParams(
+        max_tokens=args.output_len,
+        min_tokens=args.output_len,
+        ignore_eos=True,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        detokenize=False,
+    )
+    # Warm-up: first calls allocate and pick kernels.
+    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)
+    runs = []
+    for size in (int(b) for b in args.batch_sizes.split(",")):
+        batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[:size]]
+        started = time.perf_counter()
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        wall = time.perf_counter() - started
+        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+        runs.append({"batch": size, "wall_s": wall, "output_tokens": tokens})
+    print(json.dumps({"load_s": load_s, "dtype": args.dtype, "runs": runs}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""`tool_choice: required` or a named function -> the grammar that forces such calls.
+
+The grammar is an xgrammar structural tag in the model's own tool-call format (each
+parser's `call_format`), with each tool's arguments constrained by its `parameters`
+schema, so the output is always a well-formed call of an allowed tool whose arguments
+validate. It compiles through the structured-outputs machinery (api/structured_output.py:
+off the event loop, cached by content) and travels in `SamplingParams.grammar`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import dataclasses
+import functools
+import json
+import threading
+from typing import Any
+
+import numpy as np
+import torch
+
+from flashserve.api.detokenizer import special_token_ids
+from flashserve.api.errors import RequestError
+from flashserve.api.structured_output import StructuredOutputs
+from flashserve.api.tool_parsers import ToolParser
+from flashserve.api.tool_parsers.base import const, sequence
+from flashserve.api.tools import ToolPlan
+from flashserve.engine.sampling_params import SamplingParams
+from flashserve.engine.structured import (
+    STRUCTURAL_TAG,
+    GrammarSpec,
+    InvalidGrammarError,
+    StructuredGrammar,
+)
+
+# Keys of a string schema that already pin its characters; a length bound alongside
+# them is left as it is.
+_STRING_SHAPERS = ("pattern", "format", "enum", "const")
+# Where a schema holds subschemas (maps of them, lists of them, single ones).
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions")
+_SUBSCHEMA_LISTS = ("prefixItems", "items", "anyOf", "oneOf", "allOf")
+_SUBSCHEMAS = ("items", "additionalProperties", "additionalItems", "not", "if", "then", "else")
+# JSON string characters without escapes: anything but '"', '\' and control characters.
+_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
+
+
+class ToolGrammars:
+    """Builds and compiles forced-call grammars for one model and tokenizer."""
+
+    def __init__(self, tokenizer: Any, structured: StructuredOutputs) -> None:
+        self.tokenizer = tokenizer
+        self.structured = structured
+        self._special = special_token_ids(tokenizer)
+        self._rows: dict[frozenset[int], torch.Tensor] = {}
+        self._lock = threading.Lock()
+
+    def spec(self, parser: type[ToolParser], plan: ToolPlan, thinking: str | None) -> GrammarSpec:
+        """The structural tag forcing the plan's calls; `thinking` is the prompt's
+        reasoning state (see api/reasoning.py), None for models that do not think."""
+        tools = [(tool.name, arguments_format(tool.parameters)) for tool in plan.callable_tools]
+        parallel = plan.parallel and plan.forced is None
+        body = parser.call_format(tools, parallel, self.literal)
+        if thinking == "open":
+            body = sequence(_until_end_of_thinking(), _layout(), body)
+        elif thinking == "free":
+            think = {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}}
+            think["end"] = "</think>"
+            body = sequence({"type": "optional", "content": think}, _layout(), body)
+        tag = {"type": "structural_tag", "format": body}
+        return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
+
+    def literal(self, text: str) -> dict[str, Any]:
+        """Fixed markup: its special token where the tokenizer has one (a model writes
+        "[TOOL_CALLS]" as that token, never as text), else the text."""
+        token = self._single_token(text)
+        if token is not None and token in self._special:
+            return {"type": "token", "token": token}
+        return const(text)
+
+    async def attach(
+        self,
+        params: SamplingParams,
+        parser: type[ToolParser],
+        plan: ToolPlan,
+        thinking: str | None,
+        kept_special: frozenset[int],
+    ) -> None:
+        """Set params.grammar to force the plan's calls. Building the arguments grammars
+        and compiling run on a worker thread: large schemas stall no other request."""
+        params.grammar = await asyncio.to_thread(
+            self._compile, parser, plan, thinking, kept_special
+        )
+
+    def _compile(
+        self,
+        parser: type[ToolParser],
+        plan: ToolPlan,
+        thinking: str | None,
+        kept_special: frozenset[int],
+    ) -> StructuredGrammar:
+        spec = self.spec(parser, plan, thinking)
+        try:
+            grammar = self.structured.compiler().compile(spec)
+        except InvalidGrammarError as exc:
+            raise RequestError(
+                f"The tools' parameter schemas cannot be turned into a grammar: {exc}",
+                param="tools",
+                code="invalid_request",
+            ) from exc
+        # Special tokens stay banned (their text would vanish from the detokenized
+        # output), except the format's own markers, which the grammar places itself.
+        return dataclasses.replace(grammar, allowed=self._allowed_row(kept_special))
+
+    def _allowed_row(self, kept_special: frozenset[int]) -> torch.Tensor:
+        with self._lock:
+            row = self._rows.get(kept_special)
+            if row is None:
+                compiler = self.structured.compiler()
+                banned = self._special - kept_special - set(compiler.stop_token_ids)
+                row = _bitmask_row(compiler.vocab_size, banned)
+                self._rows[kept_special] = row
+            return row
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+
+def _bitmask_row(vocab_size: int, banned: set[int]) -> torch.Tensor:
+    """A [words] int32 bitmask row (1 = allowed) that allows all but `banned`."""
+    words = (vocab_size + 31) // 32
+    bits = np.full(words, 0xFFFFFFFF, dtype=np.uint32)
+    ids = np.array(sorted(i for i in banned if 0 <= i < vocab_size), dtype=np.int64)
+    if ids.size:
+        # Several ids can share a word: AND each one's cleared bit in, one at a time.
+        np.bitwise_and.at(bits, ids // 32, ~(np.uint32(1) << (ids % 32).astype(np.uint32)))
+    return torch.from_numpy(bits.view(np.int32).copy())
+
+
+def arguments_format(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A structural-tag format for arguments that validate against `parameters`."""
+    return {
+        "type": "grammar",
+        "grammar": _arguments_grammar(json.dumps(parameters, sort_keys=False)),
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _arguments_grammar(schema_json: str) -> str:
+    import xgrammar as xgr
+
+    schema = grammar_schema(json.loads(schema_json))
+    try:
+        # Compact JSON (no free whitespace): a weak model could otherwise write spaces
+        # until max_tokens; strict: no properties beyond the schema's.
+        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+    except (RuntimeError, ValueError) as exc:
+        raise RequestError(
+            f"A tool's parameters schema cannot be turned into a grammar: {exc}",
+            param="tools",
+            code="invalid_request",
+        ) from exc
+    return str(grammar)
+
+
+def grammar_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The schema the grammar is built from: the tool's own, made to produce objects, with
+    length-bounded strings given a pattern.
+
+    xgrammar 0.2.8 lets a string with minLength/maxLength hold raw control characters,
+    which no JSON parser accepts; the pattern (characters needing no escape) is a subset
+    of what the schema allows, so everything it produces still validates.
+    """
+    schema = copy.deepcopy(parameters) if parameters else {}
+    schema.setdefault("type", "object")
+    if schema["type"] == "object":
+        schema.setdefault("properties", {})
+    _bound_strings(schema)
+    return schema
+
+
+def _bound_strings(schema: Any) -> None:
+    if not isinstance(schema, dict):
+        return
+    bounded = "minLength" in schema or "maxLength" in schema
+    if schema.get("type") == "string" and bounded and not any(k in schema for k in _STRING_SHAPERS):
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        schema["pattern"] = f"^{_PLAIN_CHAR}{{{low},{'' if high is None else int(high)}}}$"
+        schema.pop("minLength", None)
+        schema.pop("maxLength", None)
+    for key in _SUBSCHEMA_MAPS:
+        if isinstance(schema.get(key), dict):
+            for sub in schema[key].values():
+                _bound_strings(sub)
+    for key in _SUBSCHEMA_LISTS:
+        if isinstance(schema.get(key), list):
+            for sub in schema[key]:
+                _bound_strings(sub)
+    for key in _SUBSCHEMAS:
+        _bound_strings(schema.get(key))
+
+
+def _until_end_of_thinking() -> dict[str, Any]:
+    return {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": "</think>"}
+
+
+def _layout() -> dict[str, Any]:
+    # Qwen3 and R1 put a blank line between "</think>" and the answer.
+    return {"type": "regex", "pattern": r"[ \n]{0,2}"}

@@ -1,0 +1,135 @@
+"""Llama 3.1 / 3.2 / 3.3 JSON tool calls: `{"name": ..., "parameters": {...}}`.
+
+With custom tools, Llama 3 answers a call with nothing but the JSON object (optionally
+after the `<|python_tag|>` special token); several calls are separated by ";". The
+format has no start marker, so an answer that starts with "{" is read as a call only
+when it names a declared tool; anything else (a JSON answer, say) stays content.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from flashserve.api.markup import safe_prefix_len
+from flashserve.api.tool_parsers.base import (
+    Literal,
+    ParsedText,
+    ToolParser,
+    const,
+    one_of,
+    repeated,
+    sequence,
+)
+
+PYTHON_TAG = "<|python_tag|>"
+
+_START = "start"  # nothing but whitespace so far: a call may begin
+_TEXT = "text"  # plain content from here on (a <|python_tag|> may still open calls)
+_CALL = "call"
+_NEXT = "next"  # after a call: ";" or "{" for another, anything else is content
+_SKIP = "skip"  # a call broke after it was sent: drop the rest of it
+
+
+class Llama3JsonToolParser(ToolParser):
+    name = "llama3_json"
+    start_markers = (PYTHON_TAG,)
+    markers = (PYTHON_TAG,)
+    argument_keys = ("parameters", "arguments")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._where = _START
+        self._tagged = False  # calls opened by <|python_tag|>: any name is a call
+
+    def _accepts(self, name: str) -> bool:
+        return self._tagged or name in self.tool_names
+
+    def _parse(self, final: bool) -> None:
+        while self._buffer and not self._stopped:
+            where = self._where
+            if where == _CALL:
+                self._read_call()
+            elif where == _SKIP:
+                self._buffer = ""
+            elif where == _TEXT:
+                self._text(final)
+                if self._where == _TEXT:
+                    return
+            else:
+                stripped = self._buffer.lstrip()
+                if not stripped:
+                    if where == _START:
+                        self._content(self._buffer)  # held by the gate, dropped by a call
+                    self._buffer = ""
+                    return
+                if where == _START:
+                    self._content(self._buffer[: len(self._buffer) - len(stripped)])
+                self._buffer = stripped
+                if not self._between_calls(final):
+                    return  # waiting for more text
+
+    def _between_calls(self, final: bool) -> bool:
+        """Read what starts a call (or shows there is none); False: need more text."""
+        buffer, where = self._buffer, self._where
+        if where == _NEXT and buffer[0] == ";":
+            self._buffer = buffer[1:]
+            self._where = _START
+        elif buffer[0] == "{":
+            self._open_call("")
+            self._where = _CALL
+        elif buffer.startswith(PYTHON_TAG):
+            self._buffer = buffer[len(PYTHON_TAG) :]
+            self._tagged = True
+            self._gate.markup()
+        elif not final and PYTHON_TAG.startswith(buffer):
+            return False  # maybe the tag, split
+        else:
+            self._where = _TEXT
+        return True
+
+    def _text(self, final: bool) -> None:
+        buffer = self._buffer
+        at = buffer.find(PYTHON_TAG)
+        if at < 0:
+            keep = len(buffer) if final else safe_prefix_len(buffer, (PYTHON_TAG,))
+            self._content(buffer[:keep])
+            self._buffer = buffer[keep:]
+            return
+        self._content(buffer[:at])
+        self._buffer = buffer[at + len(PYTHON_TAG) :]
+        self._tagged = True
+        self._gate.markup()
+        self._where = _START
+
+    def _read_call(self) -> None:
+        call = self._call
+        assert call is not None
+        used = self._feed_call(self._buffer)
+        self._buffer = self._buffer[used:]
+        scanner = call.scanner
+        if scanner.done:
+            self._where = _NEXT if self._close_call() else _TEXT
+        elif scanner.failed:
+            if call.id is None:
+                self._absorb(self._buffer)
+                self._buffer = ""
+                self._close_call()
+                self._where = _TEXT
+            else:
+                self._where = _SKIP
+
+    def finish(self) -> ParsedText:
+        if self._where == _SKIP:
+            self._buffer = ""
+        return super().finish()
+
+    @classmethod
+    def call_format(
+        cls, tools: list[tuple[str, dict[str, Any]]], parallel: bool, literal: Literal
+    ) -> dict[str, Any]:
+        calls = [
+            sequence(const(f'{{"name": {json.dumps(name)}, "parameters": '), arguments, const("}"))
+            for name, arguments in tools
+        ]
+        return repeated(one_of(calls), "; ", parallel)

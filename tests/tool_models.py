@@ -1,0 +1,107 @@
+"""Tiny random models that speak each tool-call format, for tool and reasoning tests.
+
+Each one is a folder holding a tokenizer (a real one from tests.tokenizer_fixtures, plus
+the added tokens its model family has) with a chat template from tests/chat_templates/,
+and a tiny random Llama whose vocabulary matches that tokenizer exactly:
+
+* "hermes": + ChatML specials and Qwen's plain <tool_call>/<think> tokens (Qwen3-style);
+* "llama3": + Llama 3 header tokens and <|python_tag|> (Llama 3.1-style template);
+* "mistral": as it is, its [TOOL_CALLS] etc. are special already (Mistral v0.3-style).
+
+All three start from the 32k Mistral SentencePiece tokenizer: the formats are text, and
+the 131k byte-level BPE one would make every step of the 100-request tests ~4x dearer.
+
+`make_service(folder)` starts a ChatService over one of them on the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flashserve.api.chat import ChatService
+from flashserve.api.sampling import ModelDefaults
+from flashserve.config import EngineConfig
+from flashserve.engine.async_engine import AsyncEngine
+from flashserve.engine.llm_engine import LLMEngine
+from tests.tiny_models import save_tiny_llama
+
+TEMPLATES = Path(__file__).resolve().parent / "chat_templates"
+
+
+@dataclass(frozen=True)
+class Family:
+    template: str
+    special: tuple[str, ...] = ()  # added special tokens
+    plain: tuple[str, ...] = ()  # added ordinary tokens (Qwen's tags are not special)
+    bos: str | None = None
+    eos: str | None = None
+
+
+FAMILIES = {
+    "hermes": Family(
+        "hermes.jinja",
+        special=("<|im_start|>", "<|im_end|>"),
+        plain=("<tool_call>", "</tool_call>", "<think>", "</think>"),
+        eos="<|im_end|>",
+    ),
+    "llama3": Family(
+        "llama3.jinja",
+        special=(
+            "<|begin_of_text|>",
+            "<|start_header_id|>",
+            "<|end_header_id|>",
+            "<|eot_id|>",
+            "<|eom_id|>",
+            "<|python_tag|>",
+        ),
+        bos="<|begin_of_text|>",
+        eos="<|eot_id|>",
+    ),
+    "mistral": Family("mistral.jinja"),
+}
+
+
+def template(name: str) -> str:
+    return (TEMPLATES / name).read_text()
+
+
+def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Path:
+    """Write tokenizer + tiny model of family `name` to `out_dir`; returns it."""
+    from transformers import AddedToken, AutoTokenizer
+
+    family = FAMILIES[name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    if family.special:
+        tokens = [AddedToken(t, special=True, normalized=False) for t in family.special]
+        tokenizer.add_tokens(tokens, special_tokens=True)
+    if family.plain:
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in family.plain])
+    if family.bos:
+        tokenizer.bos_token = family.bos
+    if family.eos:
+        tokenizer.eos_token = family.eos
+    tokenizer.chat_template = template(family.template)
+    tokenizer.save_pretrained(str(out_dir))
+    save_tiny_llama(out_dir, vocab_size=len(tokenizer), seed=seed)
+    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
+    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    return out_dir
+
+
+def make_service(model_dir: Path, **engine_overrides: Any) -> ChatService:
+    from transformers import AutoTokenizer
+
+    settings: dict[str, Any] = dict(
+        device="cpu", dtype="float32", kv_cache_memory_gb=0.25, max_model_len=2048
+    )
+    settings.update(engine_overrides)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
+    engine = LLMEngine(EngineConfig(**settings), model_dir, eos_token_ids=(eos,))
+    async_engine = AsyncEngine(engine)
+    async_engine.start()
+    return ChatService(async_engine, tokenizer, "m", ModelDefaults())
