@@ -1,17 +1,18 @@
 """Per-step cost of structured-output masking, against unconstrained decoding, same run.
 
     python bench/structured_overhead.py [--model build/bench_model] [--device cpu|cuda]
-        [--batch-sizes 1,64] [--steps 48] [--dtype auto]
+        [--batch-sizes 1,64] [--steps 64] [--dtype auto]
 
-For each batch size B, two runs of B requests on one engine, alternating so that both see
-the same machine state: unconstrained, and every request constrained by a JSON schema
-whose outputs stay long (a list of at least 40 small records: strings, integers, enums,
-booleans), so every measured step is a full batch of masked rows. Sampling is at
-temperature 1.0, as in production. Reported per decode step (prefill steps excluded):
-engine step time in both runs, their ratio, and the time spent in the grammar mask
-(xgrammar's bitmask fill for the batch + applying it to the logits), also as a share of
-the unconstrained step. On a busy machine the two step times drift by more than the mask
-costs; the mask column, timed around the mask alone, is the steadier number.
+For each batch size B, B requests on each of two engines over the same weights, stepped
+in turn so that both see the same machine state: one unconstrained, one with every request
+constrained by a JSON schema whose outputs stay long (a list of at least 40 small records:
+strings, integers, enums, booleans), so every measured step is a full batch of masked
+rows. Sampling is at temperature 1.0, as in production. Reported per decode step (prefill
+excluded): the step time of both engines (medians), their ratio, and the time spent in the
+grammar mask (xgrammar's bitmask fill for the batch + applying it to the logits; a mean),
+also as a share of the unconstrained step. On a shared machine the step times still
+wander by more than the mask costs; the mask column, timed around the mask alone, is the
+steadier number.
 
 The model defaults to build/bench_model (bench/make_bench_model.py: ~59M parameters, the
 32k Mistral tokenizer); data/embedded_model (tiny) works too, but its forward is so cheap
@@ -72,28 +73,46 @@ class MaskTimer:
         return out
 
 
-def decode_steps(
-    engine: LLMEngine, batch: int, params: SamplingParams, steps: int, tag: str, timer: MaskTimer
-) -> list[float]:
-    """Seconds per engine step while all `batch` requests decode (prefill excluded)."""
-    for i in range(batch):
-        engine.add_request(f"{tag}{i}", [1, 1000 + i, 2000 + 7 * i, 22], params)
-    engine.step()  # prefill of all prompts (they fit in one step's token budget)
+def _timed_step(engine: LLMEngine) -> tuple[float, list]:
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = engine.step()
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, outputs
+
+
+def interleaved(
+    plain: LLMEngine,
+    constrained: LLMEngine,
+    batch: int,
+    params: tuple[SamplingParams, SamplingParams],
+    steps: int,
+    timer: MaskTimer,
+) -> tuple[list[float], list[float], float]:
+    """Step times of both engines, one step each in turn, and the constrained mask time.
+
+    Alternating step by step (not run by run) gives both the same machine state: on a
+    shared machine, load changes faster than a run lasts.
+    """
+    engines = (plain, constrained)
+    for engine, p in zip(engines, params):
+        for i in range(batch):
+            engine.add_request(f"b{batch}.{i}", [1, 1000 + i, 2000 + 7 * i, 22], p)
+        engine.step()  # prefill: all prompts fit in one step's token budget
     timer.seconds = 0.0
-    times = []
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(steps):
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        outputs = engine.step()
-        if engine.device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-        if any(o.finished for o in outputs) or len(outputs) != batch:
-            raise RuntimeError(f"{tag}: a request finished early; raise minItems or lower --steps")
-    for i in range(batch):
-        engine.abort(f"{tag}{i}")
-    return times
+        for engine, out in zip(engines, times):
+            seconds, outputs = _timed_step(engine)
+            out.append(seconds)
+            if len(outputs) != batch or any(o.finished for o in outputs):
+                raise RuntimeError("a request finished early; raise minItems or lower --steps")
+    for engine in engines:
+        for i in range(batch):
+            engine.abort(f"b{batch}.{i}")
+    return times[0], times[1], timer.seconds
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--steps", type=int, default=48)
-    parser.add_argument("--rounds", type=int, default=2, help="alternations per batch size")
+    parser.add_argument("--steps", type=int, default=64)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -112,8 +130,10 @@ def main(argv: list[str] | None = None) -> int:
     config = EngineConfig(
         device=args.device, dtype=args.dtype, kv_cache_memory_gb=1.0, max_model_len=2048
     )
-    engine = LLMEngine(config, args.model, eos_token_ids=eos)
-    outputs = StructuredOutputs(tokenizer, engine.model_config.vocab_size, eos)
+    # Two engines on the same weights file: one decodes freely, one under the grammar.
+    plain = LLMEngine(config, args.model, eos_token_ids=eos)
+    constrained = LLMEngine(config, args.model, eos_token_ids=eos)
+    outputs = StructuredOutputs(tokenizer, plain.model_config.vocab_size, eos)
     started = time.perf_counter()
     outputs.compiler()  # once per tokenizer: xgrammar's vocabulary scan
     tokenizer_ms = (time.perf_counter() - started) * 1000
@@ -127,32 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     index = logits_processors.LOGITS_PROCESSORS.index(structured.apply_grammar_bitmask)
     logits_processors.LOGITS_PROCESSORS[index] = timer
 
-    free = SamplingParams(temperature=1.0, max_tokens=args.steps + 8, ignore_eos=True)
-    masked = SamplingParams(temperature=1.0, max_tokens=args.steps + 8, grammar=grammar)
+    params = (
+        SamplingParams(temperature=1.0, max_tokens=args.steps + 8, ignore_eos=True),
+        SamplingParams(temperature=1.0, max_tokens=args.steps + 8, grammar=grammar),
+    )
     rows = []
     for batch in (int(b) for b in args.batch_sizes.split(",")):
-        plain: list[float] = []
-        constrained: list[float] = []
-        mask_s = 0.0
-        for r in range(args.rounds):
-            plain += decode_steps(engine, batch, free, args.steps, f"p{batch}.{r}.", timer)
-            constrained += decode_steps(engine, batch, masked, args.steps, f"c{batch}.{r}.", timer)
-            mask_s += timer.seconds
-        p_ms = statistics.median(plain) * 1000
-        c_ms = statistics.median(constrained) * 1000
-        m_ms = mask_s / (args.rounds * args.steps) * 1000
+        free_s, masked_s, mask_s = interleaved(plain, constrained, batch, params, args.steps, timer)
+        p_ms = statistics.median(free_s) * 1000
+        c_ms = statistics.median(masked_s) * 1000
+        m_ms = mask_s / args.steps * 1000
         rows.append((batch, p_ms, c_ms, c_ms / p_ms, m_ms))
 
-    mc = engine.model_config
+    mc = plain.model_config
     print(
         f"model: {args.model.name} ({mc.num_layers} layers, hidden {mc.hidden_size}, "
-        f"vocab {mc.vocab_size}), device {engine.device} ({engine.dtype}), "
+        f"vocab {mc.vocab_size}), device {plain.device} ({plain.dtype}), "
         f"torch threads {torch.get_num_threads()}, {platform.processor() or platform.machine()}"
     )
     print(
         f"tokenizer info: {tokenizer_ms:.0f} ms once; schema compile: {compile_ms:.0f} ms "
-        f"(uncached); {args.steps} decode steps x {args.rounds} rounds per cell; step times "
-        "are medians, mask time a mean"
+        f"(uncached); {args.steps} decode steps per cell, the two engines alternating; "
+        "step times are medians, mask time a mean"
     )
     print()
     print(

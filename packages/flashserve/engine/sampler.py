@@ -65,8 +65,9 @@ class Sampler:
             chosen = logits.argmax(dim=-1)
         else:
             top_p = [effective_top_p(p, s.num_output_tokens) for p, s in zip(params, seqs)]
-            sampled = _draw(logits, seqs, top_p, self.device)
-            chosen = torch.where(greedy, logits.argmax(dim=-1), sampled)
+            chosen = _draw(logits, seqs, top_p, self.device)
+            if any(p.greedy for p in params):  # else skip a pass over the vocabulary
+                chosen = torch.where(greedy, logits.argmax(dim=-1), chosen)
 
         token_ids = chosen.tolist()
         return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(logits, chosen, params))
