@@ -621,6 +621,11 @@ def test_structural_tag_accepts_bare_formats_and_tag_lists(sp):
             "not a valid JSON Schema",
         ),
         (
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"$schema": 5}}},
+            "response_format.json_schema.schema",
+            "$schema",
+        ),
+        (
             {
                 "type": "json_schema",
                 "json_schema": {

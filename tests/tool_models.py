@@ -11,11 +11,13 @@ and a tiny random Llama whose vocabulary matches that tokenizer exactly:
 All three start from the 32k Mistral SentencePiece tokenizer: the formats are text, and
 the 131k byte-level BPE one would make every step of the 100-request tests ~4x dearer.
 
-`make_service(folder)` starts a ChatService over one of them on the CPU.
+`make_service(folder)` starts a ChatService over one of them on the CPU; the fixture
+`services` (tests/tool_fixtures.py) builds and shares them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,3 +107,24 @@ def make_service(model_dir: Path, **engine_overrides: Any) -> ChatService:
     async_engine = AsyncEngine(engine)
     async_engine.start()
     return ChatService(async_engine, tokenizer, "m", ModelDefaults())
+
+
+async def answer(service: ChatService, body: dict[str, Any]) -> Any:
+    """The JSON body, or for a stream its events (parsed JSON, then "[DONE]")."""
+    response = await service.create(body)
+    if isinstance(response, dict):
+        return response
+    events = []
+    async for raw in response.body_iterator:
+        payload = (raw.decode() if isinstance(raw, bytes) else raw).removeprefix("data: ").strip()
+        events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def answer_all(service: ChatService, bodies: list[dict[str, Any]]) -> list[Any]:
+    """Send all bodies at once (the engine batches them); answers in order."""
+
+    async def run() -> list[Any]:
+        return await asyncio.gather(*(answer(service, body) for body in bodies))
+
+    return asyncio.run(run())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +21,7 @@ from flashserve.api.body import parse_json_body
 from flashserve.api.detokenizer import IncrementalDetokenizer
 from flashserve.api.disaggregated import handle_body, unknown_context_error
 from flashserve.api.errors import RequestError
-from flashserve.api.output_parsing import OutputFormats, ParsingPlan
+from flashserve.api.output_formats import OutputFormats, ParsingPlan
 from flashserve.api.prompt import echo_prefix, encode_prompt, render_prompt
 from flashserve.api.protocol import ChatRequest
 from flashserve.api.sampling import ModelDefaults, to_sampling_params
@@ -127,6 +130,9 @@ class ChatService:
         # longer than this cannot fit the context: refused before tokenizing (which
         # costs about a second per megabyte).
         self.max_prompt_chars = self.max_model_len * _max_token_chars(tokenizer)
+        # Requests with their own chat template wait up to seconds on a jailed render;
+        # they get threads of their own so they can never occupy the shared pool.
+        self._template_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="template")
 
     # -- entry point -------------------------------------------------------
 
@@ -155,7 +161,7 @@ class ChatService:
             deadline = self._deadline(http_request, started or time.monotonic())
             # Off the event loop: validating, rendering and tokenizing a large body takes
             # a while, and the streams of other requests must keep flowing meanwhile.
-            prepared = await asyncio.to_thread(self.prepare, body, http_request)
+            prepared = await self._prepare_off_loop(body, http_request)
             prepared.deadline = deadline
             # Compiled on a worker thread before submitting: slow schemas stall nobody, and
             # an invalid one is a 400 before any token is generated.
@@ -231,6 +237,13 @@ class ChatService:
             tools=tools,
             parsing=parsing,
         )
+
+    async def _prepare_off_loop(self, body: Any, http_request: Any) -> PreparedRequest:
+        own_template = isinstance(body, dict) and bool(body.get("chat_template"))
+        pool = self._template_pool if own_template else None  # None: asyncio's default pool
+        call = functools.partial(self.prepare, body, http_request)
+        context = contextvars.copy_context()  # Truss's request-id log context, as to_thread does
+        return await asyncio.get_running_loop().run_in_executor(pool, context.run, call)
 
     def _render(self, request: ChatRequest) -> str:
         if not request.chat_template:

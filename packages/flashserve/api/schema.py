@@ -574,8 +574,9 @@ class RequestValidator:
         API treats both the same (the schema itself allows no nulls there).
         """
         if isinstance(body, dict):
-            required = set(self.schema.get("required", ()))
-            body = {k: v for k, v in body.items() if v is not None or k in required}
+            # Only known optional fields: an unknown key stays, null or not, and is refused.
+            optional = set(self.schema.get("properties", {})) - set(self.schema.get("required", ()))
+            body = {k: v for k, v in body.items() if v is not None or k not in optional}
         if not isinstance(body, dict):
             raise _invalid(
                 f"The request body must be a JSON object, got {_WITH_ARTICLE.get(_json_type(body), _json_type(body))}",

@@ -22,6 +22,8 @@ import torch
 
 from flashserve.api.detokenizer import special_token_ids
 from flashserve.api.errors import RequestError
+from flashserve.api.reasoning import END as THINK_END
+from flashserve.api.reasoning import START as THINK_START
 from flashserve.api.structured_output import StructuredOutputs
 from flashserve.api.tool_parsers import ToolParser
 from flashserve.api.tool_parsers.base import const, sequence
@@ -32,6 +34,7 @@ from flashserve.engine.structured import (
     GrammarSpec,
     InvalidGrammarError,
     StructuredGrammar,
+    clean_xgrammar_message,
 )
 
 # Keys of a string schema that already pin its characters; a length bound alongside
@@ -58,17 +61,40 @@ class ToolGrammars:
     def spec(self, parser: type[ToolParser], plan: ToolPlan, thinking: str | None) -> GrammarSpec:
         """The structural tag forcing the plan's calls; `thinking` is the prompt's
         reasoning state (see api/reasoning.py), None for models that do not think."""
-        tools = [(tool.name, arguments_format(tool.parameters)) for tool in plan.callable_tools]
+        tools = []
+        for tool in plan.callable_tools:
+            try:
+                tools.append((tool.name, arguments_format(tool.parameters)))
+            except InvalidGrammarError as exc:
+                param = f"tools[{plan.tools.index(tool)}].function.parameters"
+                raise RequestError(
+                    f"'{param}' cannot be turned into a grammar: {exc}",
+                    param=param,
+                    code="invalid_request",
+                ) from exc
         parallel = plan.parallel and plan.forced is None
         body = parser.call_format(tools, parallel, self.literal)
-        if thinking == "open":
-            body = sequence(_until_end_of_thinking(), _layout(), body)
-        elif thinking == "free":
-            think = {"type": "tag", "begin": "<think>", "content": {"type": "any_text"}}
-            think["end"] = "</think>"
-            body = sequence({"type": "optional", "content": think}, _layout(), body)
+        if thinking == "open":  # the prompt opened the block: finish it first
+            body = sequence(self._thinking(""), _layout(), body)
+        elif thinking == "free":  # the model may think first
+            body = sequence(
+                {"type": "optional", "content": self._thinking(THINK_START)}, _layout(), body
+            )
         tag = {"type": "structural_tag", "format": body}
         return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
+
+    def _thinking(self, begin: str) -> dict[str, Any]:
+        """`begin`, free text, then "</think>" (tags as tokens where they are special)."""
+        return {
+            "type": "tag",
+            "begin": self._tag_edge(begin),
+            "content": {"type": "any_text"},
+            "end": self._tag_edge(THINK_END),
+        }
+
+    def _tag_edge(self, text: str) -> str | dict[str, Any]:
+        edge = self.literal(text) if text else const(text)
+        return text if edge["type"] == "const_string" else edge
 
     def literal(self, text: str) -> dict[str, Any]:
         """Fixed markup: its special token where the tokenizer has one (a model writes
@@ -156,11 +182,7 @@ def _arguments_grammar(schema_json: str) -> str:
         # until max_tokens; strict: no properties beyond the schema's.
         grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
     except (RuntimeError, ValueError) as exc:
-        raise RequestError(
-            f"A tool's parameters schema cannot be turned into a grammar: {exc}",
-            param="tools",
-            code="invalid_request",
-        ) from exc
+        raise InvalidGrammarError(clean_xgrammar_message(str(exc))) from exc
     return str(grammar)
 
 
@@ -199,10 +221,6 @@ def _bound_strings(schema: Any) -> None:
                 _bound_strings(sub)
     for key in _SUBSCHEMAS:
         _bound_strings(schema.get(key))
-
-
-def _until_end_of_thinking() -> dict[str, Any]:
-    return {"type": "tag", "begin": "", "content": {"type": "any_text"}, "end": "</think>"}
 
 
 def _layout() -> dict[str, Any]:

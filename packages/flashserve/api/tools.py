@@ -111,7 +111,13 @@ def _check_parameters(schema: Any, param: str) -> None:
         raise _invalid(
             f"'{param}' must describe an object (the arguments), got type {kind!r}", param
         )
-    validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    # validator_for crashes on a non-string $schema; the 2020-12 meta-schema refuses it.
+    default = jsonschema.Draft202012Validator
+    validator = (
+        jsonschema.validators.validator_for(schema, default=default)
+        if isinstance(schema.get("$schema", ""), str)
+        else default
+    )
     try:
         validator.check_schema(schema)
     except jsonschema.SchemaError as exc:

@@ -10,7 +10,8 @@ The rules, the same for every format:
 * a call's first delta (index, id, type, name) goes out once its name is read; its
   arguments then stream as the model writes them (verbatim JSON text);
 * markup that turns out not to be a call (no name could be read) is given back as
-  content, unchanged; markup after a call whose name was already sent is dropped;
+  content, unchanged, except a marked call cut off before its name (max_tokens), which
+  is dropped; markup after a call whose name was already sent is dropped;
 * whitespace that only separates content from markup is dropped (markup.WhitespaceGate);
 * with `max_calls`, calls beyond it are never read, and `exhausted` tells the caller
   that generation can stop.
@@ -89,6 +90,7 @@ class _Call:
     def __init__(self, index: int, opener: str, scanner: JsonCallScanner) -> None:
         self.index = index
         self.raw = opener  # everything consumed for this call, for giving it back
+        self.marked = bool(opener)  # opened by markup, not just by a "{"
         self.scanner = scanner
         self.id: str | None = None  # set once the first delta has gone out
         self.sent_arguments = 0
@@ -134,7 +136,7 @@ class ToolParser(ABC):
         if not self._stopped:
             self._parse(final=True)
             if self._call is not None:
-                self._close_call()
+                self._close_call(truncated=True)
             self._out.content += self._gate.release()
             self._buffer = ""
         return self._take()
@@ -197,13 +199,14 @@ class ToolParser(ABC):
             )
             call.sent_arguments = len(scanner.arguments)
 
-    def _close_call(self, closer: str = "") -> bool:
+    def _close_call(self, closer: str = "", truncated: bool = False) -> bool:
         """End the open call; True if it was a call. If no name was ever read, its markup
-        goes back to content, as written."""
+        goes back to content as written (unless the response ended inside it)."""
         call, self._call = self._call, None
         assert call is not None
         if call.id is None:
-            self._content(call.raw + closer)
+            if not (truncated and call.marked):
+                self._content(call.raw + closer)
             return False
         if not call.scanner.has_arguments and call.sent_arguments == 0:
             self._out.add_call(ToolCallDelta(call.index, arguments="{}"))

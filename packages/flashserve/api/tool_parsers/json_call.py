@@ -62,11 +62,6 @@ class JsonCallScanner:
         return self._state == _FAILED
 
     @property
-    def arguments_streaming(self) -> bool:
-        """Whether `arguments` is being filled as raw text right now (not complete yet)."""
-        return self._state == _IN_VALUE and self._current_key in self.argument_keys
-
-    @property
     def _current_key(self) -> str | None:
         return self.keys[-1] if self.keys else None
 

@@ -112,8 +112,8 @@ class Llama3JsonToolParser(ToolParser):
             self._where = _NEXT if self._close_call() else _TEXT
         elif scanner.failed:
             if call.id is None:
-                self._absorb(self._buffer)
-                self._buffer = ""
+                # Not a call: what was read goes back as content, and what follows is
+                # read afresh (as it would be had it arrived in a later chunk).
                 self._close_call()
                 self._where = _TEXT
             else:

@@ -109,8 +109,8 @@ class MistralToolParser(ToolParser):
             self._where = _NEXT if self._in_array and was_call else None
         elif scanner.failed:
             if call.id is None:
-                self._absorb(self._buffer)
-                self._buffer = ""
+                # Not a call: what was read goes back as content, and what follows is
+                # read afresh (as it would be had it arrived in a later chunk).
                 self._close_call()
                 self._where = None
             else:

@@ -1,0 +1,35 @@
+"""The `services` fixture: ChatServices over the tiny tool-calling models (tool_models.py).
+
+pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
+
+def test_something(services) -> None:
+    service = services("hermes")  # built on first use, shut down with the module
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from flashserve.api.chat import ChatService
+from tests.tool_models import build_family, make_service
+
+
+@pytest.fixture(scope="module")
+def services(
+    sp_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], ChatService]]:
+    root = tmp_path_factory.mktemp("tool_families")
+    built: dict[str, ChatService] = {}
+
+    def get(name: str) -> ChatService:
+        if name not in built:
+            folder = build_family(name, sp_tokenizer_dir, root / name)
+            built[name] = make_service(folder, kv_cache_memory_gb=0.1)
+        return built[name]
+
+    yield get
+    for service in built.values():
+        service.engine.shutdown()
