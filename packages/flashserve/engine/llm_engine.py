@@ -18,6 +18,7 @@ from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.disaggregation import (
     CONTEXT_ONLY,
     GENERATION_ONLY,
+    ContextHandle,
     ContextTable,
     resumed_sequence,
 )
@@ -149,19 +150,7 @@ class LLMEngine:
             logprob = TokenLogprob(
                 logprob.token_id, logprob.logprob, logprob.top[: params.top_logprobs]
             )
-        self._pending_outputs.append(
-            SequenceOutput(
-                request_id=request_id,
-                new_token_ids=[first],
-                finished=finish is not None,
-                finish_reason=finish,
-                stop_reason=stop_reason,
-                logprobs=[logprob] if logprob is not None else None,
-                num_prompt_tokens=seq.num_prompt_tokens,
-                num_cached_tokens=seq.num_cached_tokens,
-                error=error,
-            )
-        )
+        self._pending_outputs.append(_token_output(seq, first, logprob, finish, stop_reason, error))
         if finish is not None:
             self.block_manager.release(seq)
             return
@@ -208,20 +197,7 @@ class LLMEngine:
                 # parked for the generation_only request that continues it.
                 handle = self.contexts.park(seq, logprob, finish, stop_reason)
                 finish = finish or "length"
-            outputs.append(
-                SequenceOutput(
-                    request_id=seq.request_id,
-                    new_token_ids=[token],
-                    finished=finish is not None,
-                    finish_reason=finish,
-                    stop_reason=stop_reason,
-                    logprobs=[logprob] if logprob is not None else None,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    num_cached_tokens=seq.num_cached_tokens,
-                    error=error,
-                    context_handle=handle,
-                )
-            )
+            outputs.append(_token_output(seq, token, logprob, finish, stop_reason, error, handle))
             if finish is not None:
                 self.sequences.pop(seq.request_id, None)
                 self.scheduler.remove(seq, keep_blocks=handle is not None)
@@ -252,6 +228,29 @@ class LLMEngine:
             prefix_hits=bm.prefix_hits,
             preemptions=self.scheduler.total_preemptions,
         )
+
+
+def _token_output(
+    seq: Sequence,
+    token: int,
+    logprob: TokenLogprob | None,
+    finish: str | None,
+    stop_reason: int | str | None,
+    error: str | None,
+    handle: ContextHandle | None = None,
+) -> SequenceOutput:
+    return SequenceOutput(
+        request_id=seq.request_id,
+        new_token_ids=[token],
+        finished=finish is not None,
+        finish_reason=finish,
+        stop_reason=stop_reason,
+        logprobs=[logprob] if logprob is not None else None,
+        num_prompt_tokens=seq.num_prompt_tokens,
+        num_cached_tokens=seq.num_cached_tokens,
+        error=error,
+        context_handle=handle,
+    )
 
 
 def _pick_device(name: str) -> torch.device:
