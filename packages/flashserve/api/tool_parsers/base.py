@@ -19,6 +19,7 @@ The rules, the same for every format:
 
 from __future__ import annotations
 
+import json
 import secrets
 import string
 from abc import ABC, abstractmethod
@@ -26,7 +27,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from flashserve.api.markup import WhitespaceGate
+from flashserve.api.markup import WhitespaceGate, safe_prefix_len
 from flashserve.api.tool_parsers.json_call import JsonCallScanner
 
 _ID_ALPHABET = string.ascii_letters + string.digits
@@ -94,6 +95,12 @@ class _Call:
         self.scanner = scanner
         self.id: str | None = None  # set once the first delta has gone out
         self.sent_arguments = 0
+
+
+# Outcomes of ToolParser._scan_open_call.
+CALL_DONE = "done"
+NOT_A_CALL = "not_a_call"
+CALL_BROKEN = "broken"
 
 
 class ToolParser(ABC):
@@ -174,6 +181,39 @@ class ToolParser(ABC):
         self._send(call)
         return used
 
+    def _content_until(self, marker: str, final: bool) -> bool:
+        """Pass text before `marker` on as content, holding back a tail that may be the
+        start of a split marker; True once the marker is found and consumed."""
+        buffer = self._buffer
+        at = buffer.find(marker)
+        if at < 0:
+            keep = len(buffer) if final else safe_prefix_len(buffer, (marker,))
+            self._content(buffer[:keep])
+            self._buffer = buffer[keep:]
+            return False
+        self._content(buffer[:at])
+        self._buffer = buffer[at + len(marker) :]
+        return True
+
+    def _scan_open_call(self) -> str | None:
+        """Feed the buffer to the open call. Returns CALL_DONE (a call ended), NOT_A_CALL
+        (its text went back to content), CALL_BROKEN (a call already sent broke off)
+        or None (more text needed)."""
+        call = self._call
+        assert call is not None
+        used = self._feed_call(self._buffer)
+        self._buffer = self._buffer[used:]
+        if call.scanner.done:
+            return CALL_DONE if self._close_call() else NOT_A_CALL
+        if call.scanner.failed:
+            if call.id is None:
+                # Not a call: what was read goes back as content, and what follows is
+                # read afresh (as it would be had it arrived in a later chunk).
+                self._close_call()
+                return NOT_A_CALL
+            return CALL_BROKEN
+        return None
+
     def _absorb(self, text: str) -> None:
         """Markup of the open call that the scanner did not read (after its object ended
         or failed): kept only for giving an unreadable call back as content."""
@@ -226,6 +266,20 @@ def const(text: str) -> dict[str, Any]:
 
 def sequence(*elements: dict[str, Any]) -> dict[str, Any]:
     return {"type": "sequence", "elements": list(elements)}
+
+
+def json_call_options(
+    tools: list[tuple[str, dict[str, Any]]], arguments_key: str
+) -> dict[str, Any]:
+    """Any one of the tools, written as `{"name": <name>, "<arguments_key>": <arguments>}`."""
+    return one_of(
+        [
+            sequence(
+                const(f'{{"name": {json.dumps(name)}, "{arguments_key}": '), arguments, const("}")
+            )
+            for name, arguments in tools
+        ]
+    )
 
 
 def one_of(options: list[dict[str, Any]]) -> dict[str, Any]:

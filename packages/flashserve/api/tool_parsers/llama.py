@@ -8,18 +8,17 @@ when it names a declared tool; anything else (a JSON answer, say) stays content.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flashserve.api.markup import safe_prefix_len
 from flashserve.api.tool_parsers.base import (
+    CALL_BROKEN,
+    CALL_DONE,
+    NOT_A_CALL,
     Literal,
     ParsedText,
     ToolParser,
-    const,
-    one_of,
+    json_call_options,
     repeated,
-    sequence,
 )
 
 PYTHON_TAG = "<|python_tag|>"
@@ -89,35 +88,19 @@ class Llama3JsonToolParser(ToolParser):
         return True
 
     def _text(self, final: bool) -> None:
-        buffer = self._buffer
-        at = buffer.find(PYTHON_TAG)
-        if at < 0:
-            keep = len(buffer) if final else safe_prefix_len(buffer, (PYTHON_TAG,))
-            self._content(buffer[:keep])
-            self._buffer = buffer[keep:]
-            return
-        self._content(buffer[:at])
-        self._buffer = buffer[at + len(PYTHON_TAG) :]
-        self._tagged = True
-        self._gate.markup()
-        self._where = _START
+        if self._content_until(PYTHON_TAG, final):
+            self._tagged = True
+            self._gate.markup()
+            self._where = _START
 
     def _read_call(self) -> None:
-        call = self._call
-        assert call is not None
-        used = self._feed_call(self._buffer)
-        self._buffer = self._buffer[used:]
-        scanner = call.scanner
-        if scanner.done:
-            self._where = _NEXT if self._close_call() else _TEXT
-        elif scanner.failed:
-            if call.id is None:
-                # Not a call: what was read goes back as content, and what follows is
-                # read afresh (as it would be had it arrived in a later chunk).
-                self._close_call()
-                self._where = _TEXT
-            else:
-                self._where = _SKIP
+        outcome = self._scan_open_call()
+        if outcome == CALL_DONE:
+            self._where = _NEXT
+        elif outcome == NOT_A_CALL:
+            self._where = _TEXT
+        elif outcome == CALL_BROKEN:
+            self._where = _SKIP
 
     def finish(self) -> ParsedText:
         if self._where == _SKIP:
@@ -128,8 +111,5 @@ class Llama3JsonToolParser(ToolParser):
     def call_format(
         cls, tools: list[tuple[str, dict[str, Any]]], parallel: bool, literal: Literal
     ) -> dict[str, Any]:
-        calls = [
-            sequence(const(f'{{"name": {json.dumps(name)}, "parameters": '), arguments, const("}"))
-            for name, arguments in tools
-        ]
-        return repeated(one_of(calls), "; ", parallel)
+        calls = json_call_options(tools, "parameters")
+        return repeated(calls, "; ", parallel)

@@ -7,16 +7,17 @@ without the array is accepted too). Text after the array is content again.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from flashserve.api.markup import safe_prefix_len
 from flashserve.api.tool_parsers.base import (
+    CALL_BROKEN,
+    CALL_DONE,
+    NOT_A_CALL,
     Literal,
     ParsedText,
     ToolParser,
     const,
-    one_of,
+    json_call_options,
     repeated,
     sequence,
 )
@@ -64,16 +65,8 @@ class MistralToolParser(ToolParser):
             self._punctuation(stripped[0])
 
     def _text(self, final: bool) -> None:
-        buffer = self._buffer
-        at = buffer.find(MARKER)
-        if at < 0:
-            keep = len(buffer) if final else safe_prefix_len(buffer, (MARKER,))
-            self._content(buffer[:keep])
-            self._buffer = buffer[keep:]
-            return
-        self._content(buffer[:at])
-        self._buffer = buffer[at + len(MARKER) :]
-        self._where, self._markup, self._in_array = _LIST, MARKER, False
+        if self._content_until(MARKER, final):
+            self._where, self._markup, self._in_array = _LIST, MARKER, False
 
     def _punctuation(self, char: str) -> None:
         """One character of list syntax between calls."""
@@ -99,22 +92,13 @@ class MistralToolParser(ToolParser):
         if self._where == _SKIP:
             self._buffer = ""
             return
-        call = self._call
-        assert call is not None
-        used = self._feed_call(self._buffer)
-        self._buffer = self._buffer[used:]
-        scanner = call.scanner
-        if scanner.done:
-            was_call = self._close_call()
-            self._where = _NEXT if self._in_array and was_call else None
-        elif scanner.failed:
-            if call.id is None:
-                # Not a call: what was read goes back as content, and what follows is
-                # read afresh (as it would be had it arrived in a later chunk).
-                self._close_call()
-                self._where = None
-            else:
-                self._where = _SKIP
+        outcome = self._scan_open_call()
+        if outcome == CALL_DONE:
+            self._where = _NEXT if self._in_array else None
+        elif outcome == NOT_A_CALL:
+            self._where = None
+        elif outcome == CALL_BROKEN:
+            self._where = _SKIP
 
     def _give_back(self) -> None:
         """Not the list syntax: the markup read so far and what follows are content
@@ -134,14 +118,11 @@ class MistralToolParser(ToolParser):
     def call_format(
         cls, tools: list[tuple[str, dict[str, Any]]], parallel: bool, literal: Literal
     ) -> dict[str, Any]:
-        calls = [
-            sequence(const(f'{{"name": {json.dumps(name)}, "arguments": '), arguments, const("}"))
-            for name, arguments in tools
-        ]
+        calls = json_call_options(tools, "arguments")
         return sequence(
             literal(MARKER),
             # The model writes "[TOOL_CALLS] [" (a space-prefixed token); allow both.
             {"type": "regex", "pattern": r" ?\["},
-            repeated(one_of(calls), ", ", parallel),
+            repeated(calls, ", ", parallel),
             const("]"),
         )
