@@ -76,7 +76,9 @@ def truss_server(
     build_dir = tmp_path_factory.mktemp("truss_server")
     log_path = build_dir / "server.log"
     port = free_port()
-    proc = start_local_server(REPO_ROOT, port, {}, log_path, build_dir=build_dir)
+    # One torch thread: the test process shares the two cores, and an oversubscribed
+    # engine step is many times slower than a single-threaded one.
+    proc = start_local_server(REPO_ROOT, port, {"cpu_threads": 1}, log_path, build_dir=build_dir)
     try:
         wait_until_ready(port, STARTUP_TIMEOUT_S, proc=proc)
     except Exception:
