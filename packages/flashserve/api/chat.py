@@ -10,18 +10,19 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 
-from flashserve.api import responses
 from flashserve.api.body import parse_json_body
+from flashserve.api.delivery import EventStreamResponse, collect_body, stream_events
 from flashserve.api.detokenizer import IncrementalDetokenizer
 from flashserve.api.disaggregated import handle_body, unknown_context_error
 from flashserve.api.errors import RequestError
-from flashserve.api.output_formats import OutputFormats, ParsingPlan
+from flashserve.api.http_errors import error_response, first_or_error, http_error
+from flashserve.api.output_formats import OutputFormats
+from flashserve.api.pieces import Piece, PreparedRequest
 from flashserve.api.prompt import echo_prefix, encode_prompt, render_prompt
 from flashserve.api.protocol import ChatRequest
 from flashserve.api.sampling import ModelDefaults, to_sampling_params
@@ -31,14 +32,12 @@ from flashserve.api.structured_output import StructuredOutputs
 from flashserve.api.template_jail import render_isolated
 from flashserve.api.token_text import TokenText
 from flashserve.api.tool_grammar import ToolGrammars
-from flashserve.api.tools import NONE, ToolPlan
 from flashserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
     EngineOverloadedError,
     RequestTimeoutError,
 )
-from flashserve.engine.sampling_params import SamplingParams
 from flashserve.metrics import (
     GENERATED_TOKENS,
     ITL,
@@ -50,58 +49,10 @@ from flashserve.metrics import (
 
 logger = logging.getLogger("flashserve.requests")
 
-DISCONNECT_POLL_SECONDS = 0.25
 # Per-request deadline in seconds; config `request_timeout_s` caps it (docs/operations.md).
 TIMEOUT_HEADER = "x-request-timeout"
 # Client-chosen strings that reach the log are clipped: a log line must stay a line.
 LOG_FIELD_CHARS = 128
-
-
-@dataclass
-class Piece:
-    """One step of a request's output, as text."""
-
-    text: str
-    logprobs: list[dict] | None = None
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    # context_only: the response's top-level `disaggregated_params` (the handle).
-    disaggregated: dict | None = None
-    # Thinking text (reasoning_content) and tool-call deltas read from this step's text.
-    reasoning: str = ""
-    tool_calls: list[dict] = field(default_factory=list)
-    reasoning_tokens: int = 0
-
-
-@dataclass
-class PreparedRequest:
-    request: ChatRequest
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    created: int = field(default_factory=lambda: int(time.time()))
-    # `echo`: the continued assistant message, which opens the response content.
-    echo: str = ""
-    # time.monotonic() past which the request is aborted (None: no deadline).
-    deadline: float | None = None
-    # What the request lets the model do with tools, and how its output is parsed.
-    tools: ToolPlan = field(default_factory=lambda: ToolPlan(NONE))
-    parsing: ParsingPlan = field(default_factory=ParsingPlan)
-
-
-class EventStreamResponse(StreamingResponse):
-    """SSE response that always closes its generator, so a dropped client aborts at once."""
-
-    media_type = "text/event-stream"
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 class ChatService:
@@ -150,9 +101,9 @@ class ChatService:
         except RequestError as exc:  # the body itself: create() counts and logs the rest
             REQUESTS.labels("rejected").inc()
             _log_rejected(exc, http_request)
-            return _error_response(exc.status, exc.to_body()["error"], exc.headers)
+            return error_response(exc.status, exc.to_body()["error"], exc.headers)
         except HTTPException as exc:
-            return _error_response(exc.status_code, exc.detail, exc.headers)
+            return error_response(exc.status_code, exc.detail, exc.headers)
 
     async def create(
         self, body: Any, http_request: Any = None, started: float | None = None
@@ -182,14 +133,16 @@ class ChatService:
                 status_code=exc.status, detail=exc.to_body()["error"], headers=exc.headers or None
             ) from exc
         if self.engine.error is not None:
-            raise _http_error(
+            raise http_error(
                 503, "The engine has failed; this replica is restarting.", "engine_dead"
             )
         pieces = self._generate(prepared)
-        first = await _first_or_error(pieces)
+        first = await first_or_error(pieces)
         if prepared.request.stream:
-            return EventStreamResponse(self._stream(prepared, first, pieces))
-        return await self._collect(prepared, first, pieces, http_request)
+            return EventStreamResponse(
+                stream_events(prepared, first, pieces, self.served_model_name)
+            )
+        return await collect_body(prepared, first, pieces, http_request, self.served_model_name)
 
     def prepare(self, body: Any, http_request: Any = None) -> PreparedRequest:
         body = self.validator.validate(body)
@@ -387,136 +340,6 @@ class ChatService:
 
     # -- response shapes --------------------------------------------------
 
-    async def _collect(
-        self,
-        prepared: PreparedRequest,
-        first: Piece | None,
-        pieces: AsyncIterator[Piece],
-        http_request: Any,
-    ) -> dict:
-        texts: list[str] = []
-        thoughts: list[str] = []
-        tool_calls: list[dict] = []
-        logprobs: list[dict] | None = [] if prepared.request.logprobs else None
-        last = Piece(text="")
-        watcher = None
-        if http_request is not None:
-            watcher = asyncio.create_task(
-                _cancel_on_disconnect(http_request, asyncio.current_task())
-            )
-        try:
-            piece = first
-            while piece is not None:
-                texts.append(piece.text)
-                thoughts.append(piece.reasoning)
-                tool_calls.extend(piece.tool_calls)
-                if logprobs is not None and piece.logprobs:
-                    logprobs.extend(piece.logprobs)
-                last = piece
-                piece = await anext(pieces, None)
-        except EngineDeadError as exc:
-            raise _http_error(
-                500, f"The engine failed while generating: {exc}", "engine_error"
-            ) from exc
-        except RequestTimeoutError as exc:
-            raise _timeout_error() from exc
-        finally:
-            if watcher is not None:
-                watcher.cancel()
-            await pieces.aclose()
-        message = responses.assistant_message(
-            prepared.echo + "".join(texts),
-            "".join(thoughts) if prepared.parsing.thinking is not None else None,
-            tool_calls,
-        )
-        body = responses.completion(
-            prepared.request_id,
-            prepared.created,
-            self.served_model_name,
-            message,
-            last.finish_reason,
-            last.stop_reason,
-            responses.usage(
-                last.prompt_tokens or len(prepared.prompt_ids),
-                last.completion_tokens,
-                last.cached_tokens,
-                last.reasoning_tokens,
-            ),
-            logprobs,
-        )
-        if last.disaggregated is not None:
-            body["disaggregated_params"] = last.disaggregated
-        return body
-
-    async def _stream(
-        self, prepared: PreparedRequest, first: Piece | None, pieces: AsyncIterator[Piece]
-    ):
-        request = prepared.request
-        rid, created, model = prepared.request_id, prepared.created, self.served_model_name
-        prompt_tokens = len(prepared.prompt_ids)
-
-        def running_usage(piece: Piece | None) -> dict | None:
-            if not request.continuous_usage:
-                return None
-            done = piece.completion_tokens if piece else 0
-            cached = piece.cached_tokens if piece else 0
-            thinking = piece.reasoning_tokens if piece else 0
-            return responses.usage(prompt_tokens, done, cached, thinking)
-
-        try:
-            yield responses.sse(
-                responses.chunk(
-                    rid,
-                    created,
-                    model,
-                    {"role": "assistant", "content": prepared.echo},
-                    usage_body=running_usage(None),
-                )
-            )
-            last = None
-            piece = first
-            while piece is not None:
-                last = piece
-                delta = responses.delta(piece.text, piece.reasoning, piece.tool_calls)
-                if delta or piece.logprobs or piece.finish_reason:
-                    body = responses.chunk(
-                        rid,
-                        created,
-                        model,
-                        delta,
-                        piece.finish_reason,
-                        piece.stop_reason,
-                        piece.logprobs,
-                        running_usage(piece),
-                    )
-                    if piece.disaggregated is not None:
-                        body["disaggregated_params"] = piece.disaggregated
-                    yield responses.sse(body)
-                piece = await anext(pieces, None)
-            if request.include_usage and last is not None:
-                final = responses.usage(
-                    prompt_tokens, last.completion_tokens, last.cached_tokens, last.reasoning_tokens
-                )
-                yield responses.sse(responses.usage_chunk(rid, created, model, final))
-            yield responses.DONE
-        except EngineDeadError as exc:
-            yield responses.sse(
-                {
-                    "error": _error_detail(
-                        f"The engine failed while generating: {exc}", 500, "engine_error"
-                    )
-                }
-            )
-        except RequestTimeoutError:
-            yield responses.sse({"error": _timeout_error().detail})
-        except Exception as exc:  # noqa: BLE001 - headers are sent: an event is all that is left
-            logger.exception("stream %s failed", rid)
-            yield responses.sse(
-                {"error": _error_detail(f"Internal error: {type(exc).__name__}", 500, "internal")}
-            )
-        finally:
-            await pieces.aclose()
-
     def _log(
         self,
         prepared: PreparedRequest,
@@ -538,61 +361,6 @@ class ChatService:
                 "finish_reason": finish or "aborted",
             },
         )
-
-
-async def _first_or_error(pieces: AsyncIterator[Piece]) -> Piece | None:
-    """Pull the first piece before answering, so overload and bad input still get a status code."""
-    try:
-        return await anext(pieces, None)
-    except EngineOverloadedError as exc:
-        await pieces.aclose()
-        raise _http_error(
-            503,
-            f"The server is overloaded: {exc}. Retry shortly.",
-            "overloaded",
-            {"Retry-After": "1"},
-        ) from exc
-    except EngineDeadError as exc:
-        await pieces.aclose()
-        raise _http_error(503, f"The engine has failed: {exc}", "engine_dead") from exc
-    except RequestTimeoutError as exc:
-        await pieces.aclose()
-        raise _timeout_error() from exc
-    except ValueError as exc:
-        await pieces.aclose()
-        raise _http_error(400, str(exc), "invalid_request") from exc
-
-
-async def _cancel_on_disconnect(http_request: Any, task: asyncio.Task | None) -> None:
-    # A non-streaming request never fails a send() when its client leaves; poll
-    # for the disconnect and cancel the handler, which aborts the engine request.
-    while True:
-        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
-        if await http_request.is_disconnected():
-            if task is not None:
-                task.cancel()
-            return
-
-
-def _error_detail(message: str, status: int, code: str) -> dict:
-    kinds = {
-        400: "invalid_request_error",
-        500: "internal_server_error",
-        503: "service_unavailable_error",
-        504: "timeout_error",
-    }
-    return {"message": message, "type": kinds.get(status, "error"), "param": None, "code": code}
-
-
-def _timeout_error() -> HTTPException:
-    return _http_error(
-        504, "The request passed its deadline (x-request-timeout or request_timeout_s)", "timeout"
-    )
-
-
-def _error_response(status: int, detail: Any, headers: dict | None) -> JSONResponse:
-    # OpenAI's error shape, with the headers a raised HTTPException would lose in Truss.
-    return JSONResponse({"error": detail}, status_code=status, headers=headers or None)
 
 
 def _log_rejected(exc: RequestError, http_request: Any) -> None:
@@ -620,9 +388,3 @@ def _max_token_chars(tokenizer: Any) -> int:
     # Byte-level BPE keys hold one character per byte and SentencePiece keys one per
     # character, so a key is never shorter than its text.
     return 2 * max(longest, 1)
-
-
-def _http_error(status: int, message: str, code: str, headers: dict | None = None) -> HTTPException:
-    return HTTPException(
-        status_code=status, detail=_error_detail(message, status, code), headers=headers
-    )

@@ -17,9 +17,7 @@ import functools
 import json
 import math
 import os
-import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +25,12 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import ValidationError, best_match
 
 from flashserve.api.errors import RequestError
-from flashserve.api.tools import check_tools
+from flashserve.api.field_text import (
+    format_path,
+    invalid_field,
+    short_value,
+)
+from flashserve.api.semantics import check_semantics
 
 SCHEMA_FILENAME = "ChatCompletionRequest.schema.json"
 SCHEMA_PATH_ENV = "FLASHSERVE_SCHEMA_PATH"
@@ -38,13 +41,11 @@ REPO_SCHEMA_PATH = Path(__file__).resolve().parents[3] / "data" / SCHEMA_FILENAM
 # under /packages, so the repo-relative path does not exist there.
 TRUSS_SCHEMA_PATH = Path("/app/data") / SCHEMA_FILENAME
 
-INVALID_REQUEST = "invalid_request"
 DEFAULT_MAX_DEPTH = 64
 # Generous because multimodal requests carry base64 images and audio inline.
 DEFAULT_MAX_BYTES = 32 * 1024 * 1024
 # Far above real requests (long chats, big tool schemas) yet keeps jsonschema well under 1 s.
 DEFAULT_MAX_VALUES = 100_000
-MAX_KEY_IN_PATH = 64
 
 
 # --------------------------------------------------------------------------- loading
@@ -82,36 +83,6 @@ def default_max_bytes() -> int:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _invalid(message: str, param: str | None) -> RequestError:
-    return RequestError(message, param=param, code=INVALID_REQUEST)
-
-
-def format_path(parts: Iterable[str | int]) -> str | None:
-    """`("messages", 0, "role")` -> `"messages[0].role"`; None for the body itself."""
-    out = ""
-    for part in parts:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            # Keys are client-chosen: clip them so an error cannot echo megabytes back.
-            key = part if len(part) <= MAX_KEY_IN_PATH else part[: MAX_KEY_IN_PATH - 3] + "..."
-            out += f".{key}" if out else key
-    return out or None
-
-
-def _short(value: Any, limit: int = 60) -> str:
-    """A JSON rendering of `value` fit for a message; hostile bodies carry huge values."""
-    try:
-        text = json.dumps(value, ensure_ascii=False)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 _JSON_TYPE = {
@@ -180,11 +151,11 @@ def check_depth(
         node, depth, field = stack.pop()
         if depth > max_depth:
             where = f"'{field}'" if field else "The request body"
-            raise _invalid(f"{where} is nested more than {max_depth} levels deep", field)
+            raise invalid_field(f"{where} is nested more than {max_depth} levels deep", field)
         values += len(node)
         if max_values is not None and values > max_values:
             where = f" (limit reached in '{field}')" if field else ""
-            raise _invalid(
+            raise invalid_field(
                 f"The request body holds more than {max_values} JSON values{where}", field
             )
         entries = node.items() if isinstance(node, dict) else enumerate(node)
@@ -199,22 +170,22 @@ def check_depth(
             else:
                 size += 8
                 if isinstance(value, float) and not math.isfinite(value):
-                    raise _invalid(f"'{owner}' contains a non-finite number ({value})", owner)
+                    raise invalid_field(f"'{owner}' contains a non-finite number ({value})", owner)
         if max_bytes is not None and size > max_bytes:
-            raise _invalid(f"The request body is larger than the {max_bytes}-byte limit", None)
+            raise invalid_field(f"The request body is larger than the {max_bytes}-byte limit", None)
 
 
 def parse_json_body(raw: bytes | str, *, max_bytes: int | None = None) -> object:
     """Parse a raw request body, refusing oversize or malformed JSON with a 400."""
     limit = default_max_bytes() if max_bytes is None else max_bytes
     if len(raw) > limit:
-        raise _invalid(f"The request body is larger than the {limit}-byte limit", None)
+        raise invalid_field(f"The request body is larger than the {limit}-byte limit", None)
     try:
         return json.loads(raw)
     except RecursionError:
-        raise _invalid("The request body is nested too deeply", None) from None
+        raise invalid_field("The request body is nested too deeply", None) from None
     except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        raise _invalid(f"The request body is not valid JSON: {exc}", None) from None
+        raise invalid_field(f"The request body is not valid JSON: {exc}", None) from None
 
 
 # --------------------------------------------------------------------------- schema errors
@@ -271,12 +242,14 @@ def _reason(error: ValidationError) -> tuple[str | None, str]:
         message = template.format(
             where=where,
             limit=error.validator_value,
-            value=_short(instance),
+            value=short_value(instance),
             size=len(instance) if hasattr(instance, "__len__") else "?",
-            choices=_join_or([_short(c) for c in choices]) if isinstance(choices, list) else "",
+            choices=_join_or([short_value(c) for c in choices])
+            if isinstance(choices, list)
+            else "",
         )
         return param, message
-    return param, f"Invalid value for {where}: {_short(error.message, 200)}"
+    return param, f"Invalid value for {where}: {short_value(error.message, 200)}"
 
 
 def _deref(schema: Mapping[str, Any], root: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -295,13 +268,13 @@ def _shapes(schema: Mapping[str, Any], root: Mapping[str, Any]) -> list[str]:
     """Short, human descriptions of what one union branch accepts (an enum gives several)."""
     schema = _deref(schema, root)
     if "const" in schema:
-        return [_short(schema["const"])]
+        return [short_value(schema["const"])]
     if "enum" in schema:
-        return [_short(choice) for choice in schema["enum"]]
+        return [short_value(choice) for choice in schema["enum"]]
     kind = schema.get("type")
     properties = schema.get("properties", {})
     if kind == "object" and _tag(schema) is not None:
-        fields = [f'"type": {_short(_tag(schema))}']
+        fields = [f'"type": {short_value(_tag(schema))}']
         for name in schema.get("required", []):
             if name != "type":
                 value = _deref(properties.get(name, {}), root).get("type")
@@ -360,7 +333,7 @@ def explain(error: ValidationError, root: Mapping[str, Any]) -> RequestError:
     union = _nearest_union(error)
     if union is None:
         param, message = _reason(error)
-        return _invalid(message, param)
+        return invalid_field(message, param)
 
     where = format_path(union.absolute_path)
     shapes = _join_or([text for branch in union.validator_value for text in _shapes(branch, root)])
@@ -371,176 +344,12 @@ def explain(error: ValidationError, root: Mapping[str, Any]) -> RequestError:
         if detail is not None and detail.validator in _UNIONS:
             return explain(detail, root)  # e.g. one bad part inside `content`
     if detail is None:
-        return _invalid(f"Invalid value for '{where}': expected {shapes}", where)
+        return invalid_field(f"Invalid value for '{where}': expected {shapes}", where)
     param, message = _reason(detail)
-    return _invalid(f"{message}. '{where}' accepts {shapes}", param)
+    return invalid_field(f"{message}. '{where}' accepts {shapes}", param)
 
 
 # --------------------------------------------------------------------------- semantics
-
-
-@dataclass(frozen=True)
-class Bound:
-    """A numeric range a field must lie in when present (None = unbounded)."""
-
-    field: str
-    low: float | None = None
-    high: float | None = None
-    low_exclusive: bool = False
-    why: str = ""
-
-    def violation(self, value: float) -> str | None:
-        too_low = self.low is not None and (
-            value <= self.low if self.low_exclusive else value < self.low
-        )
-        too_high = self.high is not None and value > self.high
-        if not (too_low or too_high):
-            return None
-        if self.low == self.high:
-            rule = f"must be {self.low}"
-        elif self.low is not None and self.high is not None:
-            rule = f"must be between {self.low} and {self.high}"
-        elif self.low is not None:
-            rule = f"must be {'greater than' if self.low_exclusive else 'at least'} {self.low}"
-        else:
-            rule = f"must be at most {self.high}"
-        why = f" ({self.why})" if self.why else ""
-        return f"'{self.field}' {rule}, got {_short(value)}{why}"
-
-
-BOUNDS = (
-    Bound("n", 1, 1, why="only one completion per request is supported"),
-    Bound("best_of", 1, 1, why="only best_of=1 is supported"),
-    Bound("top_logprobs", 0, 20),
-    Bound("min_tokens", 0),
-    Bound("top_k", -1, why="-1 or 0 disables top-k sampling"),
-    Bound("min_p", 0, 1),
-    Bound("top_p_min", 0, 1),
-    Bound("repetition_penalty", 0, low_exclusive=True),
-    Bound("frequency_penalty", -2, 2),
-    Bound("presence_penalty", -2, 2),
-    # The engine seeds a torch.Generator, which takes 64 bits (signed or not).
-    Bound("seed", -(2**63), 2**64 - 1, why="a 64-bit integer"),
-)
-
-TOKEN_ID_LISTS = ("bad_token_ids", "stop_token_ids")
-MEDIA_PART_TYPES = ("image_url", "input_audio")
-LOGIT_BIAS_LIMIT = 100
-_TOKEN_ID_KEY = re.compile(r"[0-9]+")
-
-
-def _check_top_logprobs(body: dict[str, Any]) -> None:
-    top = body.get("top_logprobs")
-    if _is_number(top) and top > 0 and body.get("logprobs") is not True:
-        raise _invalid("'top_logprobs' requires 'logprobs': true", "top_logprobs")
-
-
-def _check_min_tokens(body: dict[str, Any]) -> None:
-    low, high = body.get("min_tokens"), body.get("max_tokens")
-    if _is_number(low) and _is_number(high) and low > high:
-        raise _invalid(
-            f"'min_tokens' ({low}) must not be greater than 'max_tokens' ({high})", "min_tokens"
-        )
-
-
-def _check_top_p_min(body: dict[str, Any]) -> None:
-    floor, top_p = body.get("top_p_min"), body.get("top_p", 1)
-    if _is_number(floor) and _is_number(top_p) and floor > top_p:
-        raise _invalid(
-            f"'top_p_min' ({floor}) must not be greater than 'top_p' ({top_p})", "top_p_min"
-        )
-
-
-def _check_stream_options(body: dict[str, Any]) -> None:
-    if body.get("stream_options") is not None and body.get("stream") is not True:
-        raise _invalid("'stream_options' is only allowed when 'stream' is true", "stream_options")
-
-
-def _check_logit_bias(body: dict[str, Any]) -> None:
-    bias = body.get("logit_bias")
-    if not isinstance(bias, dict):
-        return
-    for key, value in bias.items():
-        param = format_path(["logit_bias", key])
-        if not _TOKEN_ID_KEY.fullmatch(key):
-            raise _invalid(
-                f"Invalid key in '{param}': logit_bias keys must be token IDs "
-                "(non-negative integers written as strings)",
-                param,
-            )
-        if _is_number(value) and not -LOGIT_BIAS_LIMIT <= value <= LOGIT_BIAS_LIMIT:
-            raise _invalid(
-                f"'{param}' must be between -{LOGIT_BIAS_LIMIT} and {LOGIT_BIAS_LIMIT}, "
-                f"got {_short(value)}",
-                param,
-            )
-
-
-def _check_token_ids(body: dict[str, Any]) -> None:
-    # Only the sign here: the vocabulary size is known to the engine, which checks it.
-    for name in TOKEN_ID_LISTS:
-        ids = body.get(name)
-        for index, token in enumerate(ids if isinstance(ids, list) else ()):
-            if _is_number(token) and token < 0:
-                raise _invalid(
-                    f"'{name}[{index}]' must be a token ID (>= 0), got {token}",
-                    f"{name}[{index}]",
-                )
-
-
-CROSS_FIELD_CHECKS: tuple[Callable[[dict[str, Any]], None], ...] = (
-    _check_top_logprobs,
-    _check_min_tokens,
-    _check_top_p_min,
-    _check_stream_options,
-    _check_logit_bias,
-    _check_token_ids,
-)
-
-
-def _check_messages(messages: Any, multimodal: bool) -> None:
-    if not isinstance(messages, list):
-        return
-    if not messages:
-        raise _invalid("'messages' must contain at least one message", "messages")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            continue
-        if message.get("role") == "tool" and not isinstance(message.get("tool_call_id"), str):
-            param = f"messages[{i}].tool_call_id"
-            raise _invalid(
-                f"Missing required field '{param}': a tool message must name the tool call "
-                "it answers",
-                param,
-            )
-        parts = message.get("content")
-        for j, part in enumerate(parts if isinstance(parts, list) else ()):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind in MEDIA_PART_TYPES and not multimodal:
-                param = f"messages[{i}].content[{j}]"
-                raise _invalid(
-                    f"'{param}' is an {kind} part, but this model is text-only: "
-                    "send text content parts only",
-                    param,
-                )
-
-
-def check_semantics(body: dict[str, Any], *, multimodal: bool = False) -> None:
-    """Rules the JSON Schema cannot express; assumes the body already passed the schema.
-
-    Type-tolerant anyway (values of the wrong type are skipped, not crashed on), so it
-    is safe to call on its own.
-    """
-    for bound in BOUNDS:
-        value = body.get(bound.field)
-        if _is_number(value):
-            message = bound.violation(value)
-            if message:
-                raise _invalid(message, bound.field)
-    for check in CROSS_FIELD_CHECKS:
-        check(body)
-    _check_messages(body.get("messages"), multimodal)
-    check_tools(body)
 
 
 # --------------------------------------------------------------------------- validator
@@ -578,7 +387,7 @@ class RequestValidator:
             optional = set(self.schema.get("properties", {})) - set(self.schema.get("required", ()))
             body = {k: v for k, v in body.items() if v is not None or k not in optional}
         if not isinstance(body, dict):
-            raise _invalid(
+            raise invalid_field(
                 f"The request body must be a JSON object, got {_WITH_ARTICLE.get(_json_type(body), _json_type(body))}",
                 None,
             )

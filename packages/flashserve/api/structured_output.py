@@ -158,7 +158,9 @@ def _json_schema_spec(json_schema: Any) -> GrammarSpec:
     schema = json_schema["schema"]
     strict = json_schema.get("strict") is True
     if not isinstance(schema.get("$schema", ""), str):
-        raise _error(f"{SCHEMA_PARAM}.$schema must be a string naming a JSON Schema dialect", "json_schema")
+        raise _error(
+            f"{SCHEMA_PARAM}.$schema must be a string naming a JSON Schema dialect", "json_schema"
+        )
     validator = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     try:
         validator.check_schema(schema)
