@@ -9,16 +9,19 @@ result with others_cpu above a few percent is not comparable to a quiet one.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import psutil
 
@@ -26,6 +29,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT / "packages") not in sys.path:
     sys.path.insert(0, str(REPO_ROOT / "packages"))
 
+T = TypeVar("T")
 DEFAULT_MODEL = REPO_ROOT / "build" / "bench_model"
 # Mistral v3's first ids are control tokens; random prompts avoid them.
 FIRST_ORDINARY_TOKEN = 1000
@@ -116,6 +120,70 @@ def wait_until_quiet(max_wait_s: float, threshold: float = 0.10) -> float:
         if busy < threshold or time.monotonic() >= deadline:
             return busy
         time.sleep(2.0)
+
+
+@dataclass
+class Gate:
+    """When to trust a measurement: before each try wait (up to wait_s) for an idle
+    machine; a try counts when others took at most max_others of the CPUs; stop after
+    `repeat` counted tries or `attempts` tries in all."""
+
+    wait_s: float = 0.0
+    max_others: float = 1.0
+    attempts: int = 1
+    repeat: int = 1
+
+
+def measured(
+    run: Callable[[], T], gate: Gate, seconds: Callable[[T], float] | None = None
+) -> tuple[T, float]:
+    """(value, others_cpu) of one try: the median by `seconds` of the counted tries,
+    or, when none counted, the least disturbed try."""
+    tries: list[tuple[T, float]] = []
+    for _ in range(max(gate.attempts, gate.repeat)):
+        if gate.wait_s:
+            wait_until_quiet(gate.wait_s)
+        meter = ContentionMeter()
+        meter.start()
+        value = run()
+        tries.append((value, meter.stop()))
+        counted = [t for t in tries if t[1] <= gate.max_others]
+        if len(counted) >= gate.repeat:
+            break
+        if tries[-1][1] > gate.max_others:
+            print(f"  (other processes took {tries[-1][1]:.0%} of the CPUs)", flush=True)
+    counted = [t for t in tries if t[1] <= gate.max_others]
+    if not counted:
+        return min(tries, key=lambda t: t[1])
+    if seconds is not None:
+        counted.sort(key=lambda t: seconds(t[0]))
+    return counted[(len(counted) - 1) // 2]
+
+
+_BUSY_LOOP = """
+import sys, time
+busy = 0.004 * float(sys.argv[1]) / (1 - float(sys.argv[1]))
+while True:
+    start = time.perf_counter()
+    while time.perf_counter() - start < busy:
+        pass
+    time.sleep(0.004)
+"""
+
+
+@contextlib.contextmanager
+def neighbour(share: float) -> Iterator[None]:
+    """A process that keeps `share` (0..1) of one core busy while the block runs: the
+    stand-in for load generators and other tenants on the same cores."""
+    if share <= 0:
+        yield
+        return
+    proc = subprocess.Popen([sys.executable, "-c", _BUSY_LOOP, str(min(share, 0.95))])
+    try:
+        yield
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def percentile(values: list[float], q: float) -> float:
