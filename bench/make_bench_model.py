@@ -27,6 +27,10 @@ import torch
 from safetensors.torch import save_file
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT / "packages"))
+
+from flashserve.testing.random_weights import random_llama_weights  # noqa: E402
+
 TOKENIZER_SOURCE = REPO_ROOT / "data" / "embedded_model"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
 SEED = 20261129
@@ -79,37 +83,7 @@ def make_config(shape: str) -> dict[str, Any]:
 
 
 def make_weights(config: dict[str, Any], device: str = "cpu") -> dict[str, torch.Tensor]:
-    gen = torch.Generator(device).manual_seed(SEED)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config["head_dim"]
-    q_dim = config["num_attention_heads"] * head_dim
-    kv_dim = config["num_key_value_heads"] * head_dim
-
-    def normal(*shape: int) -> torch.Tensor:
-        # fp32 draws rounded to bf16: values don't depend on bf16 RNG kernels.
-        out = torch.randn(*shape, generator=gen, device=device) * INIT_STD
-        return out.to(torch.bfloat16).cpu()
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.bfloat16)
-
-    # Insertion order fixes the draw order.
-    weights = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        weights[f"{p}.self_attn.q_proj.weight"] = normal(q_dim, hidden)
-        weights[f"{p}.self_attn.k_proj.weight"] = normal(kv_dim, hidden)
-        weights[f"{p}.self_attn.v_proj.weight"] = normal(kv_dim, hidden)
-        weights[f"{p}.self_attn.o_proj.weight"] = normal(hidden, q_dim)
-        weights[f"{p}.mlp.gate_proj.weight"] = normal(inter, hidden)
-        weights[f"{p}.mlp.up_proj.weight"] = normal(inter, hidden)
-        weights[f"{p}.mlp.down_proj.weight"] = normal(hidden, inter)
-        weights[f"{p}.input_layernorm.weight"] = ones(hidden)
-        weights[f"{p}.post_attention_layernorm.weight"] = ones(hidden)
-    weights["model.norm.weight"] = ones(hidden)
-    if not config["tie_word_embeddings"]:
-        weights["lm_head.weight"] = normal(config["vocab_size"], hidden)
-    return weights
+    return random_llama_weights(config, SEED, INIT_STD, device)
 
 
 def make_bench_model(out_dir: Path, shape: str = "bench", device: str = "cpu") -> Path:

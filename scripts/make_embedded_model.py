@@ -25,6 +25,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "packages"))
 
 from flashserve.testing.offline_tokenizers import make_sentencepiece_tokenizer_dir  # noqa: E402
+from flashserve.testing.random_weights import random_llama_weights  # noqa: E402
 
 SEED = 20261128
 INIT_STD = 0.02
@@ -158,34 +159,7 @@ CHAT_TEMPLATE = r"""
 
 def make_weights(config: dict[str, Any], seed: int = SEED) -> dict[str, torch.Tensor]:
     """Random Llama weights under HF's tensor names; no lm_head (tied to the embeddings)."""
-    gen = torch.Generator().manual_seed(seed)
-    hidden, inter = config["hidden_size"], config["intermediate_size"]
-    head_dim = config["head_dim"]
-    q_dim = config["num_attention_heads"] * head_dim
-    kv_dim = config["num_key_value_heads"] * head_dim
-
-    def normal(*shape: int) -> torch.Tensor:
-        # Drawn in fp32 then rounded, so the values don't depend on bf16 RNG kernels.
-        return (torch.randn(*shape, generator=gen) * INIT_STD).to(torch.bfloat16)
-
-    def ones(n: int) -> torch.Tensor:
-        return torch.ones(n, dtype=torch.bfloat16)
-
-    # Insertion order fixes the draw order: changing it changes every weight after it.
-    weights = {"model.embed_tokens.weight": normal(config["vocab_size"], hidden)}
-    for i in range(config["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        weights[f"{p}.self_attn.q_proj.weight"] = normal(q_dim, hidden)
-        weights[f"{p}.self_attn.k_proj.weight"] = normal(kv_dim, hidden)
-        weights[f"{p}.self_attn.v_proj.weight"] = normal(kv_dim, hidden)
-        weights[f"{p}.self_attn.o_proj.weight"] = normal(hidden, q_dim)
-        weights[f"{p}.mlp.gate_proj.weight"] = normal(inter, hidden)
-        weights[f"{p}.mlp.up_proj.weight"] = normal(inter, hidden)
-        weights[f"{p}.mlp.down_proj.weight"] = normal(hidden, inter)
-        weights[f"{p}.input_layernorm.weight"] = ones(hidden)
-        weights[f"{p}.post_attention_layernorm.weight"] = ones(hidden)
-    weights["model.norm.weight"] = ones(hidden)
-    return weights
+    return random_llama_weights(config, seed, INIT_STD)
 
 
 def _write_json(path: Path, obj: dict[str, Any]) -> None:
