@@ -61,10 +61,13 @@ def bench_engine(
     name = str(engine.dtype).removeprefix("torch.")
     results = []
     for size in sizes:
-        with neighbour(args.neighbour):
-            (tokens, wall), others = measured(
-                lambda n=size: run_engine(engine, work, n), args.gate, lambda v: v[1]
-            )
+
+        def run(n: int = size) -> tuple[int, float]:
+            # Started after the gate's wait for an idle machine, which it would spoil.
+            with neighbour(args.neighbour):
+                return run_engine(engine, work, n)
+
+        (tokens, wall), others = measured(run, args.gate, lambda v: v[1])
         note = f"dtype={dtype}" + (f", neighbour {args.neighbour:.0%}" if args.neighbour else "")
         results.append(Result("engine", name, size, tokens, wall, others, note))
         print_row(results[-1])

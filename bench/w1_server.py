@@ -94,6 +94,8 @@ def bench_server(args: argparse.Namespace, dtype: str, work: Workload, count: in
     if args.threads:
         overrides["cpu_threads"] = args.threads
     build_dir = REPO_ROOT / "build" / "bench_serve"
+    me = psutil.Process()
+    niceness = me.nice()
     proc = start_local_server(REPO_ROOT, port, overrides, build_dir=build_dir)
     try:
         wait_until_ready(port, timeout=600, proc=proc)
@@ -112,8 +114,6 @@ def bench_server(args: argparse.Namespace, dtype: str, work: Workload, count: in
 
         # Load generators usually run on other machines; here they share the two
         # cores with the server, and --client-nice lets the server go first.
-        me = psutil.Process()
-        niceness = me.nice()
         me.nice(args.client_nice)
         # The server is our child (in its own session): its CPU counts as ours.
         (wall, (prompt_tokens, tokens, per_request), cpu), others = measured(
