@@ -10,7 +10,7 @@ import transformers
 
 def save_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
     torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
         intermediate_size=128,
@@ -21,8 +21,9 @@ def save_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, **override
         tie_word_embeddings=True,
         bos_token_id=1,
         eos_token_id=2,
-        **overrides,
     )
+    # Overrides replace the defaults (a GPU test widens the heads, for instance).
+    config = transformers.LlamaConfig(**{**settings, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():
         for param in model.parameters():
