@@ -47,14 +47,23 @@ def chat_messages(model: Path, count: int, length: int, seed: int) -> list[list[
 
 
 async def _stream_all(
-    port: int, messages: list[list[dict]], work: Workload
+    port: int, messages: list[list[dict]], work: Workload, timed: list[float] | None = None
 ) -> tuple[int, int, list[int]]:
+    """Stream every conversation at once, each from its own client.
+
+    The clients are made before the clock starts (`timed` gets the seconds from the
+    first request to the last byte): a user's client exists before its request.
+    """
     import openai
 
-    async def one(conversation: list[dict]) -> tuple[int, int]:
-        client = openai.AsyncOpenAI(
+    clients = [
+        openai.AsyncOpenAI(
             base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=900
         )
+        for _ in messages
+    ]
+
+    async def one(client: openai.AsyncOpenAI, conversation: list[dict]) -> tuple[int, int]:
         stream = await client.chat.completions.create(
             model="bench",
             messages=conversation,
@@ -68,11 +77,14 @@ async def _stream_all(
         usage = None
         async for chunk in stream:
             usage = chunk.usage or usage
-        await client.close()
         assert usage is not None, "the server sent no usage chunk"
         return usage.prompt_tokens, usage.completion_tokens
 
-    counts = await asyncio.gather(*(one(m) for m in messages))
+    started = time.perf_counter()
+    counts = await asyncio.gather(*(one(c, m) for c, m in zip(clients, messages)))
+    if timed is not None:
+        timed.append(time.perf_counter() - started)
+    await asyncio.gather(*(c.close() for c in clients))
     return sum(p for p, _ in counts), sum(c for _, c in counts), [p for p, _ in counts]
 
 
@@ -106,9 +118,9 @@ def bench_server(args: argparse.Namespace, dtype: str, work: Workload, count: in
 
         def run() -> tuple[float, tuple[int, int, list[int]], tuple[float, float]]:
             client0, server0 = _cpu_seconds(psutil.Process()), _cpu_seconds(server)
-            started = time.perf_counter()
-            counts = asyncio.run(_stream_all(port, messages, work))
-            wall = time.perf_counter() - started
+            timed: list[float] = []
+            counts = asyncio.run(_stream_all(port, messages, work, timed))
+            wall = timed[0]
             cpu = (_cpu_seconds(psutil.Process()) - client0, _cpu_seconds(server) - server0)
             return wall, counts, cpu
 

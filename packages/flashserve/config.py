@@ -22,7 +22,15 @@ class EngineConfig:
     kv_cache_memory_gb: float = 2.0
     block_size: int | str = "auto"
     enable_prefix_caching: bool = True
+    # CUDA graphs for pure-decode steps, one per batch bucket up to cuda_graph_max_batch
+    # (capped by max_num_seqs); CUDA only, ignored (with a log line) on CPU.
+    cuda_graphs: bool = True
+    cuda_graph_max_batch: int = 256
     max_queue_size: int = 1024
+    # Tokens a stream gathers before it is delivered (the first token and the last
+    # always go at once). 1 streams every token as it is made; larger values trade
+    # smoothness for fewer chunks, which matters when the host's CPU is the limit.
+    stream_interval: int = 1
     # Longest a request may take, arrival to last token (None: no limit). A request's
     # `x-request-timeout` header (seconds) may ask for less, never for more.
     request_timeout_s: float | None = None

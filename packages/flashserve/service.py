@@ -41,7 +41,11 @@ def build_chat_service(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generation = _read_json(model_dir / "generation_config.json")
     engine = LLMEngine(config, model_dir, eos_token_ids=_eos_ids(generation, tokenizer))
-    async_engine = AsyncEngine(engine, max_queue_size=config.max_queue_size)
+    async_engine = AsyncEngine(
+        engine,
+        max_queue_size=config.max_queue_size,
+        stream_interval=config.stream_interval,
+    )
     async_engine.start()
     register_engine(async_engine)
     schema_path = Path(data_dir) / "ChatCompletionRequest.schema.json" if data_dir else None

@@ -39,6 +39,9 @@ class RequestTimeoutError(Exception):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    # Engine thread only: output held back until `stream_interval` tokens gather.
+    held: SequenceOutput | None = None
+    delivered_any: bool = False
 
 
 class AsyncEngine:
@@ -47,9 +50,15 @@ class AsyncEngine:
         engine: LLMEngine,
         max_queue_size: int = 1024,
         stall_timeout_s: float | None = None,
+        stream_interval: int | None = None,
     ) -> None:
         self.engine = engine
         self.max_queue_size = max_queue_size
+        if stream_interval is None:
+            stream_interval = getattr(engine.config, "stream_interval", 1)
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be at least 1, got {stream_interval}")
+        self.stream_interval = stream_interval
         # A loop turn (one step, or an idle wait of at most 1 s) longer than this
         # means the engine is wedged: `healthy` turns false so the replica restarts.
         if stall_timeout_s is None:
@@ -130,14 +139,23 @@ class AsyncEngine:
         self._inbox.put(("add", request_id, prompt_token_ids, params))
         self._wake.set()
         finished = False
+        waiting: object | None = None  # taken from the queue while merging, not yet handled
         try:
             while True:
-                item = await stream.queue.get()
+                item, waiting = waiting if waiting is not None else await stream.queue.get(), None
                 if isinstance(item, BaseException):
                     # The engine is done with a request it refused or died under; one
                     # that timed out is still running and is aborted below.
                     finished = not isinstance(item, RequestTimeoutError)
                     raise item
+                # A consumer that fell behind takes everything already waiting as one
+                # output: fewer, larger chunks exactly when the host is short of time.
+                while not item.finished and not stream.queue.empty():
+                    later = stream.queue.get_nowait()
+                    if not isinstance(later, SequenceOutput):
+                        waiting = later  # an error: raised after what came before it
+                        break
+                    item.absorb(later)
                 yield item
                 if item.finished:
                     finished = True
@@ -196,8 +214,22 @@ class AsyncEngine:
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         for out in outputs:
             stream = self._streams.get(out.request_id)
-            if stream is not None:
-                by_loop.setdefault(stream.loop, []).append((stream.queue, out))
+            if stream is None:
+                continue
+            if stream.held is not None:
+                stream.held.absorb(out)
+                out, stream.held = stream.held, None
+            # The first token goes at once (time to first token); later ones wait
+            # until `stream_interval` of them gather, or the request ends.
+            if (
+                stream.delivered_any
+                and not out.finished
+                and len(out.new_token_ids) < self.stream_interval
+            ):
+                stream.held = out
+                continue
+            stream.delivered_any = True
+            by_loop.setdefault(stream.loop, []).append((stream.queue, out))
         for loop, items in by_loop.items():
             _call_soon(loop, items)
 

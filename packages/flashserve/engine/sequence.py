@@ -44,6 +44,18 @@ class SequenceOutput:
     # context_only requests: the handle a generation_only request resumes with.
     context_handle: ContextHandle | None = None
 
+    def absorb(self, later: SequenceOutput) -> None:
+        """Append a later output of the same request, so the two travel as one."""
+        self.new_token_ids = self.new_token_ids + later.new_token_ids
+        if later.logprobs is not None:
+            self.logprobs = (self.logprobs or []) + later.logprobs
+        self.finished = later.finished
+        self.finish_reason = later.finish_reason
+        self.stop_reason = later.stop_reason
+        self.num_cached_tokens = later.num_cached_tokens
+        self.error = later.error
+        self.context_handle = later.context_handle or self.context_handle
+
 
 @dataclass(eq=False)
 class Sequence:
