@@ -11,7 +11,8 @@ submitted at once, on the model from bench/make_bench_model.py.
 - engine:    LLMEngine offline, add_request all, step until done.
 - server:    the real Truss server (flashserve.serve) with 64 concurrent
              streaming AsyncOpenAI clients; chat messages built to render to
-             ~128 prompt tokens (the usage the server reports is printed).
+             ~128 prompt tokens (the usage the server reports is printed). One
+             server per --stream-intervals value (1: a chunk per token).
 - hf-batch:  transformers `generate` over the whole batch at once (left-padded).
 - hf-serial: transformers `generate` one request at a time, as the usual Truss
              example does (--serial-requests of them; throughput of a serial
@@ -94,8 +95,12 @@ def plot(results: list[Result], path: Path, title: str) -> None:
             style = "--" if r.dtype == "bfloat16" else ":"
             ax.axhline(r.tok_s, color="grey", linestyle=style, linewidth=1, label=label)
         if r.system == "server":
-            label = f"flashserve via Truss server, {r.concurrency} streams ({r.dtype})"
-            ax.plot([r.concurrency], [r.tok_s], "D", color="tab:orange", markersize=8, label=label)
+            interval = r.note.split(";")[0]  # "stream_interval N"
+            label = f"flashserve via Truss server, {r.concurrency} streams ({r.dtype}, {interval})"
+            marker = "D" if interval.endswith(" 1") else "s"
+            ax.plot(
+                [r.concurrency], [r.tok_s], marker, color="tab:orange", markersize=8, label=label
+            )
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("concurrent requests (each 128 prompt + 128 output tokens)")
@@ -130,6 +135,11 @@ def main(argv: list[str] | None = None) -> int:
         "--dtype", default="auto", help="engine dtypes, comma list; the first is the reference"
     )
     parser.add_argument("--server-dtype", default=None, help="default: the first --dtype")
+    parser.add_argument(
+        "--stream-intervals",
+        default="1,8",
+        help="the server's stream_interval, comma list: one server run per value",
+    )
     parser.add_argument(
         "--client-nice", type=int, default=0, help="nice value of the server run's clients"
     )

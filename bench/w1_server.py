@@ -89,12 +89,36 @@ async def _stream_all(
 
 
 def bench_server(args: argparse.Namespace, dtype: str, work: Workload, count: int) -> list[Result]:
+    """One server per `--stream-intervals` value, each measured the same way."""
+    messages = chat_messages(args.model, count, len(work.prompts[0]), seed=1)
+    me = psutil.Process()
+    niceness = me.nice()
+    try:
+        # Load generators usually run on other machines; here they share the two
+        # cores with the server, and --client-nice lets the server go first.
+        me.nice(args.client_nice)
+        results = []
+        for interval in [int(i) for i in args.stream_intervals.split(",") if i]:
+            results.append(_serve_once(args, dtype, work, messages, interval))
+            print_row(results[-1])
+        return results
+    finally:
+        if args.client_nice:
+            me.nice(niceness)  # lowering it again needs root
+
+
+def _serve_once(
+    args: argparse.Namespace,
+    dtype: str,
+    work: Workload,
+    messages: list[list[dict]],
+    stream_interval: int,
+) -> Result:
     from flashserve.serve import start_local_server, wait_until_ready
 
     sys.path.insert(0, str(REPO_ROOT))
     from tests.server_fixture import free_port, stop_process_group
 
-    messages = chat_messages(args.model, count, len(work.prompts[0]), seed=1)
     port = free_port()
     overrides = {
         "model": str(args.model.resolve()),
@@ -102,46 +126,38 @@ def bench_server(args: argparse.Namespace, dtype: str, work: Workload, count: in
         "dtype": dtype,
         "max_model_len": 2048,
         "kv_cache_memory_gb": 2.0,
+        "stream_interval": stream_interval,
     }
     if args.threads:
         overrides["cpu_threads"] = args.threads
     build_dir = REPO_ROOT / "build" / "bench_serve"
-    me = psutil.Process()
-    niceness = me.nice()
     proc = start_local_server(REPO_ROOT, port, overrides, build_dir=build_dir)
     try:
         wait_until_ready(port, timeout=600, proc=proc)
         warm = Workload(work.prompts, 8, work.temperature, work.top_p, work.top_k)
         asyncio.run(_stream_all(port, messages[:2], warm))
-
         server = psutil.Process(proc.pid)
 
         def run() -> tuple[float, tuple[int, int, list[int]], tuple[float, float]]:
             client0, server0 = _cpu_seconds(psutil.Process()), _cpu_seconds(server)
             timed: list[float] = []
             counts = asyncio.run(_stream_all(port, messages, work, timed))
-            wall = timed[0]
             cpu = (_cpu_seconds(psutil.Process()) - client0, _cpu_seconds(server) - server0)
-            return wall, counts, cpu
+            return timed[0], counts, cpu
 
-        # Load generators usually run on other machines; here they share the two
-        # cores with the server, and --client-nice lets the server go first.
-        me.nice(args.client_nice)
         # The server is our child (in its own session): its CPU counts as ours.
         (wall, (prompt_tokens, tokens, per_request), cpu), others = measured(
             run, args.gate, lambda v: v[0]
         )
     finally:
         stop_process_group(proc)
-        if args.client_nice:
-            me.nice(niceness)  # lowering it again needs root
+    count = len(messages)
     note = (
-        f"prompt tokens {min(per_request)}-{max(per_request)} (mean {prompt_tokens / count:.1f});"
-        f" CPU s: clients {cpu[0]:.1f}, server {cpu[1]:.1f}; client nice {args.client_nice}"
+        f"stream_interval {stream_interval}; prompt tokens {min(per_request)}-{max(per_request)}"
+        f" (mean {prompt_tokens / count:.1f}); CPU s: clients {cpu[0]:.1f} (incl. making"
+        f" them), server {cpu[1]:.1f}; client nice {args.client_nice}"
     )
-    result = Result("server", dtype, count, tokens, wall, others, note)
-    print_row(result)
-    return [result]
+    return Result("server", dtype, count, tokens, wall, others, note)
 
 
 def _cpu_seconds(proc: psutil.Process) -> float:
