@@ -5,25 +5,30 @@
 1. Logits: the engine against transformers on the same device, on a small random
    Llama, in fp32 (torch attention, TF32 off) and bf16 (the backend `auto`
    picks: flash_attn when it imports), for a whole prompt, chunks that straddle
-   KV blocks, and one token at a time.
+   KV blocks, and one token at a time (eager; tests/test_gpu.py compares the
+   CUDA graphs with the eager path).
 2. Bandwidth: a device-to-device copy; its rate (bytes read + written per
-   second) gives the floor of a decode step, which must read every weight once:
+   second) gives the floor of a decode step, which must read every weight once
+   (all but the input embedding, of which it reads one row per sequence):
    weight bytes / bandwidth.
-3. Decode throughput on a Llama-3-8B-shaped random bf16 model (made by
-   bench/make_bench_model.py --shape llama3-8b) at each batch size: 128 random
-   prompt tokens, 128 output tokens (ignore_eos, T=0.8, top_p=0.95, top_k=50).
-   Decode tok/s counts the steps after the prefill only; it is compared with
-   the bandwidth floor and with transformers `generate` on the same weights.
+3. Decode throughput on a Llama-3-8B-shaped random bf16 model at each batch size,
+   with the engine's decode CUDA graphs off and on (one engine, one process):
+   128 random prompt tokens, 128 output tokens (ignore_eos, T=0.8, top_p=0.95,
+   top_k=50). Decode tok/s counts the steps after the prefill only; it is
+   compared with the bandwidth floor and with transformers `generate`. The
+   weights are drawn on the device (bench/make_bench_model.py's config, no
+   16 GB checkpoint to write and read back); transformers gets its own random
+   weights of the same shapes. `--model-dir DIR` uses a checkpoint folder instead.
 
-The engine has no CUDA graphs yet: every decode step launches each layer's
-kernels from Python, which costs most at batch 1 (see the gap to the floor).
+The target: batch-1 decode with CUDA graphs at >= 85% of the bandwidth ceiling.
 `--device cpu --shape bench --batch-sizes 2` runs the same code on a CPU as a
-dry run of this script.
+dry run of this script (no graphs there: the engine ignores them on CPU).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tempfile
@@ -31,6 +36,7 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 for path in (REPO_ROOT / "packages", REPO_ROOT, REPO_ROOT / "bench"):
@@ -43,6 +49,8 @@ from flashserve.engine.llm_engine import LLMEngine  # noqa: E402
 from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=50)
+SEED = 20261129
+INIT_STD = 0.02
 
 
 def sync(device: torch.device) -> None:
@@ -75,6 +83,7 @@ def check_logits(device: torch.device) -> list[dict[str, Any]]:
         config = EngineConfig(
             device=device.type, dtype=dtype, attention_backend=backend,
             kv_cache_memory_fraction=0.02, kv_cache_memory_gb=0.05, max_model_len=1024,
+            cuda_graphs=False,
         )  # fmt: skip
         engine = LLMEngine(config, folder)
         for chunk in (300, 37, 1):
@@ -109,57 +118,146 @@ def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
     return 2 * src.numel() * reps / (time.perf_counter() - started)
 
 
-def weight_bytes(model_dir: Path) -> int:
-    return sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+def write_random_model_config(shape: str) -> Path:
+    """A folder with only config.json (+ generation_config.json) for the given shape."""
+    from make_bench_model import make_config
+
+    folder = Path(tempfile.mkdtemp(prefix=f"random-{shape}-"))
+    (folder / "config.json").write_text(json.dumps(make_config(shape), indent=2))
+    (folder / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": 2})
+    )
+    return folder
+
+
+def load_random_model(model_dir, cfg, backend, dtype, device, max_positions):
+    """Stands in for flashserve.models.loader.load_model: random weights drawn on the device."""
+    from flashserve.models import loader
+    from flashserve.models.llama import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg, backend, max_positions)
+    model = model.to_empty(device=device).to(dtype)
+    loader._restore_buffers(model, cfg, max_positions, device)
+    gen = torch.Generator(device).manual_seed(SEED)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.fill_(1.0)  # RMSNorm weights; the bench shapes have no biases
+            else:
+                param.normal_(0.0, INIT_STD, generator=gen)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def decode_weight_bytes(model) -> int:
+    """Bytes of weights one decode step reads: all but the input embedding (one row each)."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    if model.lm_head is not None:
+        embed = model.embed_tokens.weight
+        total -= embed.numel() * embed.element_size()
+    return total
+
+
+def run_batch(engine: LLMEngine, device, batch: int, prompt_len: int, output_len: int, tag: str):
+    vocab = engine.model_config.vocab_size
+    gen = torch.Generator().manual_seed(batch)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING)
+    for i in range(batch):
+        prompt = torch.randint(1000, vocab, (prompt_len,), generator=gen).tolist()
+        engine.add_request(f"{tag}-{batch}-{i}", prompt, params)
+    graphs = engine.runner.graphs
+    replays = graphs.replays if graphs is not None else 0
+    sync(device)
+    started = time.perf_counter()
+    tokens = sum(len(o.new_token_ids) for o in engine.step())  # the prefill (one step)
+    sync(device)
+    prefilled = time.perf_counter()
+    steps = 0
+    while engine.has_work():
+        tokens += sum(len(o.new_token_ids) for o in engine.step())
+        steps += 1
+    sync(device)
+    done = time.perf_counter()
+    return {
+        "batch": batch,
+        "attention": engine.attention_backend,
+        "prefill_s": prefilled - started,
+        "decode_steps": steps,
+        "graph_replays": (graphs.replays if graphs is not None else 0) - replays,
+        "decode_step_ms": (done - prefilled) / max(steps, 1) * 1e3,
+        "decode_tok_s": (tokens - batch) / (done - prefilled),
+        "end_to_end_tok_s": tokens / (done - started),
+    }
 
 
 def engine_decode(
-    model_dir: Path, device: torch.device, batches: list[int], prompt_len: int, output_len: int
+    model_dir: Path | None,
+    shape: str,
+    device: torch.device,
+    batches: list[int],
+    prompt_len: int,
+    output_len: int,
+    report: dict[str, Any],
 ) -> list[dict[str, Any]]:
+    """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start)."""
     config = EngineConfig(
         device=device.type, dtype="bfloat16", max_model_len=2048,
         kv_cache_memory_fraction=0.3, kv_cache_memory_gb=2.0,
+        cuda_graph_max_batch=max(batches),
     )  # fmt: skip
-    engine = LLMEngine(config, model_dir)
-    vocab = engine.model_config.vocab_size
-    gen = torch.Generator().manual_seed(0)
+    if model_dir is None:
+        with mock.patch("flashserve.engine.llm_engine.load_model", load_random_model):
+            engine = LLMEngine(config, write_random_model_config(shape))
+    else:
+        engine = LLMEngine(config, model_dir)
+    report["weight_bytes"] = decode_weight_bytes(engine.model)
+    graphs = engine.runner.graphs
+    if graphs is not None:
+        report["cuda_graphs"] = {
+            "count": len(graphs.keys),
+            "batch_sizes": graphs.batch_sizes,
+            "table_widths": graphs.table_widths,
+            "capture_s": graphs.capture_seconds,
+            "capture_mib": graphs.capture_bytes / (1 << 20),
+        }
     rows = []
-    for batch in [1, *batches]:  # the first run warms up
-        params = SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING)
-        for i in range(batch):
-            prompt = torch.randint(1000, vocab, (prompt_len,), generator=gen).tolist()
-            engine.add_request(f"d{batch}-{i}-{len(rows)}", prompt, params)
-        sync(device)
-        started = time.perf_counter()
-        tokens = sum(len(o.new_token_ids) for o in engine.step())  # the prefill (one step)
-        sync(device)
-        prefilled = time.perf_counter()
-        steps = 0
-        while engine.has_work():
-            tokens += sum(len(o.new_token_ids) for o in engine.step())
-            steps += 1
-        sync(device)
-        done = time.perf_counter()
-        rows.append(
-            {
-                "batch": batch,
-                "attention": engine.attention_backend,
-                "prefill_s": prefilled - started,
-                "decode_step_ms": (done - prefilled) / max(steps, 1) * 1e3,
-                "decode_tok_s": (tokens - batch) / (done - prefilled),
-                "end_to_end_tok_s": tokens / (done - started),
-            }
-        )
-    del engine
-    return rows[1:]
+    for use_graphs in (False, True):
+        if use_graphs and graphs is None:
+            break  # CPU, or capture failed (the engine logged why)
+        engine.runner.use_graphs = use_graphs
+        try:
+            run_batch(engine, device, 1, prompt_len, 16, "warm")
+            for batch in batches:
+                row = run_batch(engine, device, batch, prompt_len, output_len, f"g{use_graphs}")
+                rows.append({"cuda_graphs": use_graphs, **row})
+                print(f"[engine] {json.dumps(rows[-1])}", flush=True)
+        except Exception as exc:  # keep the eager rows if the graphs fail
+            if not use_graphs:
+                raise
+            report["engine_graphs_error"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+    del engine, graphs
+    gc.collect()
+    return rows
 
 
 def hf_generate(
-    model_dir: Path, device: torch.device, batches: list[int], prompt_len: int, output_len: int
+    model_dir: Path | None,
+    shape: str,
+    device: torch.device,
+    batches: list[int],
+    prompt_len: int,
+    output_len: int,
 ) -> list[dict[str, Any]]:
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    if model_dir is None:
+        config = transformers.AutoConfig.from_pretrained(write_random_model_config(shape))
+        with torch.device(device):  # initialised on the device: seconds, not minutes
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
     model = model.to(device).eval()
     vocab = model.config.vocab_size
     gen = torch.Generator().manual_seed(0)
@@ -218,17 +316,30 @@ def summary(report: dict[str, Any]) -> str:
     floor_ms = wb / (bw * 1e9) * 1e3 if isinstance(bw, float) and wb else None
     if floor_ms:
         lines.append(
-            f"copy bandwidth {bw:.0f} GB/s; weights {wb / 1e9:.1f} GB -> decode step floor "
-            f"{floor_ms:.2f} ms"
+            f"copy bandwidth {bw:.0f} GB/s; weights read per decode step {wb / 1e9:.2f} GB "
+            f"-> decode step floor {floor_ms:.2f} ms"
+        )
+    graphs = report.get("cuda_graphs")
+    if graphs:
+        lines.append(
+            f"CUDA graphs: {graphs['count']} captured (batch {graphs['batch_sizes']}, table "
+            f"widths {graphs['table_widths']}) in {graphs['capture_s']:.1f} s, "
+            f"{graphs['capture_mib']:.0f} MiB"
         )
     hf = {r["batch"]: r for r in report.get("hf", []) if isinstance(report.get("hf"), list)}
     engine = report.get("engine")
     if isinstance(engine, list):
+        eager = {r["batch"]: r for r in engine if not r["cuda_graphs"]}
         for r in engine:
+            mode = "graphs" if r["cuda_graphs"] else "eager "
             line = (
-                f"engine batch {r['batch']:>3} ({r['attention']}): decode {r['decode_tok_s']:8.1f} "
-                f"tok/s, {r['decode_step_ms']:.2f} ms/step, prefill {r['prefill_s']:.2f} s"
+                f"engine {mode} batch {r['batch']:>3} ({r['attention']}): decode "
+                f"{r['decode_tok_s']:8.1f} tok/s, {r['decode_step_ms']:.2f} ms/step"
             )
+            if r["cuda_graphs"]:
+                line += f" ({r['graph_replays']}/{r['decode_steps']} steps replayed)"
+                if r["batch"] in eager:
+                    line += f", {r['decode_tok_s'] / eager[r['batch']]['decode_tok_s']:.2f}x eager"
             if floor_ms:
                 ceiling = r["batch"] / floor_ms * 1e3
                 line += (
@@ -237,15 +348,22 @@ def summary(report: dict[str, Any]) -> str:
             if r["batch"] in hf:
                 h = hf[r["batch"]]
                 line += (
-                    f"; transformers decode {h['decode_tok_s']:.1f} tok/s "
-                    f"(engine {r['decode_tok_s'] / h['decode_tok_s']:.2f}x), end-to-end "
-                    f"{r['end_to_end_tok_s']:.1f} vs {h['end_to_end_tok_s']:.1f}"
+                    f"; transformers {h['decode_tok_s']:.1f} tok/s "
+                    f"(engine {r['decode_tok_s'] / h['decode_tok_s']:.2f}x)"
                 )
             lines.append(line)
-    for name in ("logits", "model", "engine", "hf"):
+        target = [r for r in engine if r["cuda_graphs"] and r["batch"] == 1]
+        if floor_ms and target:
+            share = target[0]["decode_tok_s"] * floor_ms / 1e3
+            verdict = "met" if share >= 0.85 else "NOT met"
+            lines.append(
+                f"target: batch-1 decode with graphs at >= 85% of the floor: {verdict} ({share:.0%})"
+            )
+    for name in ("logits", "engine", "hf"):
         if isinstance(report.get(name), dict) and "error" in report[name]:
             lines.append(f"{name}: {report[name]['error']}")
-    lines.append("note: no CUDA graphs in the engine yet; batch-1 decode is launch-bound.")
+    if "engine_graphs_error" in report:
+        lines.append(f"engine with CUDA graphs FAILED: {report['engine_graphs_error']}")
     return "\n".join(lines)
 
 
@@ -254,7 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "gpu_out")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument("--model-dir", type=Path, default=REPO_ROOT / "build" / "gpu_model")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="a checkpoint folder (default: random weights)"
+    )
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
@@ -276,21 +396,14 @@ def main(argv: list[str] | None = None) -> int:
     section(report, "logits", check_logits, device)
     section(report, "copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
 
-    def make_model() -> str:
-        from make_bench_model import make_bench_model
-
-        if not (args.model_dir / "model.safetensors").exists():
-            make_bench_model(args.model_dir, args.shape, args.device)
-        report["weight_bytes"] = weight_bytes(args.model_dir)
-        return str(args.model_dir)
-
-    section(report, "model", make_model)
-    shape = (args.model_dir, device, batches, args.prompt_len, args.output_len)
-    section(report, "engine", engine_decode, *shape)
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    shape = (args.model_dir, args.shape, device, batches, args.prompt_len, args.output_len)
+    # transformers first: should the engine's graphs break the CUDA context, the rest is in.
     if not args.skip_hf:
         section(report, "hf", hf_generate, *shape)
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    section(report, "engine", engine_decode, *shape, report)
     text = summary(report)
     print("\n" + text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -15,6 +15,7 @@ import torch
 
 from flashserve.config import EngineConfig
 from flashserve.engine.block_manager import BlockManager
+from flashserve.engine.cuda_graphs import memory_reserve as graph_memory_reserve
 from flashserve.engine.disaggregation import (
     CONTEXT_ONLY,
     GENERATION_ONLY,
@@ -22,6 +23,7 @@ from flashserve.engine.disaggregation import (
     ContextTable,
     resumed_sequence,
 )
+from flashserve.engine.dtype_choice import pick_dtype
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
@@ -32,8 +34,6 @@ from flashserve.models.loader import load_model
 from flashserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -57,7 +57,7 @@ class LLMEngine:
             torch.set_num_threads(config.cpu_threads or max(1, os.cpu_count() or 1))
         self.model_config = ModelConfig.from_pretrained(model_dir)
         mc = self.model_config
-        self.dtype = _pick_dtype(config.dtype, self.device)
+        self.dtype = pick_dtype(config.dtype, self.device, mc.hidden_size, mc.intermediate_size)
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
@@ -78,8 +78,18 @@ class LLMEngine:
             self.max_model_len = num_blocks * self.block_size
         self.eos_token_ids = tuple(eos_token_ids) or mc.eos_token_ids
         self.runner = ModelRunner(
-            self.model, self.device, num_blocks, self.block_size, self.dtype, self.eos_token_ids
+            self.model,
+            self.device,
+            num_blocks,
+            self.block_size,
+            self.dtype,
+            self.eos_token_ids,
+            self.max_model_len,
         )
+        if self._use_cuda_graphs:
+            self.runner.enable_decode_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs))
+        elif config.cuda_graphs:
+            logger.info("cuda_graphs: ignored on %s; decode steps run eagerly", self.device.type)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
             self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
@@ -101,11 +111,18 @@ class LLMEngine:
             self.max_model_len,
         )
 
+    @property
+    def _use_cuda_graphs(self) -> bool:
+        return self.config.cuda_graphs and self.device.type == "cuda"
+
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.kv_cache_memory_fraction
+            if self._use_cuda_graphs:  # leave the decode graphs' memory pool room
+                reserve = graph_memory_reserve(self.model.layers[0].self_attn.backend)
+                budget = min(budget, free - reserve)
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         return max(1, int(budget // per_block))
@@ -257,12 +274,3 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
-
-
-def _pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        # On CPUs like this one fp32 matmuls outrun bf16 ones; GPUs want bf16.
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if name not in _DTYPES:
-        raise ValueError(f"dtype must be auto, bfloat16, float16 or float32, not {name!r}")
-    return _DTYPES[name]

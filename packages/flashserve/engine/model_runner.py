@@ -6,6 +6,7 @@ import logging
 
 import torch
 
+from flashserve.engine.cuda_graphs import DecodeGraphs
 from flashserve.engine.sampler import Sampler, SamplerOutput
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionMetadata
@@ -23,12 +24,16 @@ class ModelRunner:
         block_size: int,
         cache_dtype: torch.dtype,
         eos_token_ids: tuple[int, ...],
+        max_model_len: int | None = None,
     ) -> None:
         cfg = model.config
         self.model = model
         self.device = device
         self.block_size = block_size
-        shape = (num_blocks, block_size, cfg.num_kv_heads, cfg.head_dim)
+        # One block more than the block manager hands out: the scratch block that
+        # a CUDA graph's padding rows write into (engine/cuda_graphs.py).
+        self.scratch_block = num_blocks
+        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
         self.kv_caches = [
             (
                 torch.zeros(shape, dtype=cache_dtype, device=device),
@@ -36,7 +41,40 @@ class ModelRunner:
             )
             for _ in range(cfg.num_layers)
         ]
+        # Widest block table a sequence can have (a graph's static table width).
+        max_len = max_model_len or num_blocks * block_size
+        self.max_blocks = min(-(-max_len // block_size), num_blocks)
         self.sampler = Sampler(device, cfg.vocab_size, eos_token_ids)
+        self.graphs: DecodeGraphs | None = None
+        self.use_graphs = True  # benchmarks turn replay off to compare with eager steps
+
+    def enable_decode_graphs(self, max_batch: int, capture: bool = True) -> bool:
+        """Set up static decode inputs for batches up to max_batch and capture their graphs.
+
+        capture=False (tests on the CPU) runs the same static-input path eagerly.
+        Returns False, with the engine left eager, if capturing fails.
+        """
+        graphs = DecodeGraphs(
+            self.model,
+            self.kv_caches,
+            self.block_size,
+            self.max_blocks,
+            self.scratch_block,
+            max_batch,
+            self.model.layers[0].self_attn.backend.decode_reads_whole_table,
+        )
+        if capture:
+            try:
+                graphs.capture()
+            except Exception:  # serve eagerly rather than not at all
+                logger.exception("capturing CUDA graphs failed; decode steps run eagerly")
+                graphs = None
+        if graphs is None:
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+            return False
+        self.graphs = graphs
+        return True
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int, cache_dtype: torch.dtype) -> int:
@@ -65,8 +103,18 @@ class ModelRunner:
         """Run the model over the scheduled tokens (blocks already allocated).
 
         Returns the hidden states of every token, the rows that end a
-        sequence's known tokens, and those sequences.
+        sequence's known tokens, and those sequences. A pure-decode step runs
+        through the decode graphs when they are set up and it fits one.
         """
+        if self.graphs is not None and self.use_graphs:
+            batch = self.graphs.prepare(items)
+            if batch is not None:
+                return self.graphs.run(batch), batch.sample_rows, batch.sampled
+        return self._forward_eager(items)
+
+    def _forward_eager(
+        self, items: list[tuple[Sequence, int]]
+    ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         # Single-token entries (decodes) first: the torch backend batches them.
         items = sorted(items, key=lambda item: item[1] != 1)
         input_ids: list[int] = []

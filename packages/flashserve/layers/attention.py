@@ -8,6 +8,12 @@ holds for the sequence (`block_tables`, `context_lens`).
 Two backends compute the same thing:
 - `flash_attn`: varlen kernel reading the paged cache directly (CUDA only).
 - `torch`: scaled_dot_product_attention; runs everywhere, including CPU.
+
+A decode step replayed from a CUDA graph (engine/cuda_graphs.py) passes
+metadata with `fixed_shape_decode` set: one token per row, every tensor of a
+fixed shape, no host copies, so nothing may depend on host values. Its rows
+attend over all `block_tables.shape[1]` blocks of their table, masked to
+`context_lens`.
 """
 
 from __future__ import annotations
@@ -17,8 +23,11 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 logger = logging.getLogger(__name__)
+
+_CAPTURABLE_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 @dataclass
@@ -30,13 +39,19 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # int32 [S, max_blocks], padded with 0
     max_query_len: int
     max_context_len: int
-    # Host copies, so the torch backend never syncs with the device to loop.
+    # Host copies, so the torch backend never syncs with the device to loop
+    # (empty in a fixed-shape decode step).
     query_lens_host: list[int]
     context_lens_host: list[int]
+    # Every row is one decoding token and every tensor has a fixed shape (a
+    # CUDA graph's static inputs): attend over all columns of block_tables.
+    fixed_shape_decode: bool = False
 
 
 class AttentionBackend:
     name = "base"
+    # Whether a fixed-shape decode's cost grows with the block table's width.
+    decode_reads_whole_table = False
 
     def forward(
         self,
@@ -69,12 +84,24 @@ class TorchAttention(AttentionBackend):
 
     Decodes are batched into one call (padded to the longest context, masked);
     each prefill chunk is its own call because its causal offset differs.
+    A fixed-shape decode step (a CUDA graph) reads every block of its table.
     """
 
     name = "torch"
+    # A fixed-shape decode reads every column of the block table, so the graphs
+    # are also keyed by table width (engine/cuda_graphs.py).
+    decode_reads_whole_table = True
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.fixed_shape_decode:
+            args = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
+            if not q.is_cuda:
+                return _paged_decode(*args)
+            # This runs once, while a CUDA graph captures it: keep SDPA to kernels
+            # that capture cleanly (torch may otherwise pick cuDNN for a masked call).
+            with sdpa_kernel(_CAPTURABLE_SDPA):
+                return _paged_decode(*args)
         out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
         if num_decode:
@@ -92,27 +119,38 @@ class TorchAttention(AttentionBackend):
 
     @staticmethod
     def _decode(q, k_cache, v_cache, meta, scale):
-        n, num_heads, head_dim = q.shape
-        block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
-        blocks_needed = -(-meta.max_context_len // block_size)
-        # index_select copies whole blocks; advanced indexing (k_cache[tables])
-        # computes an offset per element and is markedly slower on the CPU.
-        blocks = meta.block_tables[:n, :blocks_needed].reshape(-1)
-        keys = k_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-        positions = torch.arange(keys.shape[2], device=q.device)
-        mask = positions[None, :] < meta.context_lens[:n, None]
-        # The query heads sharing a KV head act as that head's query rows, so
-        # SDPA needs no enable_gqa: on the CPU its GQA path is several times
-        # slower in bf16. Query head h reads KV head h // group, as in HF's repeat_kv.
-        out = F.scaled_dot_product_attention(
-            q.view(n, kv_heads, num_heads // kv_heads, head_dim).to(keys.dtype),
-            keys,
-            values,
-            attn_mask=mask[:, None, None, :],
-            scale=scale,
-        )
-        return out.reshape(n, num_heads, head_dim).to(q.dtype)
+        n = q.shape[0]
+        blocks_needed = -(-meta.max_context_len // k_cache.shape[1])
+        tables = meta.block_tables[:n, :blocks_needed]
+        return _paged_decode(q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
+
+
+def _paged_decode(q, k_cache, v_cache, tables, context_lens, scale):
+    """One query token per row over all blocks of its table row, masked to its context.
+
+    Shapes depend only on q and tables, never on host values, so a CUDA graph
+    can capture it.
+    """
+    n, num_heads, head_dim = q.shape
+    kv_heads = k_cache.shape[2]
+    # index_select copies whole blocks; advanced indexing (k_cache[tables])
+    # computes an offset per element and is markedly slower on the CPU.
+    blocks = tables.reshape(-1)
+    keys = k_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+    values = v_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
+    positions = torch.arange(keys.shape[2], device=q.device)
+    mask = positions[None, :] < context_lens[:, None]
+    # The query heads sharing a KV head act as that head's query rows, so
+    # SDPA needs no enable_gqa: on the CPU its GQA path is several times
+    # slower in bf16. Query head h reads KV head h // group, as in HF's repeat_kv.
+    out = F.scaled_dot_product_attention(
+        q.view(n, kv_heads, num_heads // kv_heads, head_dim).to(keys.dtype),
+        keys,
+        values,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+    )
+    return out.reshape(n, num_heads, head_dim).to(q.dtype)
 
 
 def _prefix_sums(lengths: list[int]) -> list[int]:
@@ -160,6 +198,8 @@ class FlashAttention(AttentionBackend):
     """
 
     name = "flash_attn"
+    # flash_attn_with_kvcache reads each row's cache_seqlens tokens only.
+    decode_reads_whole_table = False
 
     def __init__(self) -> None:
         from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
@@ -169,7 +209,8 @@ class FlashAttention(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta, scale):
         write_kv(k, v, k_cache, v_cache, meta.slot_mapping)
-        if meta.max_query_len == 1:
+        if meta.fixed_shape_decode or meta.max_query_len == 1:
+            # Fixed shapes given fixed q and block_table: capturable in a CUDA graph.
             out = self._with_kvcache(
                 q.unsqueeze(1),
                 k_cache,
