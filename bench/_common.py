@@ -191,3 +191,31 @@ def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     rank = max(1, min(len(ordered), math.ceil(q / 100 * len(ordered))))
     return ordered[rank - 1]
+
+
+def parse_args_with_gate(parser: Any, argv: list[str] | None, repeat: bool = False) -> Any:
+    """Parse argv with an argparse parser, adding the options of a Gate first (--wait-quiet,
+    --max-others, --attempts and, with `repeat`, --repeat); the Gate they set is args.gate."""
+    parser.add_argument(
+        "--wait-quiet",
+        type=float,
+        default=0.0,
+        help="before each measurement, wait up to this many s for an idle machine",
+    )
+    parser.add_argument(
+        "--max-others",
+        type=float,
+        default=0.05,
+        help="measure again when other processes took more than this share of the CPUs",
+    )
+    parser.add_argument("--attempts", type=int, default=1, help="tries per measurement")
+    if repeat:
+        parser.add_argument(
+            "--repeat",
+            type=int,
+            default=1,
+            help="counted tries per measurement; the median is kept",
+        )
+    args = parser.parse_args(argv)
+    args.gate = Gate(args.wait_quiet, args.max_others, args.attempts, getattr(args, "repeat", 1))
+    return args

@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     DEFAULT_MODEL,
-    Gate,
     machine,
     make_engine,
     measured,
+    parse_args_with_gate,
     percentile,
     random_prompts,
     today,
@@ -78,10 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--wait-quiet", type=float, default=0.0, help="see bench/throughput.py")
-    parser.add_argument("--max-others", type=float, default=0.05)
-    parser.add_argument("--attempts", type=int, default=1)
-    args = parser.parse_args(argv)
+    args = parse_args_with_gate(parser, argv)
 
     from flashserve.engine.async_engine import AsyncEngine
 
@@ -98,9 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     engine.start()
     try:
         asyncio.run(drive(engine, prompts[:2], [0.0, 0.0], 8))  # warm-up
-        gate = Gate(args.wait_quiet, args.max_others, args.attempts)
         result, others = measured(
-            lambda: asyncio.run(drive(engine, prompts, gaps, args.output_len)), gate
+            lambda: asyncio.run(drive(engine, prompts, gaps, args.output_len)), args.gate
         )
     finally:
         engine.shutdown()

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (  # noqa: E402
     DEFAULT_MODEL,
     FIRST_ORDINARY_TOKEN,
-    Gate,
     machine,
     make_engine,
     measured,
+    parse_args_with_gate,
     percentile,
     today,
 )
@@ -65,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output-len", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--wait-quiet", type=float, default=0.0, help="see bench/throughput.py")
-    parser.add_argument("--max-others", type=float, default=0.05)
-    parser.add_argument("--attempts", type=int, default=1)
-    args = parser.parse_args(argv)
-    gate = Gate(args.wait_quiet, args.max_others, args.attempts)
+    args = parse_args_with_gate(parser, argv)
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     rng = random.Random(4)
@@ -92,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         for burst in (False, True):
             before = engine.stats()
             times, others = measured(
-                lambda b=burst, e=engine: ttfts(e, fresh(args.requests), args.output_len, b), gate
+                lambda b=burst, e=engine: ttfts(e, fresh(args.requests), args.output_len, b),
+                args.gate,
             )
             stats = engine.stats()
             hits = stats.prefix_hits - before.prefix_hits

@@ -53,57 +53,40 @@ def _tagged(title: str, tag: str, **fields: Any) -> dict[str, Any]:
     return _closed({"type": {"const": tag}, **fields}, ["type", *fields], title)
 
 
+def _open(properties: dict[str, Any], *required: str) -> dict[str, Any]:
+    """An object schema that allows keys it does not list (the message subtree)."""
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+def _part(tag: str, **fields: Any) -> dict[str, Any]:
+    """A content part: `{"type": <tag>, ...}` with every listed field required."""
+    return _open({"type": {"const": tag}, **fields}, "type", *fields)
+
+
 # The message subtree stays open (no additionalProperties) as REFERENCE.md asks:
 # clients round-trip extra keys such as `refusal` or `cache_control`.
 _CONTENT_PART = {
     "title": "ChatCompletionContentPart",
     "anyOf": [
-        {
-            "type": "object",
-            "properties": {"type": {"const": "text"}, "text": STRING},
-            "required": ["type", "text"],
-        },
-        {
-            "type": "object",
-            "properties": {
-                "type": {"const": "image_url"},
-                "image_url": {
-                    "type": "object",
-                    "properties": {"url": STRING, "detail": STRING},
-                    "required": ["url"],
-                },
-            },
-            "required": ["type", "image_url"],
-        },
-        {
-            "type": "object",
-            "properties": {
-                "type": {"const": "input_audio"},
-                "input_audio": {
-                    "type": "object",
-                    "properties": {"data": STRING, "format": STRING},
-                    "required": ["data", "format"],
-                },
-            },
-            "required": ["type", "input_audio"],
-        },
+        _part("text", text=STRING),
+        _part("image_url", image_url=_open({"url": STRING, "detail": STRING}, "url")),
+        _part(
+            "input_audio", input_audio=_open({"data": STRING, "format": STRING}, "data", "format")
+        ),
     ],
 }
 
-_TOOL_CALL = {
-    "type": "object",
-    "properties": {
+_TOOL_CALL = _open(
+    {
         "id": STRING,
         "type": {"const": "function"},
-        "function": {
-            "type": "object",
-            "properties": {"name": STRING, "arguments": STRING},
-            "required": ["name", "arguments"],
-        },
+        "function": _open({"name": STRING, "arguments": STRING}, "name", "arguments"),
         "index": INTEGER,
     },
-    "required": ["id", "type", "function"],
-}
+    "id",
+    "type",
+    "function",
+)
 
 DEFINITIONS: dict[str, dict[str, Any]] = {
     "ChatCompletionMessage": {

@@ -2,18 +2,17 @@
 
 The session's `truss_server` (tests/server_fixture.py) runs the production
 settings; tests that need others (a KV cache too small for their load, a short
-queue, an injected engine fault) start one of these instead:
+queue, an injected engine fault) start one of these instead, once per module:
 
-    @pytest.fixture(scope="module")
-    def small_server(request, tmp_path_factory):
-        with private_server(request, tmp_path_factory, {"max_queue_size": 4}) as server:
-            yield server
+    small_server = private_server_fixture({"max_queue_size": 4}, "small_server")
+
+    def test_queue(small_server: PrivateServer) -> None: ...
 """
 
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,3 +69,19 @@ def private_server(
         stop_process_group(proc)
         if request.session.testsfailed > failed_before:
             dump_log(request.config, log_path, f"{name}: tests failed")
+
+
+def private_server_fixture(
+    overrides: dict[str, Any], name: str
+) -> Callable[..., Iterator[PrivateServer]]:
+    """A module-scoped fixture called `name` that runs a private server with `overrides`;
+    assign it to that name in the test module."""
+
+    @pytest.fixture(scope="module", name=name)
+    def fixture(
+        request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+    ) -> Iterator[PrivateServer]:
+        with private_server(request, tmp_path_factory, overrides, name) as server:
+            yield server
+
+    return fixture

@@ -14,7 +14,6 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -35,7 +34,7 @@ from tests.ops_client import (
     stream_chat,
     wait_until,
 )
-from tests.private_server import PrivateServer, private_server
+from tests.private_server import PrivateServer, private_server_fixture
 
 pytest_plugins = ["tests.server_fixture"]
 slow = pytest.mark.slow
@@ -52,13 +51,7 @@ FAULT_OVERRIDES = {
     "fault_after_steps": FAULT_AFTER_STEPS,
 }
 
-
-@pytest.fixture(scope="module")
-def fault_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PrivateServer]:
-    with private_server(request, tmp_path_factory, FAULT_OVERRIDES, "fault_server") as server:
-        yield server
+fault_server = private_server_fixture(FAULT_OVERRIDES, "fault_server")
 
 
 def client(url: str, timeout: float = 120) -> httpx.AsyncClient:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 
 import httpx
 import psutil
 import pytest
 
 from tests.ops_client import engine_idle, sample, scrape, seeded, stream_chat, wait_until
-from tests.private_server import PrivateServer, private_server
+from tests.private_server import PrivateServer, private_server_fixture
 
 pytestmark = pytest.mark.slow
 
@@ -32,13 +31,7 @@ LOAD_OVERRIDES = {"kv_cache_memory_gb": KV_BLOCKS * 8192 / (1 << 30)}
 # 128 KB per request would show as 32 MiB per round of 256.
 RSS_SLACK_BYTES = 32 << 20
 
-
-@pytest.fixture(scope="module")
-def load_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[PrivateServer]:
-    with private_server(request, tmp_path_factory, LOAD_OVERRIDES, "load_server") as server:
-        yield server
+load_server = private_server_fixture(LOAD_OVERRIDES, "load_server")
 
 
 def prompt(i: int) -> list[dict[str, str]]:

@@ -12,7 +12,12 @@ from flashserve.api.schema import RequestValidator
 MESSAGES = [{"role": "user", "content": "hi"}]
 
 
-def params(body: dict, defaults: ModelDefaults | None = None, prompt_len: int = 10, max_model_len: int = 2048):
+def params(
+    body: dict,
+    defaults: ModelDefaults | None = None,
+    prompt_len: int = 10,
+    max_model_len: int = 2048,
+):
     body = RequestValidator().validate({"model": "m", "messages": MESSAGES, **body})
     return to_sampling_params(
         ChatRequest.model_validate(body),
@@ -24,7 +29,9 @@ def params(body: dict, defaults: ModelDefaults | None = None, prompt_len: int = 
 
 
 def test_null_optional_fields_mean_unset():
-    body = RequestValidator().validate({"model": "m", "messages": MESSAGES, "temperature": None, "stop": None, "seed": None})
+    body = RequestValidator().validate(
+        {"model": "m", "messages": MESSAGES, "temperature": None, "stop": None, "seed": None}
+    )
     assert body == {"model": "m", "messages": MESSAGES}
 
 

@@ -11,131 +11,27 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import jsonschema
-import openai
 import pytest
 from fastapi import HTTPException
 
-from flashserve.api.chat import ChatService
 from flashserve.api.prompt import render_prompt
 from flashserve.api.protocol import ChatRequest
-from flashserve.api.tool_grammar import grammar_schema
 from flashserve.api.tool_parsers import HermesToolParser
 from flashserve.api.tools import plan_tools
+from tests.tool_calling_cases import (
+    ASK,
+    NAMES,
+    SCHEMAS,
+    TOOLS,
+    assert_valid_calls,
+    eos_id,
+    plain,
+    request,
+    streamed_message,
+)
 from tests.tool_models import answer_all
 
-pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures", "tests.server_fixture"]
-
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "Current weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "city": {"type": "string", "minLength": 1, "maxLength": 8},
-                    "unit": {"enum": ["celsius", "fahrenheit"]},
-                },
-                "required": ["city"],
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "add",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "a": {"type": "integer", "minimum": -50, "maximum": 50},
-                    "b": {"type": "integer", "minimum": 0, "maximum": 9},
-                },
-                "required": ["a", "b"],
-                "additionalProperties": False,
-            },
-        },
-    },
-    {
-        "type": "function",
-        "function": {
-            "name": "search",
-            "parameters": {
-                "type": "object",
-                "properties": {
-                    "query": {"type": "string", "pattern": "^[a-z]{1,6}$"},
-                    "tags": {"type": "array", "items": {"enum": ["news", "web"]}, "maxItems": 2},
-                    "exact": {"type": "boolean"},
-                },
-                "required": ["query"],
-            },
-        },
-    },
-]
-SCHEMAS = {tool["function"]["name"]: tool["function"]["parameters"] for tool in TOOLS}
-ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-NAMES = ["hermes", "llama3", "mistral"]
-
-
-# --------------------------------------------------------------------------- fixtures
-
-
-def request(family: str, **fields: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {"model": "m", "messages": ASK, "tools": TOOLS, "max_tokens": 400}
-    if family == "hermes":
-        # Forced calls and thinking: the tests of thinking are in test_reasoning.py.
-        body["chat_template_args"] = {"enable_thinking": False}
-    body.update(fields)
-    return body
-
-
-def eos_id(service: ChatService) -> int:
-    return service.engine.engine.eos_token_ids[0]
-
-
-def assert_valid_calls(response: dict[str, Any], names: set[str]) -> list[dict[str, Any]]:
-    choice = response["choices"][0]
-    calls = choice["message"].get("tool_calls") or []
-    assert choice["finish_reason"] == "tool_calls", choice
-    assert calls and choice["message"]["content"] is None, choice
-    for call in calls:
-        assert call["type"] == "function" and call["id"].startswith("call_")
-        assert call["function"]["name"] in names
-        arguments = json.loads(call["function"]["arguments"])
-        jsonschema.validate(arguments, SCHEMAS[call["function"]["name"]])
-    return calls
-
-
-def streamed_message(events: list[Any]) -> tuple[str, list[dict[str, Any]], list[str]]:
-    """(content, calls, finish reasons) joined from a stream the way OpenAI clients do,
-    checking the shape of each tool-call delta on the way."""
-    content, calls, finishes = "", {}, []
-    for event in events:
-        if not isinstance(event, dict) or not event.get("choices"):
-            continue
-        choice = event["choices"][0]
-        delta = choice["delta"]
-        content += delta.get("content") or ""
-        assert "<tool_call>" not in content and "[TOOL_CALLS]" not in content
-        for piece in delta.get("tool_calls") or []:
-            if piece["index"] not in calls:
-                assert piece["id"].startswith("call_") and piece["type"] == "function"
-                calls[piece["index"]] = {
-                    "name": piece["function"]["name"],
-                    "arguments": piece["function"].get("arguments", ""),
-                }
-            else:
-                assert set(piece) == {"index", "function"}
-                assert set(piece["function"]) == {"arguments"}
-                calls[piece["index"]]["arguments"] += piece["function"]["arguments"]
-        if choice["finish_reason"]:
-            finishes.append(choice["finish_reason"])
-    return content, [calls[i] for i in sorted(calls)], finishes
-
-
-def plain(calls: list[dict[str, Any]]) -> list[dict[str, str]]:
-    return [{"name": c["function"]["name"], "arguments": c["function"]["arguments"]} for c in calls]
+pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
 
 
 # --------------------------------------------------------------------------- guarantees
@@ -423,85 +319,3 @@ def test_forced_call_grammar_lets_a_thinking_model_think_first(services) -> None
         assert accepted == ok, (thinking, text)
         if ok:
             assert matcher.accept_token(eos_id(service)) and matcher.is_terminated()
-
-
-def test_grammar_schema_bounds_strings_without_changing_what_validates() -> None:
-    schema = {
-        "properties": {
-            "a": {"type": "string", "maxLength": 4},
-            "b": {"type": "array", "items": {"type": "string", "minLength": 2}},
-            "c": {"type": "string", "maxLength": 3, "enum": ["x"]},
-        }
-    }
-    out = grammar_schema(schema)
-    assert out["type"] == "object" and "type" not in schema  # the request's copy is untouched
-    assert out["properties"]["a"] == {"type": "string", "pattern": '^[^"\\\\\\x00-\\x1f]{0,4}$'}
-    assert out["properties"]["b"]["items"]["pattern"].endswith("{2,}$")
-    assert out["properties"]["c"] == schema["properties"]["c"]
-
-
-# --------------------------------------------------------------------------- openai client
-
-
-@pytest.fixture(scope="module")
-def client(truss_server: str) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{truss_server}/v1", api_key="unused", max_retries=0, timeout=120
-    )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    "tool_choice",
-    [{"type": "function", "function": {"name": "get_weather"}}, "required"],
-    ids=["named", "required"],
-)
-def test_openai_client_tool_calls_streamed_and_not(client: openai.OpenAI, tool_choice) -> None:
-    kwargs = dict(
-        model="m", messages=ASK, tools=TOOLS, tool_choice=tool_choice, temperature=1, seed=11,
-        max_tokens=300, parallel_tool_calls=tool_choice == "required",
-    )  # fmt: skip
-    whole = client.chat.completions.create(**kwargs)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    calls = choice.message.tool_calls
-    assert calls and all(call.type == "function" and call.id.startswith("call_") for call in calls)
-    for call in calls:
-        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
-    if tool_choice != "required":
-        assert [call.function.name for call in calls] == ["get_weather"]
-
-    streamed: dict[int, dict[str, str]] = {}
-    finishes = []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        assert not delta.content
-        for piece in delta.tool_calls or []:
-            if piece.index not in streamed:
-                assert piece.id and piece.type == "function" and piece.function.name
-                streamed[piece.index] = {"name": piece.function.name, "arguments": ""}
-            streamed[piece.index]["arguments"] += piece.function.arguments or ""
-        if chunk.choices[0].finish_reason:
-            finishes.append(chunk.choices[0].finish_reason)
-    assert finishes == ["tool_calls"]
-    assert [streamed[i] for i in sorted(streamed)] == [
-        {"name": call.function.name, "arguments": call.function.arguments} for call in calls
-    ]
-
-
-def test_detokenizer_shows_the_format_markers_it_is_told_to_keep(sp_tokenizer) -> None:
-    from flashserve.api.detokenizer import IncrementalDetokenizer
-
-    text = '[TOOL_CALLS] [{"name": "f", "arguments": {}}]'
-    ids = sp_tokenizer.encode(text, add_special_tokens=False)
-    marker = sp_tokenizer.convert_tokens_to_ids("[TOOL_CALLS]")
-    assert ids[0] == marker
-
-    def run(keep: frozenset[int]) -> str:
-        detok = IncrementalDetokenizer(sp_tokenizer, [1, 3, 4], keep_special_ids=keep)
-        return "".join(detok.add_tokens([i]) for i in ids) + detok.flush()
-
-    assert run(frozenset()) == '[{"name": "f", "arguments": {}}]'
-    assert run(frozenset({marker})) == '[TOOL_CALLS][{"name": "f", "arguments": {}}]'

@@ -43,9 +43,15 @@ class EngineCollector:
         gauges = {
             "flashserve_queue_depth": ("Requests waiting for the engine", stats.num_waiting),
             "flashserve_running_sequences": ("Sequences in the running batch", stats.num_running),
-            "flashserve_kv_blocks_used": ("KV-cache blocks held by sequences", stats.kv_blocks_used),
+            "flashserve_kv_blocks_used": (
+                "KV-cache blocks held by sequences",
+                stats.kv_blocks_used,
+            ),
             "flashserve_kv_blocks_total": ("KV-cache blocks preallocated", stats.kv_blocks_total),
-            "flashserve_engine_healthy": ("1 while the engine loop is alive", int(self.async_engine.healthy)),
+            "flashserve_engine_healthy": (
+                "1 while the engine loop is alive",
+                int(self.async_engine.healthy),
+            ),
             "flashserve_requests_in_flight": (
                 "Requests holding an engine stream (waiting, running or being sent)",
                 self.async_engine.num_in_flight,
@@ -54,8 +60,14 @@ class EngineCollector:
         for name, (doc, value) in gauges.items():
             yield GaugeMetricFamily(name, doc, value=value)
         rate = stats.prefix_hits / stats.prefix_queries if stats.prefix_queries else 0.0
-        yield GaugeMetricFamily("flashserve_prefix_cache_hit_rate", "Share of full prompt blocks found cached", value=rate)
-        yield CounterMetricFamily("flashserve_preemptions", "Sequences preempted for KV space", value=stats.preemptions)
+        yield GaugeMetricFamily(
+            "flashserve_prefix_cache_hit_rate",
+            "Share of full prompt blocks found cached",
+            value=rate,
+        )
+        yield CounterMetricFamily(
+            "flashserve_preemptions", "Sequences preempted for KV space", value=stats.preemptions
+        )
 
 
 _collector: EngineCollector | None = None

@@ -83,6 +83,8 @@ def effective_top_p(p: SamplingParams, num_output_tokens: int) -> float:
 # Rows with 0 < top_k <= this draw from their top_k candidates alone: a topk()
 # over the vocabulary instead of a full sort, and noise for k tokens instead of
 # for the whole vocabulary (together most of a CPU decode step's sampling cost).
+# Rows with only a nucleus (top_p) do the same with this many candidates when
+# their nucleus fits inside them, which it nearly always does.
 CANDIDATE_TOP_K_LIMIT = 1024
 
 
@@ -91,22 +93,66 @@ def _draw(
 ) -> torch.Tensor:
     """One sampled token per row (greedy rows get one too; the caller ignores it).
 
-    Which path a row takes depends only on its own top_k, never on the rest of
-    the batch, so a seeded request draws the same tokens in any batch.
+    Which path a row takes depends only on its own settings and logits, never on
+    the rest of the batch, so a seeded request draws the same tokens in any batch.
     """
     limit = min(CANDIDATE_TOP_K_LIMIT, logits.shape[-1])
     small = [0 < s.params.top_k <= limit for s in seqs]
+    whole_vocab_norm = _nucleus_within_candidates(logits, seqs, top_p, small, limit)
+    ks = [limit if whole else s.params.top_k for s, whole in zip(seqs, whole_vocab_norm)]
+    small = [a or b for a, b in zip(small, whole_vocab_norm)]
+    for i, seq in enumerate(seqs):
+        if seq.params.greedy:  # the caller takes the argmax: any cheap draw will do
+            small[i], ks[i] = True, 1
     if all(small):
-        return _draw_from_top_k(logits, seqs, top_p, device)
+        return _draw_from_top_k(logits, seqs, top_p, ks, whole_vocab_norm, device)
     if not any(small):
         return _draw_from_vocab(logits, seqs, top_p, device)
     out = torch.empty(len(seqs), dtype=torch.long, device=device)
-    for wanted, draw in ((True, _draw_from_top_k), (False, _draw_from_vocab)):
+    for wanted in (True, False):
         rows = [i for i, s in enumerate(small) if s == wanted]
         index = torch.tensor(rows, device=device)
         picked = [seqs[i] for i in rows]
-        out[index] = draw(logits.index_select(0, index), picked, [top_p[i] for i in rows], device)
+        row_top_p = [top_p[i] for i in rows]
+        sub = logits.index_select(0, index)
+        if wanted:
+            row_ks = [ks[i] for i in rows]
+            row_norm = [whole_vocab_norm[i] for i in rows]
+            out[index] = _draw_from_top_k(sub, picked, row_top_p, row_ks, row_norm, device)
+        else:
+            out[index] = _draw_from_vocab(sub, picked, row_top_p, device)
     return out
+
+
+def _nucleus_within_candidates(
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    top_p: list[float],
+    small: list[bool],
+    limit: int,
+) -> list[bool]:
+    """Rows with a nucleus but no top-k whose nucleus lies within their `limit` best tokens.
+
+    Such a row can draw from those candidates alone -- exactly, as long as its
+    top-p mass is measured against the whole vocabulary -- instead of sorting
+    the vocabulary. (min-p rows renormalise after min-p, so they keep the sort.)
+    """
+    rows = [
+        i
+        for i, s in enumerate(seqs)
+        if not small[i] and top_p[i] < 1.0 and s.params.min_p == 0 and not s.params.greedy
+    ]
+    fits = [False] * len(seqs)
+    if not rows:
+        return fits
+    sub = logits.index_select(0, torch.tensor(rows, device=logits.device))
+    best = sub.topk(limit, dim=-1, sorted=False).values
+    mass = (best - sub.logsumexp(dim=-1, keepdim=True)).exp().sum(dim=-1)
+    # A hair of margin: the draw's cumulative sum must cross top_p inside the candidates.
+    wanted = torch.tensor([top_p[i] for i in rows], device=logits.device) + 1e-4
+    for i, ok in zip(rows, (mass >= wanted).tolist()):
+        fits[i] = ok
+    return fits
 
 
 def _draw_from_vocab(
@@ -122,11 +168,19 @@ def _draw_from_vocab(
 
 
 def _draw_from_top_k(
-    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    top_p: list[float],
+    ks: list[int],
+    whole_vocab_norm: list[bool],
+    device: torch.device,
 ) -> torch.Tensor:
-    """The same truncation as _truncate (top-k, min-p, top-p), on each row's k best tokens."""
+    """The same truncation as _truncate (top-k, min-p, top-p), on each row's k best tokens.
+
+    Rows marked `whole_vocab_norm` have no top-k of their own: their nucleus is
+    measured against the whole vocabulary's mass, as _truncate would.
+    """
     params = [s.params for s in seqs]
-    ks = [p.top_k for p in params]
     values, candidates = logits.topk(max(ks), dim=-1)  # sorted, best first
     ranks = torch.arange(values.shape[-1], device=device)[None, :]
     drop = ranks >= torch.tensor(ks, device=device)[:, None]
@@ -136,6 +190,10 @@ def _draw_from_top_k(
         drop |= values - values[:, :1] < log_min_p
     if any(tp < 1.0 for tp in top_p):
         probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
+        if any(whole_vocab_norm):
+            whole = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
+            rows = torch.tensor(whole_vocab_norm, device=device)[:, None]
+            probs = torch.where(rows, whole, probs)
         nucleus = torch.tensor(top_p, device=device)[:, None]
         drop |= (probs.cumsum(dim=-1) - probs >= nucleus) & (nucleus < 1.0)
     drop[:, 0] = False

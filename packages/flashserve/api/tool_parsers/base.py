@@ -100,7 +100,7 @@ class _Call:
 # Outcomes of ToolParser._scan_open_call.
 CALL_DONE = "done"
 NOT_A_CALL = "not_a_call"
-CALL_BROKEN = "broken"
+CALL_BROKEN = "broken"  # the parser now skips the rest of the response (_skip_rest)
 
 
 class ToolParser(ABC):
@@ -124,6 +124,7 @@ class ToolParser(ABC):
         self._call: _Call | None = None
         self._out = ParsedText()
         self._stopped = False
+        self._skipping = False  # a sent call broke off: the rest of the text is dropped
 
     @property
     def exhausted(self) -> bool:
@@ -133,15 +134,16 @@ class ToolParser(ABC):
     # -- the public interface -------------------------------------------------------
 
     def feed(self, text: str) -> ParsedText:
-        if not self._stopped:
+        if not (self._stopped or self._skipping):
             self._buffer += text
             self._parse(final=False)
         return self._take()
 
     def finish(self) -> ParsedText:
-        """The response ended: release everything held back."""
+        """The response ended: release everything held back (but what is skipped)."""
         if not self._stopped:
-            self._parse(final=True)
+            if not self._skipping:  # else the buffer is empty: _skip_rest cleared it
+                self._parse(final=True)
             if self._call is not None:
                 self._close_call(truncated=True)
             self._out.content += self._gate.release()
@@ -197,8 +199,8 @@ class ToolParser(ABC):
 
     def _scan_open_call(self) -> str | None:
         """Feed the buffer to the open call. Returns CALL_DONE (a call ended), NOT_A_CALL
-        (its text went back to content), CALL_BROKEN (a call already sent broke off)
-        or None (more text needed)."""
+        (its text went back to content), CALL_BROKEN (a call already sent broke off: the
+        rest of the response is skipped) or None (more text needed)."""
         call = self._call
         assert call is not None
         used = self._feed_call(self._buffer)
@@ -211,8 +213,16 @@ class ToolParser(ABC):
                 # read afresh (as it would be had it arrived in a later chunk).
                 self._close_call()
                 return NOT_A_CALL
+            self._skip_rest()
             return CALL_BROKEN
         return None
+
+    def _skip_rest(self) -> None:
+        """A call already sent broke off: drop the rest of its markup, and everything
+        after it, up to the end of the response (the open call stays open, and
+        `finish` closes it as cut off)."""
+        self._skipping = True
+        self._buffer = ""
 
     def _absorb(self, text: str) -> None:
         """Markup of the open call that the scanner did not read (after its object ended

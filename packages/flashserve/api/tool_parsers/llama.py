@@ -11,11 +11,9 @@ from __future__ import annotations
 from typing import Any
 
 from flashserve.api.tool_parsers.base import (
-    CALL_BROKEN,
     CALL_DONE,
     NOT_A_CALL,
     Literal,
-    ParsedText,
     ToolParser,
     json_call_options,
     repeated,
@@ -27,7 +25,6 @@ _START = "start"  # nothing but whitespace so far: a call may begin
 _TEXT = "text"  # plain content from here on (a <|python_tag|> may still open calls)
 _CALL = "call"
 _NEXT = "next"  # after a call: ";" or "{" for another, anything else is content
-_SKIP = "skip"  # a call broke after it was sent: drop the rest of it
 
 
 class Llama3JsonToolParser(ToolParser):
@@ -49,8 +46,6 @@ class Llama3JsonToolParser(ToolParser):
             where = self._where
             if where == _CALL:
                 self._read_call()
-            elif where == _SKIP:
-                self._buffer = ""
             elif where == _TEXT:
                 self._text(final)
                 if self._where == _TEXT:
@@ -94,18 +89,11 @@ class Llama3JsonToolParser(ToolParser):
             self._where = _START
 
     def _read_call(self) -> None:
-        outcome = self._scan_open_call()
+        outcome = self._scan_open_call()  # a broken call skips the rest (base.py)
         if outcome == CALL_DONE:
             self._where = _NEXT
         elif outcome == NOT_A_CALL:
             self._where = _TEXT
-        elif outcome == CALL_BROKEN:
-            self._where = _SKIP
-
-    def finish(self) -> ParsedText:
-        if self._where == _SKIP:
-            self._buffer = ""
-        return super().finish()
 
     @classmethod
     def call_format(

@@ -10,11 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from flashserve.api.tool_parsers.base import (
-    CALL_BROKEN,
     CALL_DONE,
     NOT_A_CALL,
     Literal,
-    ParsedText,
     ToolParser,
     const,
     json_call_options,
@@ -29,7 +27,6 @@ _LIST = "list"  # expecting "[" (or a bare "{")
 _ITEM = "item"  # inside the array, expecting "{" or "]"
 _CALL = "call"  # inside a call object
 _NEXT = "next"  # after a call in the array: "," or "]"
-_SKIP = "skip"  # the array broke after a call was sent: drop the rest of the markup
 
 
 class MistralToolParser(ToolParser):
@@ -52,7 +49,7 @@ class MistralToolParser(ToolParser):
                 if self._where is None:
                     return
                 continue
-            if where in (_CALL, _SKIP):
+            if where == _CALL:
                 self._read_call()
                 continue
             stripped = self._buffer.lstrip()
@@ -89,30 +86,20 @@ class MistralToolParser(ToolParser):
         self._buffer = self._buffer[1:]
 
     def _read_call(self) -> None:
-        if self._where == _SKIP:
-            self._buffer = ""
-            return
-        outcome = self._scan_open_call()
+        outcome = self._scan_open_call()  # a broken call skips the rest (base.py)
         if outcome == CALL_DONE:
             self._where = _NEXT if self._in_array else None
         elif outcome == NOT_A_CALL:
             self._where = None
-        elif outcome == CALL_BROKEN:
-            self._where = _SKIP
 
     def _give_back(self) -> None:
         """Not the list syntax: the markup read so far and what follows are content
         (after a call was sent, the broken rest is dropped)."""
         if self.num_calls and self._where == _NEXT:
-            self._where = _SKIP
+            self._skip_rest()
             return
         self._content(self._markup)
         self._markup, self._where = "", None
-
-    def finish(self) -> ParsedText:
-        if self._where == _SKIP:
-            self._buffer = ""
-        return super().finish()
 
     @classmethod
     def call_format(
