@@ -5,7 +5,8 @@
 
 W1: 64 requests of 128 random prompt tokens, 128 output tokens each (ignore_eos;
 temperature 0.8, top_p 0.95, top_k 50 -- transformers' and the chat API's
-default top_k, given to every system so they all sample the same way), all
+default top_k, given to every system so they all sample the same way; --top-k -1
+switches top-k off everywhere, top_p alone as the issue words W1), all
 submitted at once, on the model from bench/make_bench_model.py.
 
 - engine:    LLMEngine offline, add_request all, step until done.
@@ -38,7 +39,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODEL, Gate, machine, random_prompts, today  # noqa: E402
+from _common import (  # noqa: E402
+    DEFAULT_MODEL,
+    machine,
+    parse_args_with_gate,
+    random_prompts,
+    today,
+)
 from w1 import Result, Workload, bench_engine  # noqa: E402
 from w1_baselines import bench_hf_batch, bench_hf_serial, bench_vllm  # noqa: E402
 from w1_server import bench_server  # noqa: E402
@@ -150,22 +157,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sweep", default="", help="concurrencies to sweep, e.g. 1,4,16,64")
     parser.add_argument("--install-vllm", action="store_true")
     parser.add_argument(
-        "--wait-quiet",
-        type=float,
-        default=0.0,
-        help="before each measurement, wait up to this many s for an idle machine",
-    )
-    parser.add_argument(
-        "--max-others",
-        type=float,
-        default=0.05,
-        help="measure again when other processes took more than this share of the CPUs",
-    )
-    parser.add_argument("--attempts", type=int, default=1, help="tries per measurement")
-    parser.add_argument(
-        "--repeat", type=int, default=1, help="counted tries per measurement; the median is kept"
-    )
-    parser.add_argument(
         "--omp-passive",
         action="store_true",
         help="OMP_WAIT_POLICY=PASSIVE for every system (see bench/RESULTS.md: shared machines)",
@@ -179,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         help="offline engine runs share the CPUs with a process busy this share of a core",
     )
     parser.add_argument("--plot-from", type=Path, default=None, help="redraw from a --json-out")
-    args = parser.parse_args(argv)
+    args = parse_args_with_gate(parser, argv, repeat=True)
     if args.plot_from:
         payload = json.loads(args.plot_from.read_text())
         fields = {f for f in Result.__dataclass_fields__}
@@ -205,7 +196,6 @@ def main(argv: list[str] | None = None) -> int:
         args.top_p,
         args.top_k,
     )
-    args.gate = Gate(args.wait_quiet, args.max_others, args.attempts, args.repeat)
     header = (
         f"W1 {today()} on {machine()}: {args.requests} x ({args.prompt_len} prompt + "
         f"{args.output_len} output) tokens, T={args.temperature} top_p={args.top_p} "

@@ -42,7 +42,7 @@ def _hf_generate(model: Any, prompts: list[list[int]], work: Workload) -> int:
             do_sample=True,
             temperature=work.temperature,
             top_p=work.top_p,
-            top_k=work.top_k,
+            top_k=max(work.top_k, 0),  # 0 switches top-k off in transformers
             max_new_tokens=work.output_len,
             min_new_tokens=work.output_len,  # transformers' way of ignoring EOS
             pad_token_id=0,
