@@ -4,7 +4,7 @@
 
 "before" swaps back in, for the duration of its run, what the engine did before
 those changes: a full-vocabulary sort and noise for every sampled row (the top-k
-candidate path switched off) and decode attention over k_cache[tables] with
+candidate path and the radix-select truncation switched off) and decode attention over k_cache[tables] with
 SDPA's enable_gqa. Everything else is today's code, so the difference is those
 two changes alone.
 """
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     from flashserve.layers import attention
 
     new_decode, new_limit = attention.TorchAttention._decode, sampler.CANDIDATE_TOP_K_LIMIT
+    new_vocab_draw = sampler._draw_from_vocab
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     work = Workload(random_prompts(64, 128, vocab), 128, 0.8, 0.95, 50)
     gate = Gate(args.wait_quiet, 0.05, 4, args.repeat)
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, decode, limit in (("before", _old_decode, 0), ("after", new_decode, new_limit)):
             attention.TorchAttention._decode = staticmethod(decode)
             sampler.CANDIDATE_TOP_K_LIMIT = limit
+            # The old whole-vocabulary draw: a sort and exponential_ (kept for accelerators).
+            sampler._draw_from_vocab = new_vocab_draw if limit else sampler._draw_by_sort
             run_engine(engine, Workload(work.prompts[:2], 4, 0.8, 0.95, 50), 2)  # warm-up
             (tokens, wall), _ = measured(
                 lambda e=engine: run_engine(e, work, 64), gate, lambda v: v[1]
@@ -69,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             rates[label] = tokens / wall
         attention.TorchAttention._decode = new_decode
         sampler.CANDIDATE_TOP_K_LIMIT = new_limit
+        sampler._draw_from_vocab = new_vocab_draw
         before, after = rates["before"], rates["after"]
         print(f"| {dtype} | {before:.0f} | {after:.0f} | {after / before:.1f}x |", flush=True)
     return 0

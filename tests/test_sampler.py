@@ -149,33 +149,195 @@ def test_banned_tokens_never_appear_over_many_sampled_tokens(model_dir, engine):
     assert not any(contains_run(toks, pair) for toks in phrased.values())
 
 
-def test_a_nucleus_without_top_k_is_drawn_from_candidates_exactly():
-    from flashserve.engine.sampler import (
-        CANDIDATE_TOP_K_LIMIT,
-        _nucleus_within_candidates,
-        _truncate,
+# -- the whole-vocabulary path: radix-select cut-off, inverse-CDF draw -------------
+
+
+def _shapes(vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Logits of four kinds: peaked; flat (a nucleus of thousands of tokens: it does
+    not fit in the best 1024); bfloat16-quantised (many tokens tie at any cut-off);
+    constant (every token ties)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "peaked": torch.randn(vocab, generator=g) * 5,
+        "flat": torch.randn(vocab, generator=g) * 0.5,
+        "ties": (torch.randn(vocab, generator=g) * 2).bfloat16().float(),
+        "constant": torch.zeros(vocab),
+    }
+
+
+def _mixed_batch(vocab: int, seed: int, top_ps, min_ps, top_ks, shapes=None):
+    """Every shape (or those named) under every setting, one row each, in one batch."""
+    rows, settings = [], []
+    for name, logits in _shapes(vocab, seed).items():
+        if shapes is not None and name not in shapes:
+            continue
+        for tp in top_ps:
+            for mp in min_ps:
+                for k in top_ks:
+                    rows.append(logits)
+                    settings.append(SamplingParams(temperature=1.0, top_p=tp, min_p=mp, top_k=k))
+    return torch.stack(rows), settings
+
+
+def _nucleus_f64(probs: torch.Tensor, params: SamplingParams, top_p: float):
+    """_truncate's rule with its sums in float64 (probs: min-p applied): how many
+    tokens it keeps, and how close to the target the running mass passes there."""
+    ranked = probs.double().sort(descending=True).values
+    if 0 < params.top_k < ranked.numel():
+        ranked[params.top_k :] = 0
+    if top_p >= 1.0:
+        return int((ranked > 0).sum()), 1.0
+    before = ranked.cumsum(0) - ranked
+    target = top_p * ranked.sum()
+    keep = before < target
+    keep[0] = True
+    n = int(keep.sum())
+    slack = min(float(target - before[n - 1]), float(before[min(n, len(before) - 1)] - target))
+    return n, slack
+
+
+def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch):
+    """The nucleus, top-k and min-p as _truncate defines them, found without a sort."""
+    from flashserve.engine import truncation
+    from flashserve.engine.truncation import kept_probs as _kept_probs
+    from flashserve.engine.truncation import truncate_logits as _truncate
+
+    vocab = 32768
+    logits, params = _mixed_batch(
+        vocab, 1, top_ps=(0.5, 0.9, 0.95, 0.99, 1.0), min_ps=(0.0, 0.05), top_ks=(-1, 3000)
     )
+    top_p = [p.top_p for p in params]
+    kept = _kept_probs(logits, params, top_p)[0]
+    reference = _truncate(logits, params, top_p, "cpu") > float("-inf")
+    probs = torch.softmax(logits, dim=-1)
+    for row, p in enumerate(params):
+        ours = kept[row] > 0
+        # Exactly as many tokens as the rule keeps (its sums in float64) ...
+        min_p_probs = probs[row].masked_fill(probs[row] < probs[row].max() * p.min_p, 0.0)
+        count, slack = _nucleus_f64(min_p_probs, p, p.top_p)
+        assert int(ours.sum()) == count, (row, p)
+        # ... and the same tokens as _truncate's sort: any difference lies among tokens
+        # that tie with the cut-off, which a sort orders arbitrarily ...
+        boundary = probs[row][ours].min()
+        differ = ours ^ reference[row]
+        assert bool((probs[row][differ] == boundary).all()), (row, p)
+        # ... and as many, unless _truncate's float32 running sum passes the target
+        # within its rounding of where the exact one does.
+        if int(reference[row].sum()) != count:
+            assert abs(int(reference[row].sum()) - count) == 1 and slack < 1e-5, (row, p)
+        # The kept tokens are renormalised as _truncate's softmax would give them.
+        if not differ.any():
+            expected = torch.softmax(_truncate(logits[row : row + 1], [p], [p.top_p], "cpu"), -1)
+            assert torch.allclose(kept[row] / kept[row].sum(), expected[0], rtol=1e-4, atol=1e-9)
+    # The radix select's two ways past its first pass (gathering the keys of the crossing
+    # bins, or histogramming all keys again) give the same bits: it may pick either.
+    for share in (0.0, 2.0):
+        monkeypatch.setattr(truncation, "RADIX_GATHER_SHARE", share)
+        assert torch.equal(_kept_probs(logits, params, top_p)[0], kept)
 
-    vocab, draws = 32768, 4000
+
+def _groups(want: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:
+    """Each token's group: the kept tokens above the cut-off by rank, best first, in
+    `groups` groups; then those that tie with the cut-off (a sort and the radix
+    select may keep different ones of these); then the dropped ones."""
+    kept = want > 0
+    tied = probs == probs[kept].min()
+    above = kept & ~tied
+    group = torch.full(want.shape, groups + 1, dtype=torch.long)
+    group[tied] = groups
+    order = torch.where(above, want, -1.0).argsort(descending=True)[: int(above.sum())]
+    group[order] = torch.arange(len(order)) * groups // max(len(order), 1)
+    return group
+
+
+def test_the_vocabulary_path_draws_the_renormalised_nucleus():
+    """Empirical rates over many draws against softmax(_truncate(logits)), batch mixed."""
+    from flashserve.engine.truncation import truncate_logits as _truncate
+
+    torch.manual_seed(0)
+    vocab, repeats, calls, groups = 4096, 25, 160, 16  # 4,000 draws a setting
+    logits, params = _mixed_batch(
+        vocab,
+        2,
+        top_ps=(0.5, 0.95),
+        min_ps=(0.0, 0.05),
+        top_ks=(-1, 1500),
+        shapes=("peaked", "flat", "ties"),  # constant rows: the cut-off test covers them
+    )
+    top_p = [p.top_p for p in params]
+    expected = torch.softmax(_truncate(logits, params, top_p, "cpu"), dim=-1)
     sampler = Sampler(torch.device("cpu"), vocab, ())
-    peaked = torch.randn(vocab, generator=torch.Generator().manual_seed(5)) * 5
-    flat = torch.zeros(vocab)  # the nucleus spans ~90% of the vocabulary
-    params = dict(temperature=1.0, top_k=-1, top_p=0.9)
-    seqs = [seq_with([1], [], **params) for _ in range(draws)]
-    half = draws // 2
-    logits = torch.cat([peaked.repeat(half, 1), flat.repeat(draws - half, 1)])
-    top_p = [0.9] * draws
-    fits = _nucleus_within_candidates(logits, seqs, top_p, [False] * draws, CANDIDATE_TOP_K_LIMIT)
-    assert fits == [True] * half + [False] * (draws - half)
+    seqs = [seq_with([1], [], **vars(p)) for p in params] * repeats
+    batch = logits.repeat(repeats, 1)
+    counts = torch.zeros(len(params), vocab)
+    for _ in range(calls):
+        tokens = torch.tensor(sampler(batch, seqs).token_ids).view(repeats, len(params))
+        counts.scatter_add_(1, tokens.T, torch.ones(len(params), repeats))
+    draws = repeats * calls
+    for row, p in enumerate(params):
+        want, probs = expected[row], torch.softmax(logits[row], dim=-1)
+        group = _groups(want, probs, groups)
+        got = torch.zeros(groups + 2).scatter_add_(0, group, counts[row] / draws)
+        rate = torch.zeros(groups + 2).scatter_add_(0, group, want)
+        assert got[-1] == 0, (row, p)  # never a token outside the nucleus
+        assert (got - rate).abs().sum() / 2 < 0.06, (row, p, (got - rate).abs().sum() / 2)
 
-    tokens = sampler(logits, seqs).token_ids
-    # Peaked rows: only the nucleus that a full sort finds, at its renormalised rates.
-    nucleus = torch.softmax(_truncate(peaked[None], [seqs[0].params], [0.9], "cpu")[0], dim=-1)
-    counts = Counter(tokens[:half])
-    assert all(nucleus[t] > 0 for t in counts)
-    observed = torch.zeros(vocab)
-    for t, n in counts.items():
-        observed[t] = n / half
-    assert (observed - nucleus).abs().sum() / 2 < 0.1  # total variation, 2,000 draws
-    # Flat rows take the whole-vocabulary path: far more than the candidates appear.
-    assert len(set(tokens[half:])) > CANDIDATE_TOP_K_LIMIT
+
+def test_seeded_rows_draw_the_same_tokens_alone_and_in_a_mixed_batch():
+    """The vocabulary path with a seed is batch-independent, also for rows longer
+    than torch's grain size (whose plain sum, alone, torch splits among threads)."""
+    vocab, steps = 50000, 12
+    sampler = Sampler(torch.device("cpu"), vocab, ())
+    seeded = [
+        dict(temperature=1.0, top_p=0.9, seed=1),
+        dict(temperature=1.3, top_p=0.95, min_p=0.05, seed=2),
+        dict(temperature=1.0, top_k=3000, top_p=0.9, seed=3),
+        dict(temperature=1.0, seed=4),
+    ]
+    others = [
+        dict(temperature=0.0),
+        dict(temperature=1.0, top_k=20),
+        dict(temperature=0.8, top_p=0.5),
+        dict(temperature=1.0, min_p=0.1),
+        dict(temperature=1.0, top_p=0.9),
+    ]
+    g = torch.Generator().manual_seed(7)
+    shapes = [torch.randn(vocab, generator=g) * s for s in (0.5, 1.0, 3.0)]
+    shapes.append((torch.randn(vocab, generator=g) * 2).bfloat16().float())  # ties
+
+    def run(settings: list[dict]) -> list[list[int]]:
+        seqs = [seq_with([1], [], **s) for s in settings]
+        for seq, s in zip(seqs, settings):
+            if "seed" in s:
+                seq.generator = torch.Generator().manual_seed(s["seed"])
+        steps_out = [
+            sampler(shapes[t % len(shapes)].repeat(len(seqs), 1), seqs).token_ids
+            for t in range(steps)
+        ]
+        return [list(row) for row in zip(*steps_out)]
+
+    alone = [run([s])[0] for s in seeded]
+    mixed = others[:2] + seeded[:2] + others[2:] + seeded[2:]
+    together = run(mixed)
+    assert [together[mixed.index(s)] for s in seeded] == alone
+    assert len({tuple(tokens) for tokens in alone}) == len(alone)  # the seeds matter
+    # A model's logits for a request differ in their last bits with the batch around
+    # it; the draw must not amplify that (as an inverse CDF over the vocabulary would:
+    # rounding anywhere before a token moves its interval).
+    for shape in shapes:
+        shape.mul_(1 + 3e-7 * torch.randn(vocab, generator=g))
+    assert [run([s])[0] for s in seeded] == alone
+
+
+def test_the_accelerator_path_draws_inside_the_same_nucleus():
+    """_draw_by_sort (a sort and the exponential race: what non-CPU devices run)."""
+    from flashserve.engine.sampler import _draw_by_sort
+    from flashserve.engine.truncation import truncate_logits as _truncate
+
+    logits, params = _mixed_batch(4096, 3, top_ps=(0.5, 0.95), min_ps=(0.0, 0.05), top_ks=(-1,))
+    top_p = [p.top_p for p in params]
+    allowed = _truncate(logits, params, top_p, "cpu") > float("-inf")
+    seqs = [seq_with([1], [], **vars(p)) for p in params]
+    for _ in range(20):
+        tokens = _draw_by_sort(logits, seqs, top_p, torch.device("cpu"))
+        assert bool(allowed.gather(1, tokens[:, None]).all())

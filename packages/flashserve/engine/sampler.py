@@ -18,10 +18,13 @@ request's t-th output token is max(top_p_min, top_p * top_p_decay**t). With
 the default decay of 1 it is just max(top_p, top_p_min).
 
 Draw: greedy rows take the argmax. Sampled rows use the exponential race
-(argmax of p / E with E ~ Exp(1)), which picks token i with probability p_i.
-Requests with a seed draw E from their own generator, and every stage leaves
-a row that does not ask for it bit-for-bit unchanged, so a seeded request's
-tokens do not depend on what else is in the batch.
+(argmax of p / E with E ~ Exp(1)), which picks token i with probability p_i:
+rows with a small top-k over their k candidates, all others over the whole
+vocabulary, their top-k / nucleus cut-off found by a radix select instead of a
+sort (on the CPU; _draw_from_vocab). Requests with a seed draw E from their own
+generator, and every stage leaves a row that does not ask for it bit-for-bit
+unchanged, so a seeded request's tokens do not depend on what else is in the
+batch.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from flashserve.engine.logits_processors import apply_logits_processors
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence, TokenLogprob
+from flashserve.engine.truncation import kept_probs, truncate_logits
 
 
 @dataclass
@@ -81,10 +85,11 @@ def effective_top_p(p: SamplingParams, num_output_tokens: int) -> float:
 
 
 # Rows with 0 < top_k <= this draw from their top_k candidates alone: a topk()
-# over the vocabulary instead of a full sort, and noise for k tokens instead of
-# for the whole vocabulary (together most of a CPU decode step's sampling cost).
-# Rows with only a nucleus (top_p) do the same with this many candidates when
-# their nucleus fits inside them, which it nearly always does.
+# over the vocabulary and noise for k tokens. All other sampled rows (a nucleus,
+# min-p, a larger top-k, or none of them) take _draw_from_vocab: on the CPU a
+# radix select for the cut-off, never a sort of the vocabulary. (A nucleus that
+# fits within the top 1024 tokens used to take the candidates' path; the radix
+# select costs less than finding that out, and covers any nucleus.)
 CANDIDATE_TOP_K_LIMIT = 1024
 
 
@@ -93,19 +98,17 @@ def _draw(
 ) -> torch.Tensor:
     """One sampled token per row (greedy rows get one too; the caller ignores it).
 
-    Which path a row takes depends only on its own settings and logits, never on
-    the rest of the batch, so a seeded request draws the same tokens in any batch.
+    Which path a row takes depends only on its own settings, never on the rest of
+    the batch, so a seeded request draws the same tokens in any batch.
     """
     limit = min(CANDIDATE_TOP_K_LIMIT, logits.shape[-1])
     small = [0 < s.params.top_k <= limit for s in seqs]
-    whole_vocab_norm = _nucleus_within_candidates(logits, seqs, top_p, small, limit)
-    ks = [limit if whole else s.params.top_k for s, whole in zip(seqs, whole_vocab_norm)]
-    small = [a or b for a, b in zip(small, whole_vocab_norm)]
+    ks = [s.params.top_k for s in seqs]
     for i, seq in enumerate(seqs):
         if seq.params.greedy:  # the caller takes the argmax: any cheap draw will do
             small[i], ks[i] = True, 1
     if all(small):
-        return _draw_from_top_k(logits, seqs, top_p, ks, whole_vocab_norm, device)
+        return _draw_from_top_k(logits, seqs, top_p, ks, device)
     if not any(small):
         return _draw_from_vocab(logits, seqs, top_p, device)
     out = torch.empty(len(seqs), dtype=torch.long, device=device)
@@ -117,49 +120,53 @@ def _draw(
         sub = logits.index_select(0, index)
         if wanted:
             row_ks = [ks[i] for i in rows]
-            row_norm = [whole_vocab_norm[i] for i in rows]
-            out[index] = _draw_from_top_k(sub, picked, row_top_p, row_ks, row_norm, device)
+            out[index] = _draw_from_top_k(sub, picked, row_top_p, row_ks, device)
         else:
             out[index] = _draw_from_vocab(sub, picked, row_top_p, device)
     return out
 
 
-def _nucleus_within_candidates(
-    logits: torch.Tensor,
-    seqs: list[Sequence],
-    top_p: list[float],
-    small: list[bool],
-    limit: int,
-) -> list[bool]:
-    """Rows with a nucleus but no top-k whose nucleus lies within their `limit` best tokens.
-
-    Such a row can draw from those candidates alone -- exactly, as long as its
-    top-p mass is measured against the whole vocabulary -- instead of sorting
-    the vocabulary. (min-p rows renormalise after min-p, so they keep the sort.)
-    """
-    rows = [
-        i
-        for i, s in enumerate(seqs)
-        if not small[i] and top_p[i] < 1.0 and s.params.min_p == 0 and not s.params.greedy
-    ]
-    fits = [False] * len(seqs)
-    if not rows:
-        return fits
-    sub = logits.index_select(0, torch.tensor(rows, device=logits.device))
-    best = sub.topk(limit, dim=-1, sorted=False).values
-    mass = (best - sub.logsumexp(dim=-1, keepdim=True)).exp().sum(dim=-1)
-    # A hair of margin: the draw's cumulative sum must cross top_p inside the candidates.
-    wanted = torch.tensor([top_p[i] for i in rows], device=logits.device) + 1e-4
-    for i, ok in zip(rows, (mass >= wanted).tolist()):
-        fits[i] = ok
-    return fits
-
-
 def _draw_from_vocab(
     logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
 ) -> torch.Tensor:
+    """Truncate as truncate_logits does, without its sort, then the exponential race.
+
+    On the CPU a sort of [B, V] is slow, and so is exponential_(): the truncation
+    zeroes the dropped tokens' probabilities in place (kept_probs), and the race's
+    noise E = -log U takes uniforms (a fraction of exponential_'s cost), drawn into
+    the truncation's spent work buffer. Seeded rows draw U from their own generator.
+
+    Not inverse-CDF sampling (one uniform a row, the token where the running sum of
+    the probabilities passes it), though it costs less still: which token that
+    picks moves with rounding anywhere before it in the vocabulary, and a model's
+    logits for a request differ in their last bits with the batch around it (a
+    GEMM's blocking follows the batch's size), so seeded requests would no longer
+    reproduce their tokens in another batch. The race compares p / E token by
+    token: a last-bit difference changes its winner only in a near-tie.
+    """
     params = [s.params for s in seqs]
-    probs = torch.softmax(_truncate(logits, params, top_p, device), dim=-1)
+    if logits.device.type != "cpu":
+        return _draw_by_sort(logits, seqs, top_p, device)
+    probs, work = kept_probs(logits, params, top_p)
+    noise = work.view(torch.float32).uniform_()
+    for i, seq in enumerate(seqs):
+        if seq.generator is not None and not params[i].greedy:
+            noise[i].uniform_(generator=seq.generator)
+    # argmax of p / E, E = -log U ~ Exp(1), is the argmin of p / log U (log U < 0).
+    # (U = 0, once in 2**24 draws, gives log U = -inf: that token loses.)
+    return torch.div(probs, noise.log_(), out=noise).argmin(dim=-1)
+
+
+def _draw_by_sort(
+    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+) -> torch.Tensor:
+    """_draw_from_vocab on an accelerator: truncate_logits's sort, then the exponential race.
+
+    There a sort costs little, and the radix select's histograms would be summed by
+    atomic adds, in an order that varies from run to run (and with the batch).
+    """
+    params = [s.params for s in seqs]
+    probs = torch.softmax(truncate_logits(logits, params, top_p, device), dim=-1)
     noise = torch.empty_like(probs).exponential_()
     for i, seq in enumerate(seqs):
         if seq.generator is not None and not params[i].greedy:
@@ -172,14 +179,9 @@ def _draw_from_top_k(
     seqs: list[Sequence],
     top_p: list[float],
     ks: list[int],
-    whole_vocab_norm: list[bool],
     device: torch.device,
 ) -> torch.Tensor:
-    """The same truncation as _truncate (top-k, min-p, top-p), on each row's k best tokens.
-
-    Rows marked `whole_vocab_norm` have no top-k of their own: their nucleus is
-    measured against the whole vocabulary's mass, as _truncate would.
-    """
+    """The same truncation as truncate_logits (top-k, min-p, top-p), on each row's k best tokens."""
     params = [s.params for s in seqs]
     values, candidates = logits.topk(max(ks), dim=-1)  # sorted, best first
     ranks = torch.arange(values.shape[-1], device=device)[None, :]
@@ -190,10 +192,6 @@ def _draw_from_top_k(
         drop |= values - values[:, :1] < log_min_p
     if any(tp < 1.0 for tp in top_p):
         probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
-        if any(whole_vocab_norm):
-            whole = (values - logits.logsumexp(dim=-1, keepdim=True)).exp()
-            rows = torch.tensor(whole_vocab_norm, device=device)[:, None]
-            probs = torch.where(rows, whole, probs)
         nucleus = torch.tensor(top_p, device=device)[:, None]
         drop |= (probs.cumsum(dim=-1) - probs >= nucleus) & (nucleus < 1.0)
     drop[:, 0] = False
@@ -205,33 +203,6 @@ def _draw_from_top_k(
             # Exactly k draws from the request's own generator, whatever the batch's widest k.
             noise[i, : ks[i]].exponential_(generator=seq.generator)
     return candidates.gather(1, (weights / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
-
-
-def _truncate(
-    logits: torch.Tensor, params: list[SamplingParams], top_p: list[float], device: torch.device
-) -> torch.Tensor:
-    """Mask tokens outside each row's top-k, nucleus (top-p) and min-p sets."""
-    vocab = logits.shape[-1]
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-    min_p = [p.min_p for p in params]
-    if any(mp > 0 for mp in min_p):
-        probs = torch.softmax(logits, dim=-1)
-        floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device)[:, None]
-        logits = logits.masked_fill(probs < floor, float("-inf"))
-    if all(k >= vocab for k in top_k) and all(tp >= 1.0 for tp in top_p):
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    drop = ranks >= torch.tensor(top_k, device=device)[:, None]
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the token that
-    # crosses the threshold stays in). Rows with top_p >= 1 keep everything:
-    # rounding in the cumulative sum must not clip their tails.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    nucleus = torch.tensor(top_p, device=device)[:, None]
-    drop |= (mass_before >= nucleus) & (nucleus < 1.0)
-    drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 def _logprobs(
