@@ -37,6 +37,9 @@ from flashserve.engine.sampler import _draw  # noqa: E402
 from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
 from flashserve.engine.sequence import Sequence  # noqa: E402
 
+# The sort-based definition, unchanged: it was the old whole-vocabulary path.
+from flashserve.engine.truncation import truncate_logits as _old_truncate  # noqa: E402
+
 # -- before: flashserve/engine/sampler.py as it was, renamed _old_* ---------------------
 
 OLD_CANDIDATE_TOP_K_LIMIT = 1024
@@ -159,33 +162,6 @@ def _old_draw_from_top_k(
             # Exactly k draws from the request's own generator, whatever the batch's widest k.
             noise[i, : ks[i]].exponential_(generator=seq.generator)
     return candidates.gather(1, (weights / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
-
-
-def _old_truncate(
-    logits: torch.Tensor, params: list[SamplingParams], top_p: list[float], device: torch.device
-) -> torch.Tensor:
-    """Mask tokens outside each row's top-k, nucleus (top-p) and min-p sets."""
-    vocab = logits.shape[-1]
-    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
-    min_p = [p.min_p for p in params]
-    if any(mp > 0 for mp in min_p):
-        probs = torch.softmax(logits, dim=-1)
-        floor = probs.max(dim=-1, keepdim=True).values * torch.tensor(min_p, device=device)[:, None]
-        logits = logits.masked_fill(probs < floor, float("-inf"))
-    if all(k >= vocab for k in top_k) and all(tp >= 1.0 for tp in top_p):
-        return logits
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab, device=device)[None, :]
-    drop = ranks >= torch.tensor(top_k, device=device)[:, None]
-    sorted_probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Keep the smallest prefix whose mass reaches top_p (the token that
-    # crosses the threshold stays in). Rows with top_p >= 1 keep everything:
-    # rounding in the cumulative sum must not clip their tails.
-    mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs
-    nucleus = torch.tensor(top_p, device=device)[:, None]
-    drop |= (mass_before >= nucleus) & (nucleus < 1.0)
-    drop[:, 0] = False
-    return logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
 
 
 # -- the measurement --------------------------------------------------------------------
