@@ -122,6 +122,21 @@ def test_stop_token_and_stop_string_name_the_stop_reason(service):
     assert with_string["choices"][0]["stop_reason"] == "lo H"
 
 
+def test_a_stop_string_counts_only_from_min_tokens_on(service):
+    hello = service.tokenizer.convert_tokens_to_ids("▁Hello")
+    forced = body(logit_bias={str(hello): 100}, max_tokens=8, stop=["Hello"])
+    assert (
+        content(call(service, forced)) == ""
+        and call(service, forced)["usage"]["completion_tokens"] == 1
+    )
+    held = call(service, {**forced, "min_tokens": 3})
+    assert content(held).strip() == "Hello Hello"
+    assert held["usage"]["completion_tokens"] == 3
+    assert held["choices"][0]["stop_reason"] == "Hello"
+    streamed = call(service, {**forced, "min_tokens": 3, "stream": True})
+    assert streamed_content(streamed) == content(held)
+
+
 def test_seed_reproduces_through_the_api(service):
     sampled = body(temperature=1.0, max_tokens=12, ignore_eos=True)
     a = content(call(service, {**sampled, "seed": 11}))

@@ -270,7 +270,12 @@ class ChatService:
                 text = detok.add_tokens(ids[:-1] if stopped_by_token else ids)
                 if out.finished:
                     text += detok.flush()
-                emitted, matched = stops.feed(text)
+                if completion_tokens < request.min_tokens:
+                    # "Minimum number of tokens to generate before stopping": a stop
+                    # string counts from the min_tokens-th token on (vLLM's rule too).
+                    emitted, matched = text, None
+                else:
+                    emitted, matched = stops.feed(text)
                 if out.finished and matched is None:
                     emitted += stops.flush()
                     # A stop that could only be confirmed at the end still counts.
