@@ -34,11 +34,13 @@ sys.path.insert(0, str(REPO_ROOT / "packages"))
 import torch  # noqa: E402
 
 from flashserve.engine.sampler import _draw  # noqa: E402
+
+# The old whole-vocabulary draw (a sort, exponential_), kept for accelerators.
+from flashserve.engine.sampler import _draw_by_sort as _old_draw_from_vocab  # noqa: E402
 from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
 from flashserve.engine.sequence import Sequence  # noqa: E402
 
 # The sort-based definition, unchanged: it was the old whole-vocabulary path.
-from flashserve.engine.truncation import truncate_logits as _old_truncate  # noqa: E402
 
 # -- before: flashserve/engine/sampler.py as it was, renamed _old_* ---------------------
 
@@ -110,18 +112,6 @@ def _old_nucleus_within_candidates(
     for i, ok in zip(rows, (mass >= wanted).tolist()):
         fits[i] = ok
     return fits
-
-
-def _old_draw_from_vocab(
-    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
-) -> torch.Tensor:
-    params = [s.params for s in seqs]
-    probs = torch.softmax(_old_truncate(logits, params, top_p, device), dim=-1)
-    noise = torch.empty_like(probs).exponential_()
-    for i, seq in enumerate(seqs):
-        if seq.generator is not None and not params[i].greedy:
-            noise[i].exponential_(generator=seq.generator)
-    return (probs / noise).argmax(dim=-1)
 
 
 def _old_draw_from_top_k(
