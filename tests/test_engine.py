@@ -166,3 +166,26 @@ def test_async_engine_serves_concurrent_requests_and_aborts(model_dir):
         assert engine.num_in_flight == 0
     finally:
         engine.shutdown()
+
+
+def test_parked_contexts_give_their_blocks_back_when_nothing_else_can(model_dir):
+    from flashserve.engine.disaggregation import CONTEXT_ONLY, DisaggregatedRequest
+
+    forty_blocks = 40 * 2 * 2 * 16 * 2 * 16 * 4 / (1 << 30)
+    engine = make_engine(model_dir, kv_cache_memory_gb=forty_blocks, enable_prefix_caching=False)
+    context = SamplingParams(
+        temperature=0.0, max_tokens=8, disaggregated=DisaggregatedRequest(CONTEXT_ONLY)
+    )
+    rng = random.Random(7)
+    parked = {f"c{i}": ([rng.randrange(3, VOCAB) for _ in range(150)], context) for i in range(3)}
+    run_all(engine, parked)
+    assert len(engine.contexts) == 3
+    assert engine.block_manager.num_used_blocks == 30  # 10 blocks of 16 a context
+    # 300 tokens need 19 blocks; 10 are free: the oldest parked contexts must go.
+    big = {"big": (list(range(3, 203)), greedy(max_tokens=100))}
+    steps_before = engine.steps
+    got = run_all(engine, big)
+    assert got == run_all(make_engine(model_dir), big)
+    assert engine.steps - steps_before <= 101  # no step waited for a parked context's TTL
+    assert len(engine.contexts) == 2  # one eviction was enough (its 10 blocks + the 10 free)
+    assert engine.block_manager.num_used_blocks == 20

@@ -133,6 +133,15 @@ class ContextTable:
             del self._entries[handle.ctx_request_id]
         return entry
 
+    def evict_oldest(self) -> bool:
+        """Release the oldest parked context (the KV cache needs its blocks); False if none."""
+        with self._lock:
+            if not self._entries:
+                return False
+            entry = self._entries.popitem(last=False)[1]
+        self._release(entry.seq)
+        return True
+
     def expire(self) -> int:
         """Release every entry past its deadline; returns how many went."""
         now = self._clock()

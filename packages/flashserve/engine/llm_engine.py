@@ -91,13 +91,17 @@ class LLMEngine:
         elif config.cuda_graphs:
             logger.info("cuda_graphs: ignored on %s; decode steps run eagerly", self.device.type)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
+        # Parked context_only requests; the scheduler takes their blocks back when
+        # nothing else can make room.
+        self.contexts = ContextTable(release=self.block_manager.release)
         self.scheduler = Scheduler(
-            self.block_manager, config.max_num_seqs, config.max_num_batched_tokens
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            reclaim=self.contexts.evict_oldest,
         )
         self.sequences: dict[str, Sequence] = {}
-        # Parked context_only requests, and outputs due before the next step's
-        # (a resumed generation_only request's first token).
-        self.contexts = ContextTable(release=self.block_manager.release)
+        # Outputs due before the next step's (a resumed generation_only request's first token).
         self._pending_outputs: list[SequenceOutput] = []
         self.steps = 0
         logger.info(

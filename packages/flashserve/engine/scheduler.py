@@ -12,6 +12,7 @@ to be recomputed (prefix caching makes that cheap), never dropped.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from flashserve.engine.block_manager import BlockManager
@@ -30,9 +31,17 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(
-        self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        reclaim: Callable[[], bool] | None = None,
     ) -> None:
         self.blocks = block_manager
+        # Frees blocks held outside the running and waiting sequences (parked
+        # context_only KV); True if it freed any. Called only when nothing else can
+        # make room, so a parked context never costs progress, nor progress a context.
+        self.reclaim = reclaim or (lambda: False)
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -67,6 +76,8 @@ class Scheduler:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
             while not self.blocks.allocate(seq, n):
+                if self.running[-1] is seq and self.reclaim():
+                    continue  # nothing left to preempt but seq itself
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted += 1
@@ -85,6 +96,8 @@ class Scheduler:
                 self.blocks.reuse_prefix(seq)
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.blocks.allocate(seq, n):
+                if not self.running and not items and self.reclaim():
+                    continue  # an idle engine that cannot admit anything: free parked KV
                 self.blocks.release(seq)
                 break
             self.waiting.popleft()
