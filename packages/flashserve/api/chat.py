@@ -258,7 +258,11 @@ class ChatService:
                     first_token_at = now
                     TTFT.observe(now - started)
                 else:
-                    ITL.observe(now - last_token_at)
+                    # Outputs may carry several tokens (stream_interval, a late consumer):
+                    # each token is one observation of the mean gap.
+                    n = len(out.new_token_ids)
+                    for _ in range(n):
+                        ITL.observe((now - last_token_at) / n)
                 last_token_at = now
                 GENERATED_TOKENS.inc(len(out.new_token_ids))
                 completion_tokens += len(out.new_token_ids)
