@@ -11,6 +11,7 @@ the fault.
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import threading
 import time
@@ -45,10 +46,13 @@ HELLO = [{"role": "user", "content": "Say something about the sea."}]
 ENDLESS = seeded(HELLO, 2000)
 QUEUE = 4
 FAULT_AFTER_STEPS = 300
+STREAM_INTERVAL = 3
 FAULT_OVERRIDES = {
     "max_num_seqs": 2,
     "max_queue_size": QUEUE,
     "fault_after_steps": FAULT_AFTER_STEPS,
+    # Also this server's chunking, so config.yaml's key is checked through a real server.
+    "stream_interval": STREAM_INTERVAL,
 }
 
 fault_server = private_server_fixture(FAULT_OVERRIDES, "fault_server")
@@ -168,6 +172,36 @@ def test_full_queue_answers_503_with_retry_after_and_drops_nothing(
     samples = scrape(fault_server.url)
     assert sample(samples, "flashserve_requests_total", outcome="overloaded") == len(refused)
     assert wait_until(lambda: engine_idle(fault_server.url), 10)
+
+
+def test_stream_interval_from_the_config_gathers_tokens_per_chunk(
+    fault_server: PrivateServer,
+) -> None:
+    body = seeded(HELLO, 13)
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    done_after_each: list[int] = []
+    text = ""
+    with httpx.stream(
+        "POST",
+        f"{fault_server.url}{CHAT}",
+        json={**body, "stream": True, "stream_options": options},
+        timeout=60,
+    ) as response:
+        for line in response.iter_lines():
+            payload = line.removeprefix("data: ")
+            if not line or payload == "[DONE]":
+                continue
+            event = json.loads(payload)
+            if event.get("choices"):  # the role chunk first (0 tokens), then the tokens
+                text += event["choices"][0]["delta"].get("content") or ""
+                done_after_each.append(event["usage"]["completion_tokens"])
+    sizes = [b - a for a, b in zip(done_after_each, done_after_each[1:])]
+    # The first token at once (a busy event loop may merge it with one later delivery);
+    # then at least STREAM_INTERVAL a chunk; the rest with the end.
+    assert 1 <= sizes[0] <= 1 + STREAM_INTERVAL and sum(sizes) == 13, sizes
+    assert all(n >= STREAM_INTERVAL for n in sizes[1:-1]), sizes
+    whole = httpx.post(f"{fault_server.url}{CHAT}", json=body, timeout=60).json()
+    assert text == whole["choices"][0]["message"]["content"]
 
 
 @slow
