@@ -87,21 +87,30 @@ class RotaryEmbedding(torch.nn.Module):
         self.rotary_dim = inv_freq.numel() * 2
         positions = torch.arange(max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
-        # Cache cos|sin for every position once; a step just indexes it.
-        cache = torch.cat([freqs.cos(), freqs.sin()], dim=-1) * attention_factor
+        # Cache, for every position once, cos|cos and -sin|sin over the rotated dims:
+        # then rotate-half is x * cos + swap_halves(x) * sin, three elementwise ops
+        # (exactly x1*cos - x2*sin and x2*cos + x1*sin, bit for bit).
+        cos, sin = freqs.cos(), freqs.sin()
+        cache = torch.cat([cos, cos, -sin, sin], dim=-1) * attention_factor
         self.register_buffer("cos_sin", cache, persistent=False)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T]."""
-        cos, sin = self.cos_sin[positions].chunk(2, dim=-1)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return _rotate(q, cos, sin, self.rotary_dim), _rotate(k, cos, sin, self.rotary_dim)
+        """q: [T, heads, head_dim], k: [T, kv_heads, head_dim]; positions: [T].
+
+        q and k are rotated together (one set of kernels, not two): a decode step at
+        small batch is launch-bound, and this is a few dozen launches per layer fewer.
+        """
+        cos, sin = self.cos_sin[positions].unsqueeze(1).chunk(2, dim=-1)
+        heads = q.shape[1]
+        both = _rotate(torch.cat([q, k], dim=1), cos, sin, self.rotary_dim)
+        return both[:, :heads], both[:, heads:]
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
     rot, rest = x[..., :rotary_dim], x[..., rotary_dim:]
-    x1, x2 = rot.float().chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    rot = rot.float()
+    x1, x2 = rot.chunk(2, dim=-1)
+    out = (rot * cos + torch.cat([x2, x1], dim=-1) * sin).to(x.dtype)
     return torch.cat([out, rest], dim=-1) if rest.numel() else out
