@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 
 import pytest
 import torch
@@ -40,8 +41,9 @@ def test_bf16_is_kept_only_for_a_clear_gain(bf16_s, fp32_s, chosen):
     assert faster_cpu_dtype(bf16_s, fp32_s) is chosen
 
 
-def test_the_probe_times_a_real_product():
-    assert 0 < matmul_seconds(torch.float32, 256, 512, repeats=2) < 1.0
+def test_the_probe_measures_a_real_product():
+    seconds = matmul_seconds(torch.float32, 256, 512, repeats=2)
+    assert seconds > 0 and math.isfinite(seconds)  # a measurement, not a bound on speed
 
 
 def test_auto_on_cpu_measures_and_says_what_it_chose(caplog):
