@@ -40,6 +40,7 @@ ENGINE_KEYS = {
     "block_size",
     "cuda_graphs",
     "cuda_graph_max_batch",
+    "warmup",
     "stream_interval",
     "enable_prefix_caching",
     "max_queue_size",
@@ -121,6 +122,7 @@ def test_config_engine_settings(config: TrussConfig) -> None:
     assert engine["dtype"] == engine["device"] == engine["attention_backend"] == "auto"
     assert engine["max_num_batched_tokens"] <= engine["max_model_len"]
     assert 0 < engine["kv_cache_memory_fraction"] < 1
+    assert engine["warmup"] is True  # the product warms up at load (EngineConfig default: off)
     assert config.runtime.predict_concurrency >= engine["max_num_seqs"]
 
 

@@ -26,6 +26,10 @@ class EngineConfig:
     # (capped by max_num_seqs); CUDA only, ignored (with a log line) on CPU.
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    # Run one full-size prefill step and one full-size decode step at load, so the
+    # first real requests do not pay a GPU's one-time costs (kernels, cuBLAS, allocator).
+    # Off here because the tests build hundreds of engines; config.yaml turns it on.
+    warmup: bool = False
     max_queue_size: int = 1024
     # Tokens a stream gathers before it is delivered (the first token and the last
     # always go at once). 1 streams every token as it is made; larger values trade

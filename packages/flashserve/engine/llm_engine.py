@@ -104,6 +104,18 @@ class LLMEngine:
         # Outputs due before the next step's (a resumed generation_only request's first token).
         self._pending_outputs: list[SequenceOutput] = []
         self.steps = 0
+        if config.warmup:
+            # After the decode graphs exist, so the decode step replays one.
+            done = self.runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens)
+            logger.info(
+                "warm-up: prefill step of %d tokens (%d sequences), decode step of %d rows "
+                "(context %d), in %.2f s",
+                done.prefill_tokens,
+                done.prefill_seqs,
+                done.decode_rows,
+                done.decode_context,
+                done.seconds,
+            )
         logger.info(
             "engine ready: %s on %s (%s), attention=%s, %d KV blocks x %d tokens, max_model_len=%d",
             mc.architecture,

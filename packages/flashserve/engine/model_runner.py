@@ -3,16 +3,36 @@
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
 from flashserve.engine.cuda_graphs import DecodeGraphs
 from flashserve.engine.sampler import Sampler, SamplerOutput
+from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionMetadata
 from flashserve.models.llama import LlamaForCausalLM
 
 logger = logging.getLogger(__name__)
+
+# Warm-up shapes (ModelRunner.warm_up). The prefill step is several prompts of this
+# length, not one max_num_batched_tokens-long prompt: real steps look like that, and
+# one 8192-token prompt's causal attention alone would take seconds on a CPU.
+WARMUP_PREFILL_LEN = 512
+# Context of each decode row: typical of chat traffic, and the narrowest block-table
+# width the torch backend's decode graphs have (cuda_graphs.MIN_TABLE_TOKENS).
+WARMUP_DECODE_CONTEXT = 256
+
+
+@dataclass
+class WarmUpReport:
+    prefill_seqs: int
+    prefill_tokens: int
+    decode_rows: int
+    decode_context: int
+    seconds: float
 
 
 class ModelRunner:
@@ -43,6 +63,8 @@ class ModelRunner:
         ]
         # Widest block table a sequence can have (a graph's static table width).
         max_len = max_model_len or num_blocks * block_size
+        self.max_model_len = max_len
+        self.num_blocks = num_blocks
         self.max_blocks = min(-(-max_len // block_size), num_blocks)
         self.sampler = Sampler(device, cfg.vocab_size, eos_token_ids)
         self.graphs: DecodeGraphs | None = None
@@ -75,6 +97,70 @@ class ModelRunner:
             return False
         self.graphs = graphs
         return True
+
+    @torch.inference_mode()
+    def warm_up(self, max_num_seqs: int, max_num_batched_tokens: int) -> WarmUpReport:
+        """Run one full-size prefill step and one full-size decode step on throwaway sequences.
+
+        On a GPU the first steps of a fresh process pay one-time costs (CUDA kernels
+        loaded lazily, cuBLAS handles and workspaces, the caching allocator's growth);
+        paying them here keeps them off the first real requests. (On the 2-core CPU
+        the first W1 batch was measured no slower than later ones with fresh prompts.)
+        Both steps go through `step`, so forward, logits and sampler all run. Every
+        block-table entry is the scratch block, which no sequence ever owns: nothing a
+        real request can read is written. Nothing touches the scheduler, the block
+        manager or the prefix cache, and the global RNG is left as it was found.
+        """
+        bs = self.block_size
+        # No real step can compute more tokens than the cache has slots, nor run
+        # more sequences than there are blocks (each holds at least one).
+        max_num_seqs = max(1, max_num_seqs)
+        total = max(1, min(max_num_batched_tokens, self.num_blocks * bs))
+        # Longer prompts only when max_num_seqs of them could not fill the step.
+        prefill_len = max(min(WARMUP_PREFILL_LEN, total), -(-total // max_num_seqs))
+        prefill_len = max(1, min(prefill_len, self.max_model_len - 1))
+        lengths = [prefill_len] * (total // prefill_len)
+        if total % prefill_len:
+            lengths.append(total % prefill_len)
+        lengths = lengths[:max_num_seqs]
+        rows = min(max_num_seqs, self.num_blocks)
+        context = max(
+            1, min(WARMUP_DECODE_CONTEXT, self.max_model_len, (self.num_blocks // rows) * bs)
+        )
+        # Alternate rows take the top-k candidates' draw and the whole-vocabulary
+        # one, so both run, and so does the split of a batch between them.
+        params = (
+            SamplingParams(temperature=1.0, top_p=0.9, top_k=50),
+            SamplingParams(temperature=1.0, top_p=0.9),
+        )
+        vocab = self.model.config.vocab_size
+
+        def throwaway(i: int, num_tokens: int, computed: int) -> Sequence:
+            tokens = [(i * 7919 + j) % vocab for j in range(num_tokens)]
+            seq = Sequence(f"warm-up-{i}", tokens, params[i % 2])
+            seq.num_computed_tokens = computed
+            seq.block_ids = [self.scratch_block] * -(-num_tokens // bs)
+            return seq
+
+        prefill = [(throwaway(i, n, 0), n) for i, n in enumerate(lengths)]
+        decode = [(throwaway(i, context, context - 1), 1) for i in range(rows)]
+        graphs = self.graphs
+        counts = (graphs.runs, graphs.replays) if graphs is not None else None
+        cuda = self.device.type == "cuda"
+        index = self.device.index
+        rng_devices = [index if index is not None else torch.cuda.current_device()] if cuda else []
+        if cuda:  # time the warm-up alone, not work still queued (graph capture)
+            torch.cuda.synchronize(self.device)
+        started = time.perf_counter()
+        with torch.random.fork_rng(devices=rng_devices):
+            self.step(prefill)
+            self.step(decode)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - started
+        if graphs is not None and counts is not None:
+            graphs.runs, graphs.replays = counts  # they count real steps only
+        return WarmUpReport(len(lengths), sum(lengths), rows, context, seconds)
 
     @staticmethod
     def bytes_per_block(model: LlamaForCausalLM, block_size: int, cache_dtype: torch.dtype) -> int:
