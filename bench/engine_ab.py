@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import DEFAULT_MODEL, Gate, make_engine, measured, random_prompts  # noqa: E402
+from _common import DEFAULT_MODEL, Gate, make_engine, measured  # noqa: E402
 from w1 import Workload, run_engine  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     new_decode, new_limit = attention.TorchAttention._decode, sampler.CANDIDATE_TOP_K_LIMIT
     new_vocab_draw = sampler._draw_from_vocab
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
-    work = Workload(random_prompts(64, 128, vocab), 128, 0.8, 0.95, 50)
+    work = Workload(128, vocab, 128, 0.8, 0.95, 50)
     gate = Gate(args.wait_quiet, 0.05, 4, args.repeat)
     print("| dtype | before tok/s | after tok/s | speed-up |\n|---|---|---|---|")
     for dtype in args.dtype.split(","):
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.CANDIDATE_TOP_K_LIMIT = limit
             # The old whole-vocabulary draw: a sort and exponential_ (kept for accelerators).
             sampler._draw_from_vocab = new_vocab_draw if limit else sampler._draw_by_sort
-            run_engine(engine, Workload(work.prompts[:2], 4, 0.8, 0.95, 50), 2)  # warm-up
+            run_engine(engine, work.shorter(4), 2)  # warm-up
             (tokens, wall), _ = measured(
                 lambda e=engine: run_engine(e, work, 64), gate, lambda v: v[1]
             )

@@ -14,6 +14,9 @@ submitted at once, on the model from bench/make_bench_model.py.
              streaming AsyncOpenAI clients; chat messages built to render to
              ~128 prompt tokens (the usage the server reports is printed). One
              server per --stream-intervals value (1: a chunk per token).
+             --server-clients raw adds bare-socket readers (server-raw rows).
+             Each server row ends with the CPU ceiling: the most of offline any
+             server could keep with its clients on the same cores.
 - hf-batch:  transformers `generate` over the whole batch at once (left-padded).
 - hf-serial: transformers `generate` one request at a time, as the usual Truss
              example does (--serial-requests of them; throughput of a serial
@@ -43,7 +46,6 @@ from _common import (  # noqa: E402
     DEFAULT_MODEL,
     machine,
     parse_args_with_gate,
-    random_prompts,
     today,
 )
 from w1 import Result, Workload, bench_engine  # noqa: E402
@@ -120,6 +122,19 @@ def plot(results: list[Result], path: Path, title: str) -> None:
     print(f"plot: {path}")
 
 
+def cpu_ceiling(offline: Result, server: Result) -> float:
+    """The most of offline's speed any server could keep while its clients share the cores.
+
+    Offline, the engine keeps every core busy (its CPU seconds ~ cores x wall). Through
+    a server on the same machine, the clients' CPU seconds come on top, and no server,
+    however cheap, can finish before the cores have done both: wall >= (engine CPU +
+    clients' CPU) / cores.
+    """
+    cores = len(os.sched_getaffinity(0))
+    floor = max(offline.wall_s, (offline.cpu_s + server.client_cpu_s) / cores)
+    return offline.wall_s / floor
+
+
 def dtypes(value: str) -> list[str]:
     return [d for d in value.split(",") if d]
 
@@ -146,6 +161,12 @@ def main(argv: list[str] | None = None) -> int:
         "--stream-intervals",
         default="1,8",
         help="the server's stream_interval, comma list: one server run per value",
+    )
+    parser.add_argument(
+        "--server-clients",
+        default="openai",
+        help="comma list: openai (AsyncOpenAI streams, the W1 row), raw (bare sockets that"
+        " parse only the usage event: what is left of the gap is the server's own cost)",
     )
     parser.add_argument(
         "--client-nice", type=int, default=0, help="nice value of the server run's clients"
@@ -190,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     sweep = sorted({int(s) for s in args.sweep.split(",") if s} | {args.requests})
     work = Workload(
-        random_prompts(max(sweep), args.prompt_len, vocab),
+        args.prompt_len,
+        vocab,
         args.output_len,
         args.temperature,
         args.top_p,
@@ -221,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
     for dtype in dtypes(args.vllm_dtype) if "vllm" in chosen else []:
         results += bench_vllm(args, dtype, work, sweep)
     base = next(r for r in results if r.system == "engine" and r.concurrency == args.requests)
+    for r in results:
+        if r.system.startswith("server") and base.cpu_s:
+            r.note += f"; CPU ceiling {cpu_ceiling(base, r):.0%} of offline"
     print(f"\n{header}\ncommand: python bench/throughput.py {' '.join(argv or sys.argv[1:])}\n")
     main_rows = [r for r in results if r.concurrency == args.requests or r.system == "hf-serial"]
     print(table(main_rows, base))

@@ -6,8 +6,9 @@ imports nothing from flashserve. bench/throughput.py starts it as a subprocess:
     build/vllm-venv/bin/python bench/vllm_w1.py --model build/bench_model \
         --prompts prompts.json --output-len 128 [--dtype bfloat16] [--batch-sizes 64]
 
-prompts.json holds a list of token-id lists. For each batch size B, the first B
-prompts are submitted at once; the JSON gives wall time and output tokens per B.
+prompts.json holds a list of token-id lists, taken in order and never twice (vLLM
+caches prompt prefixes): one for the warm-up, then for each batch size B and each
+try the next B, submitted at once. The JSON gives wall time and output tokens per B.
 """
 
 from __future__ import annotations
@@ -66,12 +67,18 @@ def main() -> int:
         detokenize=False,
     )
     # Warm-up: first calls allocate and pick kernels.
-    llm.generate([TokensPrompt(prompt_token_ids=prompts[0])], params, use_tqdm=False)
+    unused = iter(prompts)
+
+    def take(count: int) -> list:
+        batch = [TokensPrompt(prompt_token_ids=next(unused)) for _ in range(count)]
+        return batch
+
+    llm.generate(take(1), params, use_tqdm=False)
     runs = []
     for size in (int(b) for b in args.batch_sizes.split(",")):
-        batch = [TokensPrompt(prompt_token_ids=p) for p in prompts[:size]]
 
-        def run(batch: list = batch) -> tuple[float, int]:
+        def run(size: int = size) -> tuple[float, int]:
+            batch = take(size)
             started = time.perf_counter()
             outputs = llm.generate(batch, params, use_tqdm=False)
             wall = time.perf_counter() - started

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import itertools
+import resource
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
-from _common import make_engine, measured, neighbour
+from _common import make_engine, measured, neighbour, random_prompts
 
 
 @dataclass
@@ -19,6 +23,11 @@ class Result:
     wall_s: float
     others_cpu: float
     note: str = ""
+    # CPU seconds the measured system's own process(es) used during the run, and for
+    # the server, what its load generator (the clients, in this process) used while
+    # the clock ran: together they bound what the machine's cores allow.
+    cpu_s: float = 0.0
+    client_cpu_s: float = 0.0
 
     @property
     def tok_s(self) -> float:
@@ -27,11 +36,32 @@ class Result:
 
 @dataclass
 class Workload:
-    prompts: list[list[int]]
+    prompt_len: int
+    vocab_size: int
     output_len: int
     temperature: float
     top_p: float
     top_k: int
+    # Shared by the copies `shorter` makes, so no two draws anywhere repeat a seed.
+    seeds: Iterator[int] = field(default_factory=itertools.count)
+
+    def fresh_prompts(self, count: int) -> list[list[int]]:
+        """Random prompts no earlier try has sent.
+
+        flashserve and vLLM both cache prompt prefixes by default: a try that
+        repeated an earlier try's prompts would skip most of its prefill.
+        """
+        return random_prompts(count, self.prompt_len, self.vocab_size, seed=next(self.seeds))
+
+    def shorter(self, output_len: int) -> Workload:
+        """The same workload with fewer output tokens (warm-ups)."""
+        return dataclasses.replace(self, output_len=output_len)
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def run_engine(engine: Any, work: Workload, count: int) -> tuple[int, float]:
@@ -44,8 +74,9 @@ def run_engine(engine: Any, work: Workload, count: int) -> tuple[int, float]:
         top_k=work.top_k,
         ignore_eos=True,
     )
+    prompts = work.fresh_prompts(count)
     started = time.perf_counter()
-    for i, prompt in enumerate(work.prompts[:count]):
+    for i, prompt in enumerate(prompts):
         engine.add_request(f"w1-{count}-{i}-{started}", prompt, params)
     tokens = 0
     while engine.has_work():
@@ -57,19 +88,21 @@ def bench_engine(
     args: argparse.Namespace, dtype: str, work: Workload, sizes: list[int]
 ) -> list[Result]:
     engine = make_engine(args.model, dtype=dtype, cpu_threads=args.threads)
-    run_engine(engine, Workload(work.prompts[:2], 8, 0.8, 0.95, 50), 2)  # warm-up
+    run_engine(engine, work.shorter(8), 2)  # warm-up
     name = str(engine.dtype).removeprefix("torch.")
     results = []
     for size in sizes:
 
-        def run(n: int = size) -> tuple[int, float]:
+        def run(n: int = size) -> tuple[int, float, float]:
             # Started after the gate's wait for an idle machine, which it would spoil.
             with neighbour(args.neighbour):
-                return run_engine(engine, work, n)
+                cpu = cpu_seconds()
+                tokens, wall = run_engine(engine, work, n)
+                return tokens, wall, cpu_seconds() - cpu
 
-        (tokens, wall), others = measured(run, args.gate, lambda v: v[1])
+        (tokens, wall, cpu), others = measured(run, args.gate, lambda v: v[1])
         note = f"dtype={dtype}" + (f", neighbour {args.neighbour:.0%}" if args.neighbour else "")
-        results.append(Result("engine", name, size, tokens, wall, others, note))
+        results.append(Result("engine", name, size, tokens, wall, others, note, cpu_s=cpu))
         print_row(results[-1])
     return results
 

@@ -54,13 +54,14 @@ def bench_hf_batch(
     args: argparse.Namespace, dtype: str, work: Workload, sizes: list[int]
 ) -> list[Result]:
     model = _hf_model(args, dtype)
-    _hf_generate(model, work.prompts[:2], Workload(work.prompts, 4, 0.8, 0.95, 50))
+    _hf_generate(model, work.fresh_prompts(2), work.shorter(4))
     results = []
     for size in sizes:
 
         def run(size: int = size) -> tuple[int, float]:
+            prompts = work.fresh_prompts(size)
             started = time.perf_counter()
-            tokens = _hf_generate(model, work.prompts[:size], work)
+            tokens = _hf_generate(model, prompts, work)
             return tokens, time.perf_counter() - started
 
         (tokens, wall), others = measured(run, args.gate, lambda v: v[1])
@@ -73,11 +74,12 @@ def bench_hf_serial(
     args: argparse.Namespace, dtype: str, work: Workload, count: int
 ) -> list[Result]:
     model = _hf_model(args, dtype)
-    _hf_generate(model, work.prompts[:1], Workload(work.prompts, 4, 0.8, 0.95, 50))
+    _hf_generate(model, work.fresh_prompts(1), work.shorter(4))
 
     def run() -> tuple[int, float]:
+        prompts = work.fresh_prompts(count)
         started = time.perf_counter()
-        tokens = sum(_hf_generate(model, [p], work) for p in work.prompts[:count])
+        tokens = sum(_hf_generate(model, [p], work) for p in prompts)
         return tokens, time.perf_counter() - started
 
     (tokens, wall), others = measured(run, args.gate, lambda v: v[1])
@@ -125,7 +127,10 @@ def bench_vllm(
     if python is None:
         return []
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(work.prompts, f)
+        # Enough fresh prompts for the warm-up and every try of every size (vLLM caches
+        # prefixes too); the script takes them in order.
+        tries = max(args.gate.attempts, args.gate.repeat)
+        json.dump(work.fresh_prompts(1 + tries * sum(sizes)), f)
     command = [
         str(python), str(VLLM_SCRIPT), "--model", str(args.model), "--prompts", f.name,
         "--output-len", str(work.output_len), "--dtype", dtype,
