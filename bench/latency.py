@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import random
 import sys
@@ -83,20 +84,25 @@ def main(argv: list[str] | None = None) -> int:
     from flashserve.engine.async_engine import AsyncEngine
 
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
-    prompts = random_prompts(args.requests, args.prompt_len, vocab, seed=2)
+    seeds = itertools.count(2)
+
+    def fresh_prompts() -> list[list[int]]:
+        # Never sent before: a repeated prompt would be served from the prefix cache.
+        return random_prompts(args.requests, args.prompt_len, vocab, seed=next(seeds))
+
     rng = random.Random(3)
     gaps = [
         rng.expovariate(args.rate) if args.arrival == "poisson" else 1.0 / args.rate
-        for _ in prompts
+        for _ in range(args.requests)
     ]
     gaps[0] = 0.0
     llm = make_engine(args.model, dtype=args.dtype, cpu_threads=args.threads)
     engine = AsyncEngine(llm)
     engine.start()
     try:
-        asyncio.run(drive(engine, prompts[:2], [0.0, 0.0], 8))  # warm-up
+        asyncio.run(drive(engine, fresh_prompts()[:2], [0.0, 0.0], 8))  # warm-up
         result, others = measured(
-            lambda: asyncio.run(drive(engine, prompts, gaps, args.output_len)), args.gate
+            lambda: asyncio.run(drive(engine, fresh_prompts(), gaps, args.output_len)), args.gate
         )
     finally:
         engine.shutdown()
