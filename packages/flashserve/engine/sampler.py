@@ -20,11 +20,13 @@ the default decay of 1 it is just max(top_p, top_p_min).
 Draw: greedy rows take the argmax. Sampled rows use the exponential race
 (argmax of p / E with E ~ Exp(1)), which picks token i with probability p_i:
 rows with a small top-k over their k candidates, all others over the whole
-vocabulary, their top-k / nucleus cut-off found by a radix select instead of a
-sort (on the CPU; _draw_from_vocab). Requests with a seed draw E from their own
-generator, and every stage leaves a row that does not ask for it bit-for-bit
-unchanged, so a seeded request's tokens do not depend on what else is in the
-batch.
+vocabulary. There, on the CPU (_draw_from_vocab), a two-round race over the
+untruncated distribution proposes a token, which stands where the truncation
+keeps it (rejection sampling); only rows whose proposal is not surely kept find
+their top-k / nucleus cut-off, by a radix select instead of a sort. Requests
+with a seed draw E from their own generator, and every stage leaves a row that
+does not ask for it bit-for-bit unchanged, so a seeded request's tokens do not
+depend on what else is in the batch.
 """
 
 from __future__ import annotations
@@ -36,7 +38,13 @@ import torch
 from flashserve.engine.logits_processors import apply_logits_processors
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence, TokenLogprob
-from flashserve.engine.truncation import kept_probs, truncate_logits
+from flashserve.engine.truncation import (
+    CROSSING_BLOCK,
+    block_sums,
+    certainly_kept,
+    kept_probs,
+    truncate_logits,
+)
 
 
 @dataclass
@@ -129,32 +137,75 @@ def _draw(
 def _draw_from_vocab(
     logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
 ) -> torch.Tensor:
-    """Truncate as truncate_logits does, without its sort, then the exponential race.
+    """A token from each row's truncated distribution (truncate_logits's), without a sort.
 
-    On the CPU a sort of [B, V] is slow, and so is exponential_(): the truncation
-    zeroes the dropped tokens' probabilities in place (kept_probs), and the race's
-    noise E = -log U takes uniforms (a fraction of exponential_'s cost), drawn into
-    the truncation's spent work buffer. Seeded rows draw U from their own generator.
+    On the CPU, rejection sampling with the untruncated distribution as the proposal:
+    _race draws from it with a few hundred noise draws a row instead of one a token,
+    and the proposal stands where the truncation keeps it. Whether it does is
+    settled by one pass over the row where it surely does (certainly_kept); the
+    other rows, about 1 - top_p of those with a nucleus (and every row with min-p or
+    a large top-k), run kept_probs's radix select, which settles it exactly and, where
+    the proposal is dropped, gives the distribution to draw again from, by a race with
+    fresh noise. Accepting exactly the kept proposals gives each kept token its
+    renormalised probability: p_i + (1 - kept mass) * p_i / kept mass.
 
     Not inverse-CDF sampling (one uniform a row, the token where the running sum of
     the probabilities passes it), though it costs less still: which token that
     picks moves with rounding anywhere before it in the vocabulary, and a model's
     logits for a request differ in their last bits with the batch around it (a
     GEMM's blocking follows the batch's size), so seeded requests would no longer
-    reproduce their tokens in another batch. The race compares p / E token by
-    token: a last-bit difference changes its winner only in a near-tie.
+    reproduce their tokens in another batch. A race compares p / E one token (or
+    block) at a time: a last-bit difference changes its winner only in a near-tie.
     """
     params = [s.params for s in seqs]
     if logits.device.type != "cpu":
         return _draw_by_sort(logits, seqs, top_p, device)
-    probs, work = kept_probs(logits, params, top_p)
-    noise = work.view(torch.float32).uniform_()
+    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+    chosen = _race(probs, seqs)
+    unsure = (~certainly_kept(probs, chosen, params, top_p)).nonzero().view(-1)
+    if len(unsure):
+        rows = unsure.tolist()
+        kept, work = kept_probs(
+            logits.index_select(0, unsure), [params[i] for i in rows], [top_p[i] for i in rows]
+        )
+        # The race's noise E = -log U, drawn into kept_probs's spent work buffer.
+        noise = work.view(torch.float32).uniform_()
+        for r, i in enumerate(rows):
+            if seqs[i].generator is not None:
+                noise[r].uniform_(generator=seqs[i].generator)
+        # argmax of p / E is the argmin of p / log U (log U < 0; U = 0 gives -inf: a loss).
+        redrawn = torch.div(kept, noise.log_(), out=noise).argmin(dim=-1)
+        # Accepted exactly when the truncation keeps the proposal, unsure or not:
+        # anything else would skew the kept tokens' shares.
+        proposed = chosen.index_select(0, unsure)
+        accepted = kept.gather(1, proposed[:, None])[:, 0] > 0
+        chosen[unsure] = torch.where(accepted, proposed, redrawn)
+    return chosen
+
+
+def _race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Each row's winner of the exponential race (argmax p / E) over all its tokens.
+
+    In two rounds: blocks of CROSSING_BLOCK tokens race with their total probability,
+    then the winning block's tokens race with their own. The best p / E in a set is
+    distributed as the set's total p over one E, so the winner is distributed as in
+    one race over every token (token i with probability p_i), for V / 256 + 256
+    uniforms a row instead of V. Block totals come from block_sums: the same bits in
+    any batch. Seeded rows draw their uniforms from their own generator.
+    """
+    rows, vocab = probs.shape
+    block = CROSSING_BLOCK
+    totals = block_sums(probs)
+    block_u = torch.empty_like(totals).uniform_()
+    token_u = torch.empty((rows, block), dtype=probs.dtype, device=probs.device).uniform_()
     for i, seq in enumerate(seqs):
-        if seq.generator is not None and not params[i].greedy:
-            noise[i].uniform_(generator=seq.generator)
-    # argmax of p / E, E = -log U ~ Exp(1), is the argmin of p / log U (log U < 0).
-    # (U = 0, once in 2**24 draws, gives log U = -inf: that token loses.)
-    return torch.div(probs, noise.log_(), out=noise).argmin(dim=-1)
+        if seq.generator is not None:
+            block_u[i].uniform_(generator=seq.generator)
+            token_u[i].uniform_(generator=seq.generator)
+    first = torch.div(totals, block_u.log_()).argmin(dim=-1)
+    index = first[:, None] * block + torch.arange(block, device=probs.device)[None, :]
+    weights = probs.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)
+    return index.gather(1, torch.div(weights, token_u.log_()).argmin(dim=-1, keepdim=True))[:, 0]
 
 
 def _draw_by_sort(

@@ -36,6 +36,36 @@ def kept_probs(
     return probs, work
 
 
+# certainly_kept's allowance for rounding: its sums (float32 within blocks) are good
+# to ~1e-6 of the row's mass; a token this close to the nucleus's edge is left to the
+# exact path.
+CERTAIN_MARGIN = 1e-4
+
+
+def certainly_kept(
+    probs: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], top_p: list[float]
+) -> torch.Tensor:
+    """[B] bool: rows whose token kept_probs surely keeps (False: not known, not "dropped").
+
+    probs: the rows' softmax (kept_probs's first step); tokens: one per row. Known only
+    for rows truncated by at most a nucleus (no top-k below the vocabulary, no min-p):
+    the token stays when every token at least as probable, its ties included, holds
+    less than top_p of the mass (by a margin for rounding), since the nucleus keeps
+    tokens in descending order until the mass before one reaches top_p.
+    """
+    vocab = probs.shape[-1]
+    device = probs.device
+    simple = torch.tensor(
+        [(p.top_k <= 0 or p.top_k >= vocab) and p.min_p <= 0 for p in params], device=device
+    )
+    nucleus = torch.tensor(top_p, dtype=torch.float64, device=device)
+    chosen = probs.gather(1, tokens[:, None])
+    # row_sums: the same bits in any batch, so a seeded row decides the same way alone.
+    through = row_sums(torch.where(probs >= chosen, probs, 0.0))
+    target = nucleus * row_sums(probs) * (1.0 - CERTAIN_MARGIN)
+    return simple & ((nucleus >= 1.0) | ((through < target) & (chosen.squeeze(1) > 0)))
+
+
 def _truncate_probs(
     probs: torch.Tensor, params: list[SamplingParams], top_p: list[float], work: torch.Tensor
 ) -> None:
@@ -60,14 +90,14 @@ def _truncate_probs(
     cut = torch.zeros(rows, dtype=torch.int32, device=device)  # keep every key > cut ...
     ties = torch.full((rows,), vocab, dtype=torch.float64, device=device)  # ... and this many = cut
     crowded = torch.zeros(rows, dtype=torch.bool, device=device)  # more than one token = cut
-    mass = _row_sums(probs)
+    mass = row_sums(probs)
     if any(k < vocab for k in top_k):
         # Every row runs it (k = vocab: a cut-off below everything) and those without a
         # top-k discard the result: no row's numbers depend on the rest of the batch.
         k = torch.tensor(top_k, dtype=torch.float64, device=device)
         has_k = k < vocab
         value, above, count = _radix_select(keys, None, k, work)
-        kept = _row_sums(probs * (keys > value[:, None]))
+        kept = row_sums(probs * (keys > value[:, None]))
         cut = torch.where(has_k, value, cut)
         ties = torch.where(has_k, k - above, ties)
         crowded = has_k & (count > 1)
@@ -202,7 +232,7 @@ def _histogram(
 CROSSING_BLOCK = 256
 
 
-def _block_sums(weights: torch.Tensor) -> torch.Tensor:
+def block_sums(weights: torch.Tensor) -> torch.Tensor:
     """Sums of each row's blocks of CROSSING_BLOCK weights (the last may be shorter), float64.
 
     Also how the sampler sums a row: unlike a plain sum over the row, whose order
@@ -222,9 +252,9 @@ def _block_sums(weights: torch.Tensor) -> torch.Tensor:
     return (torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]).to(torch.float64)
 
 
-def _row_sums(weights: torch.Tensor) -> torch.Tensor:
-    """Each row's sum, float64, the same in any batch (see _block_sums)."""
-    return _block_sums(weights).cumsum(dim=-1)[:, -1]
+def row_sums(weights: torch.Tensor) -> torch.Tensor:
+    """Each row's sum, float64, the same in any batch (see block_sums)."""
+    return block_sums(weights).cumsum(dim=-1)[:, -1]
 
 
 def _crossing(weights: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,7 +270,7 @@ def _crossing(weights: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor
     block = CROSSING_BLOCK
     if n <= block:
         return _first_reaching(weights.to(torch.float64), None, target[:, None])
-    sums = _block_sums(weights)
+    sums = block_sums(weights)
     first, before = _first_reaching(sums, None, target[:, None])
     index = first[:, None] * block + torch.arange(block, device=weights.device)[None, :]
     inside = weights.gather(1, index.clamp(max=n - 1)).to(torch.float64) * (index < n)
