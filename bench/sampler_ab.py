@@ -1,4 +1,4 @@
-"""The sampler's whole-vocabulary path, before and after the radix select, same process.
+"""The sampler's whole-vocabulary path, before and after its CPU rewrites, same process.
 
     python bench/sampler_ab.py [--vocabs 32768,151936] [--batch-sizes 1,64]
         [--top-p 0.95] [--repeats 7] [--cell-seconds 6]
@@ -13,8 +13,11 @@ same either way and left out).
 "before" is the code this change replaced, copied below: a top-1024 check for every
 such row, then either the 1024 candidates (nucleus inside them) or a full sort of
 the vocabulary with exponential_() noise for every token. "after" is today's
-flashserve.engine.sampler._draw: a radix select for the cut-off (no sort, no
-check), then the same exponential race with noise made from uniforms (-log U).
+flashserve.engine.sampler._draw: rejection sampling, a two-round race over the
+untruncated distribution whose proposal stands where certainly_kept vouches for it,
+the radix select for the cut-off (no sort) only for the other rows, with noise made
+from uniforms (-log U). (Until 2026-11-28 15:40 "after" was the radix select for
+every row; bench/RESULTS.md has both tables.)
 Each repeat times before and after back to back, alternating which goes first;
 the table gives medians. Prints a Markdown table for bench/RESULTS.md.
 """
@@ -217,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         "before: top-1024 check, then the candidates or a full sort + noise for every token; "
-        "after: radix select + race with -log(uniform) noise. Medians, alternating."
+        "after: two-round race, radix select only where unsure. Medians, alternating."
     )
     print()
     print(
