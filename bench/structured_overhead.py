@@ -36,7 +36,10 @@ sys.path.insert(0, str(REPO_ROOT / "packages"))
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
-from flashserve.api.structured_output import StructuredOutputs, parse_response_format  # noqa: E402
+from flashserve.api.frontend.structured.response_format import (  # noqa: E402
+    StructuredOutputs,
+    parse_response_format,
+)
 from flashserve.config import EngineConfig  # noqa: E402
 from flashserve.engine import logits_processors, structured  # noqa: E402
 from flashserve.engine.llm_engine import LLMEngine  # noqa: E402

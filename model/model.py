@@ -1,4 +1,4 @@
-"""The Truss model: builds the flashserve engine and hands requests to its chat API.
+"""The Truss model: builds the flashserve engine and routes each endpoint to its handler.
 
 No `from __future__ import annotations` here: Truss inspects the `request:
 Request` annotation at runtime to decide what to pass in.
@@ -10,7 +10,9 @@ from typing import Any
 
 from fastapi import Request
 
-from flashserve.service import build_chat_service
+from flashserve.api.endpoints.embeddings import embeddings_unsupported
+from flashserve.api.endpoints.pending import not_yet_implemented
+from flashserve.service import build_service
 
 logging.basicConfig(level=logging.INFO)
 
@@ -24,20 +26,36 @@ class Model:
         self._service = None
 
     def load(self) -> None:
-        self._service = build_chat_service(
+        self._service = build_service(
             self._config, self._data_dir, self._secrets, self._lazy_data_resolver
         )
 
     # The methods take the raw request only, so Truss skips its own body parsing (which
-    # answers invalid UTF-8 or deep nesting with a 500) and the service parses the bytes.
+    # answers invalid UTF-8 or deep nesting with a 500) and the endpoint parses the bytes.
 
     async def predict(self, request: Request) -> Any:
         """POST /predict: the same chat-completions request and response."""
-        return await self._service.handle(request)
+        return await self._service.chat.handle(request)
 
     async def chat_completions(self, request: Request) -> Any:
         """POST /v1/chat/completions: OpenAI-compatible chat completions."""
-        return await self._service.handle(request)
+        return await self._service.chat.handle(request)
+
+    async def completions(self, request: Request) -> Any:
+        """POST /v1/completions: OpenAI legacy completions."""
+        return not_yet_implemented("/v1/completions")
+
+    async def messages(self, request: Request) -> Any:
+        """POST /v1/messages: the Anthropic Messages API."""
+        return not_yet_implemented("/v1/messages")
+
+    async def responses(self, request: Request) -> Any:
+        """POST /v1/responses: the OpenAI Responses API."""
+        return not_yet_implemented("/v1/responses")
+
+    async def embeddings(self, request: Request) -> Any:
+        """POST /v1/embeddings: refused, this deployment serves a generative model."""
+        return embeddings_unsupported(self._service.frontend.served_model_name)
 
     def is_healthy(self) -> bool:
         # False once the engine loop has died or wedged, so Baseten restarts the replica.

@@ -1,6 +1,6 @@
-"""An in-process ChatService over data/embedded_model (tiny Llama, 32k Mistral tokenizer).
+"""An in-process ChatEndpoint over data/embedded_model (tiny Llama, 32k Mistral tokenizer).
 
-No server, no HTTP: `call` hands a request body to ChatService.create on a
+No server, no HTTP: `call` hands a request body to ChatEndpoint.create on a
 fresh event loop and returns the JSON body, or the parsed SSE events of a
 stream. A refused request raises fastapi's HTTPException, as the route would
 answer it.
@@ -15,8 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from flashserve.api.chat import ChatService
-from flashserve.api.sampling import ModelDefaults
+from flashserve.api.endpoints.chat import ChatEndpoint
+from flashserve.api.frontend.model_frontend import ModelFrontend
+from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
@@ -26,7 +27,7 @@ EOS = 2
 USER = [{"role": "user", "content": "Tell me a story."}]
 
 
-def make_service(**engine_overrides: Any) -> ChatService:
+def make_service(**engine_overrides: Any) -> ChatEndpoint:
     from transformers import AutoTokenizer
 
     settings: dict[str, Any] = dict(
@@ -37,7 +38,7 @@ def make_service(**engine_overrides: Any) -> ChatService:
     engine = LLMEngine(EngineConfig(**settings), EMBEDDED_MODEL, eos_token_ids=(EOS,))
     async_engine = AsyncEngine(engine)
     async_engine.start()
-    return ChatService(async_engine, tokenizer, "m", ModelDefaults())
+    return ChatEndpoint(ModelFrontend(async_engine, tokenizer, "m", ModelDefaults()))
 
 
 def body(**fields: Any) -> dict[str, Any]:
@@ -45,7 +46,7 @@ def body(**fields: Any) -> dict[str, Any]:
     return {"model": "m", "messages": USER, "max_tokens": 16, "temperature": 0, **fields}
 
 
-def call(service: ChatService, request: dict[str, Any]) -> Any:
+def call(service: ChatEndpoint, request: dict[str, Any]) -> Any:
     async def run() -> Any:
         response = await service.create(request)
         if isinstance(response, dict):
@@ -73,9 +74,9 @@ def streamed_content(events: list[Any]) -> str:
 
 
 @contextmanager
-def recorded_tokens(service: ChatService) -> Iterator[dict[str, list[int]]]:
+def recorded_tokens(service: ChatEndpoint) -> Iterator[dict[str, list[int]]]:
     """Token ids the engine produces while the block runs, by request id (= response id)."""
-    engine = service.engine.engine
+    engine = service.frontend.engine.engine
     produced: dict[str, list[int]] = {}
     step = engine.step
 

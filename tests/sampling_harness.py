@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+import torch
+
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
@@ -42,3 +44,30 @@ def seq_with(prompt: list[int], output: list[int], **params) -> Sequence:
 def contains_run(tokens: list[int], run: tuple[int, ...]) -> bool:
     k = len(run)
     return any(tuple(tokens[i : i + k]) == run for i in range(len(tokens) - k + 1))
+
+
+def logit_shapes(vocab: int, seed: int) -> dict[str, torch.Tensor]:
+    """Logits of four kinds: peaked; flat (a nucleus of thousands of tokens: it does
+    not fit in the best 1024); bfloat16-quantised (many tokens tie at any cut-off);
+    constant (every token ties)."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "peaked": torch.randn(vocab, generator=g) * 5,
+        "flat": torch.randn(vocab, generator=g) * 0.5,
+        "ties": (torch.randn(vocab, generator=g) * 2).bfloat16().float(),
+        "constant": torch.zeros(vocab),
+    }
+
+
+def mixed_batch(vocab: int, seed: int, top_ps, min_ps, top_ks, shapes=None):
+    """Every shape (or those named) under every setting, one row each, in one batch."""
+    rows, settings = [], []
+    for name, logits in logit_shapes(vocab, seed).items():
+        if shapes is not None and name not in shapes:
+            continue
+        for tp in top_ps:
+            for mp in min_ps:
+                for k in top_ks:
+                    rows.append(logits)
+                    settings.append(SamplingParams(temperature=1.0, top_p=tp, min_p=mp, top_k=k))
+    return torch.stack(rows), settings

@@ -22,7 +22,7 @@ from typing import Any
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
-from flashserve.api.schema import load_schema
+from flashserve.api.endpoints.request_schema import load_schema
 
 MAX_ITEMS = 3
 MAX_TEXT = 24

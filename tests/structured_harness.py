@@ -17,7 +17,10 @@ from typing import Any
 import jsonschema
 import pytest
 
-from flashserve.api.structured_output import StructuredOutputs, parse_response_format
+from flashserve.api.frontend.structured.response_format import (
+    StructuredOutputs,
+    parse_response_format,
+)
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams

@@ -9,7 +9,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashserve.api.detokenizer import IncrementalDetokenizer, detokenize, special_token_ids
+from flashserve.api.frontend.output.detokenizer import (
+    IncrementalDetokenizer,
+    detokenize,
+    special_token_ids,
+)
 
 pytest_plugins = ["tests.tokenizer_fixtures"]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashserve.engine.dtype_choice import faster_cpu_dtype, matmul_seconds, pick_dtype
-from tests.test_engine import make_engine
+from tests.engine_harness import make_engine
 from tests.tiny_models import save_tiny_llama
 
 CPU = torch.device("cpu")

@@ -7,44 +7,15 @@ import random
 
 import pytest
 
-from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
-from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
+from tests.engine_harness import VOCAB, make_engine, mixed_prompts, run_all
 from tests.tiny_models import save_tiny_llama
-
-VOCAB = 512
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), vocab_size=VOCAB)
-
-
-def make_engine(model_dir, **overrides) -> LLMEngine:
-    settings = dict(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=1024)
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), model_dir)
-
-
-def run_all(
-    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
-) -> dict[str, list[int]]:
-    for rid, (prompt, params) in requests.items():
-        engine.add_request(rid, prompt, params)
-    produced: dict[str, list[int]] = {rid: [] for rid in requests}
-    while engine.has_work():
-        for out in engine.step():
-            produced[out.request_id].extend(out.new_token_ids)
-    return produced
-
-
-def mixed_prompts(count: int, seed: int = 0) -> list[list[int]]:
-    rng = random.Random(seed)
-    return [
-        [rng.randrange(3, VOCAB) for _ in range(rng.choice([3, 17, 64, 130, 301]))]
-        for _ in range(count)
-    ]
 
 
 def greedy(max_tokens: int = 24) -> SamplingParams:

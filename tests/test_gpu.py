@@ -11,7 +11,7 @@ from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
-from tests.test_model_parity import engine_logits
+from tests.engine_harness import engine_logits
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = [

@@ -18,9 +18,9 @@ from typing import Any
 import httpx
 import pytest
 
-from flashserve.api.body import parse_json_body
-from flashserve.api.errors import RequestError
-from flashserve.api.template_jail import render_isolated
+from flashserve.api.frontend.template_jail import render_isolated
+from flashserve.api.http.body import parse_json_body
+from flashserve.api.http.errors import RequestError
 from tests.ops_client import CHAT, engine_idle, scrape, seeded, stream_chat, wait_until
 
 pytest_plugins = ["tests.server_fixture"]

@@ -8,8 +8,7 @@ import transformers
 
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
-from flashserve.engine.sampling_params import SamplingParams
-from flashserve.engine.sequence import Sequence
+from tests.engine_harness import engine_logits
 
 COMMON = dict(
     vocab_size=512,
@@ -72,20 +71,6 @@ def _save_random_model(config_cls, extra, path):
     # Small shards: the loader must assemble tensors across files.
     model.save_pretrained(path, max_shard_size="200KB")
     return model.eval()
-
-
-def engine_logits(engine: LLMEngine, token_ids: list[int], chunk: int) -> torch.Tensor:
-    """Logits at every position, computing the prompt `chunk` tokens per step."""
-    seq = Sequence("parity", token_ids, SamplingParams())
-    rows = []
-    while seq.num_computed_tokens < seq.num_tokens:
-        n = min(chunk, seq.num_uncomputed_tokens)
-        assert engine.block_manager.allocate(seq, n)
-        hidden, _, _ = engine.runner.forward([(seq, n)])
-        rows.append(engine.model.compute_logits(hidden))
-        seq.num_computed_tokens += n
-    engine.block_manager.release(seq)
-    return torch.cat(rows)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))

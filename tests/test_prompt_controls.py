@@ -1,7 +1,7 @@
 """Issue 3, prompt side: chat_template (sandboxed), its args and documents, generation
 prompt, special tokens, echo, truncation, and the context_only / generation_only split.
 
-Everything runs through ChatService over data/embedded_model (tiny Llama with the
+Everything runs through ChatEndpoint over data/embedded_model (tiny Llama with the
 32k Mistral SentencePiece tokenizer and its chat template).
 """
 
@@ -22,15 +22,15 @@ CONVERSATION = [
 def service():
     svc = make_service()
     yield svc
-    svc.engine.shutdown()
+    svc.frontend.engine.shutdown()
 
 
 def prompt_ids(service, **fields) -> list[int]:
-    return service.prepare(body(**fields)).prompt_ids
+    return service.prepare(body(**fields)).generation.prompt_ids
 
 
 def prompt_text(service, **fields) -> str:
-    return service.tokenizer.decode(prompt_ids(service, **fields))
+    return service.frontend.tokenizer.decode(prompt_ids(service, **fields))
 
 
 def refused(service, request: dict) -> dict:
@@ -46,7 +46,7 @@ def refused(service, request: dict) -> dict:
 def test_a_requests_own_chat_template_renders_the_prompt(service):
     template = "{% for m in messages %}<<{{ m.role }}: {{ m.content }}>>{% endfor %}"
     out = call(service, body(chat_template=template, max_tokens=2))
-    expected = service.tokenizer.encode("<<user: Tell me a story.>>", add_special_tokens=False)
+    expected = service.frontend.tokenizer.encode("<<user: Tell me a story.>>", add_special_tokens=False)
     assert out["usage"]["prompt_tokens"] == len(expected)
     assert prompt_ids(service, chat_template=template) == expected
 
@@ -103,10 +103,10 @@ def test_chat_template_args_and_documents_reach_the_template(service):
 def test_add_generation_prompt_and_add_special_tokens(service):
     base = prompt_ids(service)
     without = prompt_ids(service, add_generation_prompt=False)
-    assert base[-1] == service.tokenizer.convert_tokens_to_ids("[/INST]")
+    assert base[-1] == service.frontend.tokenizer.convert_tokens_to_ids("[/INST]")
     assert without == base[:-1]
     doubled = prompt_ids(service, add_special_tokens=True)
-    assert doubled == [service.tokenizer.bos_token_id, *base]
+    assert doubled == [service.frontend.tokenizer.bos_token_id, *base]
     usage = call(service, body(add_special_tokens=True, max_tokens=1))["usage"]
     assert usage["prompt_tokens"] == len(base) + 1
 
@@ -120,10 +120,10 @@ def test_echo_continues_the_final_assistant_message_and_prefixes_it(service):
     echoed = call(service, {**request, "echo": True})
     assert content(echoed).startswith("Once upon a time")
     # The prompt ends inside the assistant message: no end-of-turn token.
-    rendered = service.tokenizer.apply_chat_template(
+    rendered = service.frontend.tokenizer.apply_chat_template(
         CONVERSATION, tokenize=False, continue_final_message=True
     )
-    continued = service.tokenizer.encode(rendered, add_special_tokens=False)
+    continued = service.frontend.tokenizer.encode(rendered, add_special_tokens=False)
     assert echoed["usage"]["prompt_tokens"] == len(continued)
     assert plain["usage"]["prompt_tokens"] == len(continued) + 1  # the closing </s>
     assert echoed["usage"]["completion_tokens"] == 6
@@ -173,7 +173,7 @@ def test_context_only_then_generation_only_equals_one_request(service):
     # A handle works once.
     detail = refused(service, {**request, "disaggregated_params": resume})
     assert detail["param"] == "disaggregated_params"
-    assert service.engine.engine.block_manager.num_used_blocks == 0
+    assert service.frontend.engine.engine.block_manager.num_used_blocks == 0
 
 
 def test_seeded_sampling_survives_the_split(service):
@@ -234,7 +234,7 @@ def test_unknown_wrong_or_expired_handles_are_400(service):
     refused(service, resume(handle["ctx_request_id"], handle["opaque_state"], messages=other))
     # ...and neither attempt used the handle up.
     assert call(service, resume(handle["ctx_request_id"], handle["opaque_state"], max_tokens=2))
-    contexts = service.engine.engine.contexts
+    contexts = service.frontend.engine.engine.contexts
     ttl = contexts.ttl_s
     contexts.ttl_s = 0.0
     try:
@@ -249,12 +249,12 @@ def test_unknown_wrong_or_expired_handles_are_400(service):
     # Expired blocks went back to the cache.
     call(service, body(max_tokens=1))
     assert len(contexts) == 0
-    assert service.engine.engine.block_manager.num_used_blocks == 0
+    assert service.frontend.engine.engine.block_manager.num_used_blocks == 0
 
 
 def test_user_messages_still_render_with_the_models_template(service):
     # A guard for the edits above: the default path is untouched.
-    expected = service.tokenizer.apply_chat_template(
+    expected = service.frontend.tokenizer.apply_chat_template(
         USER, tokenize=False, add_generation_prompt=True
     )
-    assert prompt_ids(service) == service.tokenizer.encode(expected, add_special_tokens=False)
+    assert prompt_ids(service) == service.frontend.tokenizer.encode(expected, add_special_tokens=False)

@@ -10,14 +10,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from flashserve.api import responses
-from flashserve.api.output_formats import OutputFormats
-from flashserve.api.output_parsing import ResponseParser
-from flashserve.api.prompt import render_prompt
-from flashserve.api.protocol import ChatRequest
-from flashserve.api.reasoning import ReasoningParser, prompt_thinking_state, resolve_reasoning
-from flashserve.api.tool_parsers import HermesToolParser
-from flashserve.api.tools import plan_tools
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.output.output_plan import OutputFormats
+from flashserve.api.frontend.output.reasoning import (
+    ReasoningParser,
+    prompt_thinking_state,
+    resolve_reasoning,
+)
+from flashserve.api.frontend.output.response_parser import ResponseParser, join_tool_calls
+from flashserve.api.frontend.prompt import render_prompt
+from flashserve.api.frontend.tool_parsers import HermesToolParser
+from flashserve.api.frontend.tools import plan_tools
 from tests.tool_models import answer_all, template
 
 pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
@@ -110,8 +113,7 @@ def test_prompt_states_from_templates(sp_tokenizer_dir) -> None:
     with pytest.raises(ValueError, match="unknown reasoning_parser"):
         resolve_reasoning("o1", None)
     off = OutputFormats(tokenizer, "auto", "none")
-    request = ChatRequest(model="m", messages=messages, chat_template=template("hermes.jinja"))
-    assert off.plan(request, plan_tools(None, None, True), "").thinking is None
+    assert off.plan(plan_tools(None, None, True), "", template("hermes.jinja")).thinking is None
 
 
 # --------------------------------------------------------------------------- served
@@ -155,7 +157,7 @@ def test_thinking_goes_to_reasoning_content(services) -> None:
 def test_enable_thinking_false_is_passed_to_the_template(services) -> None:
     service = services("hermes")
     body = ask(response_format=forced("Yes."), chat_template_args={"enable_thinking": False})
-    prompt = render_prompt(service.tokenizer, ChatRequest.model_validate(body))
+    prompt = render_prompt(service.frontend.tokenizer, ChatRequest.model_validate(body))
     assert prompt.endswith("<think>\n\n</think>\n\n")
     message = answer_all(service, [body])[0]["choices"][0]["message"]
     assert message == {"role": "assistant", "content": "Yes.", "reasoning_content": None}
@@ -211,7 +213,7 @@ def test_any_text_splits_the_same_however_it_streams(parts, state, size) -> None
         parser = ResponseParser(ReasoningParser(state), HermesToolParser({"add"}))
         steps = [parser.feed(text[i : i + step]) for i in range(0, len(text), step)]
         steps.append(parser.finish())
-        calls = responses.join_tool_calls([d for s in steps for d in s.tool_calls])
+        calls = join_tool_calls([d for s in steps for d in s.tool_calls])
         return (
             "".join(s.reasoning for s in steps),
             "".join(s.content for s in steps),

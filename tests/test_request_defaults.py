@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from flashserve.api.errors import RequestError
-from flashserve.api.protocol import ChatRequest
-from flashserve.api.sampling import ModelDefaults, to_sampling_params
-from flashserve.api.schema import RequestValidator
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.frontend.params import ModelDefaults, to_sampling_params
+from flashserve.api.http.errors import RequestError
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

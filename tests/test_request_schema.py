@@ -14,7 +14,12 @@ from typing import Any
 import pytest
 from jsonschema import Draft202012Validator
 
-from flashserve.api.schema import REPO_SCHEMA_PATH, SCHEMA_PATH_ENV, find_schema_path, load_schema
+from flashserve.api.endpoints.request_schema import (
+    REPO_SCHEMA_PATH,
+    SCHEMA_PATH_ENV,
+    find_schema_path,
+    load_schema,
+)
 from tests.request_bodies import PUBLISHED_PROPERTIES, REPO, SCHEMA_FILE
 
 DEFINITIONS = {

@@ -11,14 +11,12 @@ from typing import Any
 
 import pytest
 
-from flashserve.api.errors import RequestError, error_body
-from flashserve.api.schema import (
-    RequestValidator,
-    check_depth,
-    check_semantics,
-    format_path,
-    parse_json_body,
-)
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.endpoints.chat_rules import check_semantics
+from flashserve.api.endpoints.request_schema import RequestValidator, check_depth
+from flashserve.api.http.body import parse_json_body
+from flashserve.api.http.errors import RequestError, error_body
+from flashserve.api.http.field_text import format_path
 from tests.request_bodies import PUBLISHED_PROPERTIES, RESPONSE_FORMATS, SCHEMA_FILE, minimal, rich
 
 
@@ -31,14 +29,15 @@ def validator() -> RequestValidator:
 
 
 def test_minimal_request_is_valid(validator: RequestValidator) -> None:
-    validator.validate(minimal())
+    assert validator.validate(minimal()) == minimal()
 
 
 @pytest.mark.parametrize("kind", sorted(RESPONSE_FORMATS))
 def test_rich_request_is_valid(validator: RequestValidator, kind: str) -> None:
     body = rich(RESPONSE_FORMATS[kind])
     assert set(body) == set(PUBLISHED_PROPERTIES)
-    validator.validate(body)
+    # Valid, and passed on as sent but for top-level nulls (which mean "not set").
+    assert validator.validate(body) == {k: v for k, v in body.items() if v is not None}
 
 
 def test_multimodal_validator_accepts_media_parts() -> None:
@@ -48,13 +47,19 @@ def test_multimodal_validator_accepts_media_parts() -> None:
         {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}},
     ]
-    RequestValidator(SCHEMA_FILE, multimodal=True).validate(body)
+    assert RequestValidator(SCHEMA_FILE, multimodal=True).validate(body) == body
+    with pytest.raises(RequestError) as caught:  # the text-only validator refuses them
+        RequestValidator(SCHEMA_FILE).validate(body)
+    assert caught.value.param == "messages[0].content[1]"
 
 
 def test_message_keeps_unknown_keys(validator: RequestValidator) -> None:
     body = minimal()
     body["messages"][0]["refusal"] = None
-    validator.validate(body)
+    validated = validator.validate(body)
+    assert validated["messages"][0] == {**minimal()["messages"][0], "refusal": None}
+    request = ChatRequest.model_validate(validated)
+    assert "refusal" in request.messages[0]
 
 
 def test_validation_does_not_modify_the_body(validator: RequestValidator) -> None:
@@ -259,18 +264,22 @@ def test_check_depth_limits() -> None:
 
 
 def test_parse_json_body() -> None:
-    assert parse_json_body(b'{"a": 1}') == {"a": 1}
-    for raw in (b"{", b"\xff", "[" * 100_000 + "]" * 100_000):
+    assert parse_json_body(b'{"a": 1}', 1 << 20) == {"a": 1}
+    for raw in (b"{", b"\xff", b"[" * 100_000 + b"]" * 100_000):
         with pytest.raises(RequestError) as caught:
-            parse_json_body(raw)
+            parse_json_body(raw, 1 << 20)
         assert caught.value.status == 400
-    with pytest.raises(RequestError, match="larger than"):
-        parse_json_body(b"[1, 2, 3]", max_bytes=4)
+    with pytest.raises(RequestError, match="the limit is 4"):
+        parse_json_body(b"[1, 2, 3]", 4)
 
 
 def test_check_semantics_tolerates_wrong_types() -> None:
     # Used alone (without the schema), wrong types are left to the schema, not crashed on.
-    check_semantics({"messages": "x", "n": "2", "logit_bias": [], "bad_token_ids": "1"})
+    body = {"model": "m", "messages": "x", "n": "2", "logit_bias": [], "bad_token_ids": "1"}
+    assert check_semantics(body) is None
+    with pytest.raises(RequestError) as caught:  # ... where the schema refuses them
+        RequestValidator(SCHEMA_FILE).validate(body)
+    assert caught.value.status == 400 and caught.value.param
 
 
 # --------------------------------------------------------------------------- error bodies

@@ -10,11 +10,19 @@ from collections import Counter
 import pytest
 import torch
 
-from flashserve.api.protocol import ChatRequest
-from flashserve.api.sampling import TOP_P_DECAY, ModelDefaults, to_sampling_params
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.params import TOP_P_DECAY, ModelDefaults, to_sampling_params
 from flashserve.engine.sampler import Sampler, effective_top_p
 from flashserve.engine.sampling_params import SamplingParams
-from tests.sampling_harness import VOCAB, contains_run, make_engine, prompts, run_all, seq_with
+from tests.sampling_harness import (
+    VOCAB,
+    contains_run,
+    make_engine,
+    mixed_batch,
+    prompts,
+    run_all,
+    seq_with,
+)
 from tests.tiny_models import save_tiny_llama
 
 
@@ -152,33 +160,6 @@ def test_banned_tokens_never_appear_over_many_sampled_tokens(model_dir, engine):
 # -- the whole-vocabulary path: radix-select cut-off, inverse-CDF draw -------------
 
 
-def _shapes(vocab: int, seed: int) -> dict[str, torch.Tensor]:
-    """Logits of four kinds: peaked; flat (a nucleus of thousands of tokens: it does
-    not fit in the best 1024); bfloat16-quantised (many tokens tie at any cut-off);
-    constant (every token ties)."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        "peaked": torch.randn(vocab, generator=g) * 5,
-        "flat": torch.randn(vocab, generator=g) * 0.5,
-        "ties": (torch.randn(vocab, generator=g) * 2).bfloat16().float(),
-        "constant": torch.zeros(vocab),
-    }
-
-
-def _mixed_batch(vocab: int, seed: int, top_ps, min_ps, top_ks, shapes=None):
-    """Every shape (or those named) under every setting, one row each, in one batch."""
-    rows, settings = [], []
-    for name, logits in _shapes(vocab, seed).items():
-        if shapes is not None and name not in shapes:
-            continue
-        for tp in top_ps:
-            for mp in min_ps:
-                for k in top_ks:
-                    rows.append(logits)
-                    settings.append(SamplingParams(temperature=1.0, top_p=tp, min_p=mp, top_k=k))
-    return torch.stack(rows), settings
-
-
 def _nucleus_f64(probs: torch.Tensor, params: SamplingParams, top_p: float):
     """_truncate's rule with its sums in float64 (probs: min-p applied): how many
     tokens it keeps, and how close to the target the running mass passes there."""
@@ -203,7 +184,7 @@ def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch):
     from flashserve.engine.truncation import truncate_logits as _truncate
 
     vocab = 32768
-    logits, params = _mixed_batch(
+    logits, params = mixed_batch(
         vocab, 1, top_ps=(0.5, 0.9, 0.95, 0.99, 1.0), min_ps=(0.0, 0.05), top_ks=(-1, 3000)
     )
     top_p = [p.top_p for p in params]
@@ -256,7 +237,7 @@ def test_the_vocabulary_path_draws_the_renormalised_nucleus():
 
     torch.manual_seed(0)
     vocab, repeats, calls, groups = 4096, 25, 160, 16  # 4,000 draws a setting
-    logits, params = _mixed_batch(
+    logits, params = mixed_batch(
         vocab,
         2,
         top_ps=(0.5, 0.95),
@@ -283,7 +264,7 @@ def test_the_vocabulary_path_draws_the_renormalised_nucleus():
         assert (got - rate).abs().sum() / 2 < 0.06, (row, p, (got - rate).abs().sum() / 2)
 
 
-def test_seeded_rows_draw_the_same_tokens_alone_and_in_a_mixed_batch():
+def test_seeded_rows_draw_the_same_tokens_alone_and_in_amixed_batch():
     """The vocabulary path with a seed is batch-independent, also for rows longer
     than torch's grain size (whose plain sum, alone, torch splits among threads)."""
     vocab, steps = 50000, 12
@@ -334,7 +315,7 @@ def test_the_accelerator_path_draws_inside_the_same_nucleus():
     from flashserve.engine.sampler import _draw_by_sort
     from flashserve.engine.truncation import truncate_logits as _truncate
 
-    logits, params = _mixed_batch(4096, 3, top_ps=(0.5, 0.95), min_ps=(0.0, 0.05), top_ks=(-1,))
+    logits, params = mixed_batch(4096, 3, top_ps=(0.5, 0.95), min_ps=(0.0, 0.05), top_ks=(-1,))
     top_p = [p.top_p for p in params]
     allowed = _truncate(logits, params, top_p, "cpu") > float("-inf")
     seqs = [seq_with([1], [], **vars(p)) for p in params]

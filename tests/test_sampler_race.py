@@ -9,12 +9,11 @@ import torch
 
 from flashserve.engine.sampler import _race
 from flashserve.engine.truncation import certainly_kept, kept_probs
-from tests.sampling_harness import seq_with
-from tests.test_sampler import _mixed_batch
+from tests.sampling_harness import mixed_batch, seq_with
 
 
 def test_certainly_kept_vouches_only_for_tokens_the_truncation_keeps():
-    logits, params = _mixed_batch(
+    logits, params = mixed_batch(
         5000, 3, top_ps=(0.3, 0.9, 0.99, 1.0), min_ps=(0.0, 0.05), top_ks=(-1, 3000)
     )
     top_p = [p.top_p for p in params]

@@ -1,6 +1,6 @@
 """Issue 3, sampling side: every sampling control in the schema has its stated effect.
 
-End to end through ChatService over data/embedded_model (a real 32k SentencePiece
+End to end through ChatEndpoint over data/embedded_model (a real 32k SentencePiece
 tokenizer); the numeric checks on tensors and on LLMEngine over a tiny random Llama are
 in test_logits_processors.py and test_sampler.py.
 """
@@ -12,9 +12,9 @@ import logging
 import pytest
 from fastapi import HTTPException
 
-from flashserve.api.bad_words import bad_word_sequences
-from flashserve.api.protocol import ChatRequest
-from flashserve.api.sampling import ModelDefaults, to_sampling_params
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.bad_words import bad_word_sequences
+from flashserve.api.frontend.params import ModelDefaults, to_sampling_params
 from tests.chat_harness import (
     EOS,
     body,
@@ -31,10 +31,10 @@ from tests.sampling_harness import contains_run
 def service():
     svc = make_service()
     yield svc
-    svc.engine.shutdown()
+    svc.frontend.engine.shutdown()
 
 
-# -- end to end through ChatService ------------------------------------------------
+# -- end to end through ChatEndpoint ------------------------------------------------
 
 
 def token_strings(response) -> list[str]:
@@ -42,12 +42,12 @@ def token_strings(response) -> list[str]:
 
 
 def test_logit_bias_plus_100_forces_its_token_and_unknown_ids_are_400(service):
-    hello = service.tokenizer.convert_tokens_to_ids("▁Hello")
+    hello = service.frontend.tokenizer.convert_tokens_to_ids("▁Hello")
     forced = call(service, body(logit_bias={str(hello): 100}, max_tokens=4, temperature=1.0))
     assert content(forced).split() == ["Hello"] * 4
     greedy = call(service, body(max_tokens=1, logprobs=True))
     first = greedy["choices"][0]["logprobs"]["content"][0]["token"]
-    first_id = service.tokenizer.convert_tokens_to_ids(first)
+    first_id = service.frontend.tokenizer.convert_tokens_to_ids(first)
     pushed = call(service, body(max_tokens=1, logprobs=True, logit_bias={str(first_id): -100}))
     assert token_strings(pushed)[0] != first
     with pytest.raises(HTTPException) as raised:
@@ -64,7 +64,7 @@ def test_bad_phrases_are_never_produced(service):
     assert word not in banned.split() and banned != plain
     # Sampled at length, with every tokenization of several phrases banned.
     phrases = [word, "the", "Hello world"]
-    forms = bad_word_sequences(service.tokenizer, phrases)
+    forms = bad_word_sequences(service.frontend.tokenizer, phrases)
     assert len(forms) >= 2 * len(phrases)
     with recorded_tokens(service) as produced:
         ids = [
@@ -106,7 +106,7 @@ def test_min_tokens_and_ignore_eos_hold_back_the_end(service):
 
 
 def test_stop_token_and_stop_string_name_the_stop_reason(service):
-    hello = service.tokenizer.convert_tokens_to_ids("▁Hello")
+    hello = service.frontend.tokenizer.convert_tokens_to_ids("▁Hello")
     forced = body(logit_bias={str(hello): 100}, max_tokens=8)
     by_token = call(service, {**forced, "stop_token_ids": [hello]})
     assert by_token["choices"][0]["stop_reason"] == hello
@@ -123,7 +123,7 @@ def test_stop_token_and_stop_string_name_the_stop_reason(service):
 
 
 def test_a_stop_string_counts_only_from_min_tokens_on(service):
-    hello = service.tokenizer.convert_tokens_to_ids("▁Hello")
+    hello = service.frontend.tokenizer.convert_tokens_to_ids("▁Hello")
     forced = body(logit_bias={str(hello): 100}, max_tokens=8, stop=["Hello"])
     assert (
         content(call(service, forced)) == ""

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flashserve.api.stop import StopStringMatcher
+from flashserve.api.frontend.output.stop import StopStringMatcher
 
 
 def first_stop(text: str, stops: list[str]) -> tuple[int, str] | None:

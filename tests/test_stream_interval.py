@@ -14,7 +14,7 @@ import pytest
 from flashserve.engine.async_engine import AsyncEngine, RequestTimeoutError
 from flashserve.engine.sampling_params import SamplingParams
 from tests.chat_harness import body, call, make_service, streamed_content
-from tests.test_engine import make_engine, mixed_prompts
+from tests.engine_harness import make_engine, mixed_prompts
 from tests.tiny_models import save_tiny_llama
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
@@ -114,8 +114,8 @@ def test_chat_stream_with_an_interval_has_the_same_text_in_fewer_chunks():
         every, fewer = call(plain, request), call(gathered, request)
         whole = call(gathered, body(max_tokens=24))
     finally:
-        plain.engine.shutdown()
-        gathered.engine.shutdown()
+        plain.frontend.engine.shutdown()
+        gathered.frontend.engine.shutdown()
     assert streamed_content(fewer) == streamed_content(every)
     assert streamed_content(fewer) == whole["choices"][0]["message"]["content"]
     # Chunks with choices: the role, then the tokens (first alone, then 6 at a time).

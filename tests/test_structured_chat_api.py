@@ -1,4 +1,4 @@
-"""Structured outputs through ChatService: invalid formats rejected before any token,
+"""Structured outputs through ChatEndpoint: invalid formats rejected before any token,
 streaming, logprobs, sampling controls and stop strings under a grammar, and a slow
 compile that does not hold up other requests.
 """
@@ -33,9 +33,9 @@ def test_invalid_schema_is_rejected_before_any_token(sp):
             call(service, _body(response_format=bad))
         assert info.value.status_code == 400
         assert info.value.detail["param"] == "response_format.json_schema.schema"
-        assert service.engine.engine.steps == 0
+        assert service.frontend.engine.engine.steps == 0
     finally:
-        service.engine.shutdown()
+        service.frontend.engine.shutdown()
 
 
 def _body(**fields: Any) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def _body(**fields: Any) -> dict[str, Any]:
 def service():
     service = make_service()
     yield service
-    service.engine.shutdown()
+    service.frontend.engine.shutdown()
 
 
 def test_chat_api_streaming_logprobs_and_sampling_controls(service):
@@ -85,7 +85,7 @@ def test_chat_api_stop_strings_still_cut_the_output(service):
 
 
 def test_slow_compile_does_not_stall_other_requests(service, monkeypatch):
-    original = service.structured.compile
+    original = service.frontend.structured.compile
     compiled_at: list[float] = []
 
     def slow_compile(spec):
@@ -93,7 +93,7 @@ def test_slow_compile_does_not_stall_other_requests(service, monkeypatch):
         compiled_at.append(time.monotonic())
         return original(spec)
 
-    monkeypatch.setattr(service.structured, "compile", slow_compile)
+    monkeypatch.setattr(service.frontend.structured, "compile", slow_compile)
     finished: dict[str, float] = {}
 
     async def one(name: str, body: dict[str, Any]) -> None:

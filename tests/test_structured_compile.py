@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from flashserve.api.detokenizer import special_token_ids
-from flashserve.api.errors import RequestError
+from flashserve.api.frontend.output.detokenizer import special_token_ids
+from flashserve.api.http.errors import RequestError
 from flashserve.engine.structured import GrammarCompilerCache, GrammarSpec
 from tests.structured_catalogue import STRUCTURAL_TAG, WEATHER, schema_format
 from tests.structured_harness import EOS, spec_for

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from fastapi import HTTPException
 
-from flashserve.api.prompt import render_prompt
-from flashserve.api.protocol import ChatRequest
-from flashserve.api.tool_parsers import HermesToolParser
-from flashserve.api.tools import plan_tools
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.prompt import render_prompt
+from flashserve.api.frontend.tool_parsers import HermesToolParser
+from flashserve.api.frontend.tools import plan_tools
 from tests.tool_calling_cases import (
     ASK,
     NAMES,
@@ -91,9 +91,9 @@ def test_tool_choice_none_yields_no_calls(services, family: str) -> None:
         assert choice["finish_reason"] in ("stop", "length")
         assert "<tool_call>" not in choice["message"]["content"]
     # The tools are not shown to the model at all.
-    prompt = render_prompt(service.tokenizer, ChatRequest.model_validate(bodies[0]))
+    prompt = render_prompt(service.frontend.tokenizer, ChatRequest.model_validate(bodies[0]))
     assert "get_weather" not in prompt
-    auto = render_prompt(service.tokenizer, ChatRequest.model_validate(request(family)))
+    auto = render_prompt(service.frontend.tokenizer, ChatRequest.model_validate(request(family)))
     assert "get_weather" in auto
 
 
@@ -199,7 +199,7 @@ def test_multi_turn_history_renders_calls_and_results(services, family: str) -> 
         {"role": "tool", "tool_call_id": "call_abc123", "content": "22 degrees, sunny"},
     ]
     body = request(family, messages=messages, max_tokens=4)
-    prompt = render_prompt(service.tokenizer, ChatRequest.model_validate(body))
+    prompt = render_prompt(service.frontend.tokenizer, ChatRequest.model_validate(body))
     # arguments arrive as a JSON string; the template writes them as the object.
     assert RENDERED_CALL[family] in prompt
     assert "22 degrees, sunny" in prompt
@@ -313,8 +313,8 @@ def test_forced_call_grammar_lets_a_thinking_model_think_first(services) -> None
         (None, f"<think>\nhmm\n</think>\n\n{call}", False),
         (None, call.replace('"b": 2', '"b": 22'), False),
     ]:
-        spec = service.tool_grammars.spec(HermesToolParser, plan, thinking)
-        matcher = xgr.GrammarMatcher(service.structured.compiler().compile(spec).compiled)
+        spec = service.frontend.tool_grammars.spec(HermesToolParser, plan, thinking)
+        matcher = xgr.GrammarMatcher(service.frontend.structured.compiler().compile(spec).compiled)
         accepted = matcher.accept_string(text)
         assert accepted == ok, (thinking, text)
         if ok:

@@ -4,7 +4,7 @@ compiled from, and the detokenizer keeping a format's markers.
 
 from __future__ import annotations
 
-from flashserve.api.tool_grammar import grammar_schema
+from flashserve.api.frontend.structured.tool_grammar import grammar_schema
 
 pytest_plugins = ["tests.tokenizer_fixtures"]
 
@@ -25,7 +25,7 @@ def test_grammar_schema_bounds_strings_without_changing_what_validates() -> None
 
 
 def test_detokenizer_shows_the_format_markers_it_is_told_to_keep(sp_tokenizer) -> None:
-    from flashserve.api.detokenizer import IncrementalDetokenizer
+    from flashserve.api.frontend.output.detokenizer import IncrementalDetokenizer
 
     text = '[TOOL_CALLS] [{"name": "f", "arguments": {}}]'
     ids = sp_tokenizer.encode(text, add_special_tokens=False)

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flashserve.api.tool_parsers import (
+from flashserve.api.frontend.tool_parsers import (
     HermesToolParser,
     Llama3JsonToolParser,
     MistralToolParser,
@@ -23,7 +23,7 @@ from flashserve.api.tool_parsers import (
     detect_tool_parser,
     resolve_tool_parser,
 )
-from flashserve.api.tool_parsers.json_call import JsonCallScanner
+from flashserve.api.frontend.tool_parsers.json_call import JsonCallScanner
 from tests.tool_models import template
 
 TOOLS = frozenset({"get_weather", "add", "search"})

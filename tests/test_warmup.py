@@ -8,7 +8,7 @@ import torch
 
 from flashserve.engine.sampling_params import SamplingParams
 from tests.chat_harness import EMBEDDED_MODEL
-from tests.test_engine import make_engine, mixed_prompts, run_all
+from tests.engine_harness import make_engine, mixed_prompts, run_all
 
 
 def test_warm_up_leaves_the_engine_empty():

@@ -9,7 +9,7 @@ from typing import Any
 
 import jsonschema
 
-from flashserve.api.chat import ChatService
+from flashserve.api.endpoints.chat import ChatEndpoint
 
 TOOLS = [
     {
@@ -72,8 +72,8 @@ def request(family: str, **fields: Any) -> dict[str, Any]:
     return body
 
 
-def eos_id(service: ChatService) -> int:
-    return service.engine.engine.eos_token_ids[0]
+def eos_id(service: ChatEndpoint) -> int:
+    return service.frontend.engine.engine.eos_token_ids[0]
 
 
 def assert_valid_calls(response: dict[str, Any], names: set[str]) -> list[dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""The `services` fixture: ChatServices over the tiny tool-calling models (tool_models.py).
+"""The `services` fixture: ChatEndpoints over the tiny tool-calling models (tool_models.py).
 
 pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
 
@@ -13,18 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from flashserve.api.chat import ChatService
+from flashserve.api.endpoints.chat import ChatEndpoint
 from tests.tool_models import build_family, make_service
 
 
 @pytest.fixture(scope="module")
 def services(
     sp_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Callable[[str], ChatService]]:
+) -> Iterator[Callable[[str], ChatEndpoint]]:
     root = tmp_path_factory.mktemp("tool_families")
-    built: dict[str, ChatService] = {}
+    built: dict[str, ChatEndpoint] = {}
 
-    def get(name: str) -> ChatService:
+    def get(name: str) -> ChatEndpoint:
         if name not in built:
             folder = build_family(name, sp_tokenizer_dir, root / name)
             built[name] = make_service(folder, kv_cache_memory_gb=0.1)
@@ -32,4 +32,4 @@ def services(
 
     yield get
     for service in built.values():
-        service.engine.shutdown()
+        service.frontend.engine.shutdown()

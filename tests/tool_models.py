@@ -11,7 +11,7 @@ and a tiny random Llama whose vocabulary matches that tokenizer exactly:
 All three start from the 32k Mistral SentencePiece tokenizer: the formats are text, and
 the 131k byte-level BPE one would make every step of the 100-request tests ~4x dearer.
 
-`make_service(folder)` starts a ChatService over one of them on the CPU; the fixture
+`make_service(folder)` starts a ChatEndpoint over one of them on the CPU; the fixture
 `services` (tests/tool_fixtures.py) builds and shares them.
 """
 
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashserve.api.chat import ChatService
-from flashserve.api.sampling import ModelDefaults
+from flashserve.api.endpoints.chat import ChatEndpoint
+from flashserve.api.frontend.model_frontend import ModelFrontend
+from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
@@ -94,7 +95,7 @@ def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Pat
     return out_dir
 
 
-def make_service(model_dir: Path, **engine_overrides: Any) -> ChatService:
+def make_service(model_dir: Path, **engine_overrides: Any) -> ChatEndpoint:
     from transformers import AutoTokenizer
 
     settings: dict[str, Any] = dict(
@@ -106,10 +107,10 @@ def make_service(model_dir: Path, **engine_overrides: Any) -> ChatService:
     engine = LLMEngine(EngineConfig(**settings), model_dir, eos_token_ids=(eos,))
     async_engine = AsyncEngine(engine)
     async_engine.start()
-    return ChatService(async_engine, tokenizer, "m", ModelDefaults())
+    return ChatEndpoint(ModelFrontend(async_engine, tokenizer, "m", ModelDefaults()))
 
 
-async def answer(service: ChatService, body: dict[str, Any]) -> Any:
+async def answer(service: ChatEndpoint, body: dict[str, Any]) -> Any:
     """The JSON body, or for a stream its events (parsed JSON, then "[DONE]")."""
     response = await service.create(body)
     if isinstance(response, dict):
@@ -121,7 +122,7 @@ async def answer(service: ChatService, body: dict[str, Any]) -> Any:
     return events
 
 
-def answer_all(service: ChatService, bodies: list[dict[str, Any]]) -> list[Any]:
+def answer_all(service: ChatEndpoint, bodies: list[dict[str, Any]]) -> list[Any]:
     """Send all bodies at once (the engine batches them); answers in order."""
 
     async def run() -> list[Any]:

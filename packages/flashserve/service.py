@@ -1,15 +1,17 @@
-"""Assemble the serving stack (weights, tokenizer, engine thread, chat API) from a Truss config."""
+"""Assemble the serving stack (weights, tokenizer, engine thread, endpoints) from a Truss config."""
 
 from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flashserve.api.chat import ChatService
-from flashserve.api.sampling import ModelDefaults
-from flashserve.api.schema import RequestValidator
+from flashserve.api.endpoints.chat import ChatEndpoint
+from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.frontend.model_frontend import ModelFrontend
+from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
@@ -19,12 +21,24 @@ from flashserve.weights import resolve_model_dir
 logger = logging.getLogger(__name__)
 
 
-def build_chat_service(
+@dataclass
+class Service:
+    """The served model's frontend and the endpoints over it (one per API)."""
+
+    frontend: ModelFrontend
+    chat: ChatEndpoint
+
+    @property
+    def engine(self) -> AsyncEngine:
+        return self.frontend.engine
+
+
+def build_service(
     truss_config: dict[str, Any],
     data_dir: Path | None,
     secrets: Any = None,
     lazy_data_resolver: Any = None,
-) -> ChatService:
+) -> Service:
     from transformers import AutoTokenizer
 
     metadata = truss_config.get("model_metadata") or {}
@@ -50,13 +64,13 @@ def build_chat_service(
     register_engine(async_engine)
     schema_path = Path(data_dir) / "ChatCompletionRequest.schema.json" if data_dir else None
     validator = RequestValidator(schema_path if schema_path and schema_path.is_file() else None)
-    return ChatService(
+    frontend = ModelFrontend(
         async_engine,
         tokenizer,
         served_model_name=config.served_model_name or config.model,
         defaults=ModelDefaults.from_generation_config(generation),
-        validator=validator,
     )
+    return Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
 
 
 def _read_json(path: Path) -> dict[str, Any]:

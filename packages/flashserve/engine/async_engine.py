@@ -70,7 +70,6 @@ class AsyncEngine:
         self._lock = threading.Lock()
         self._stopping = False
         self.error: BaseException | None = None
-        self.last_step_time = time.monotonic()
         self.last_beat = time.monotonic()  # every loop turn, idle or not
         self._stats = engine.stats()
         self._thread = threading.Thread(target=self._run, name="flashserve-engine", daemon=True)
@@ -185,7 +184,6 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
-                self.last_step_time = time.monotonic()
                 self._stats = self.engine.stats()
                 self._deliver(outputs)
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the callers

@@ -22,7 +22,6 @@ from flashserve.engine.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     items: list[tuple[Sequence, int]]  # (sequence, tokens to compute this step)
-    num_preempted: int = 0
 
     @property
     def empty(self) -> bool:
@@ -106,7 +105,7 @@ class Scheduler:
             items.append((seq, n))
             budget -= n
         self.total_preemptions += preempted
-        return ScheduledBatch(items=items, num_preempted=preempted)
+        return ScheduledBatch(items=items)
 
     def _preempt(self, seq: Sequence) -> None:
         self.blocks.release(seq)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,12 +68,8 @@ class Sequence:
     block_hashes: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0
-    arrival_time: float = field(default_factory=time.monotonic)
     generator: torch.Generator | None = None
     grammar_matcher: object | None = None
-    # Set when the request ends outside the normal stop checks (abort, error).
-    finish_reason: str | None = None
-    stop_reason: int | str | None = None
 
     def __post_init__(self) -> None:
         if not self.token_ids:

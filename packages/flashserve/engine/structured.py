@@ -83,7 +83,7 @@ class StructuredGrammar:
     spec: GrammarSpec
     compiled: xgr.CompiledGrammar
     # Extra tokens this grammar must never emit, as a [words] bitmask row (1 = allowed), or
-    # None. See GrammarCompilerCache._allowed_row for why.
+    # None. See GrammarCompilerCache.allowed_row for why.
     allowed: torch.Tensor | None = None
 
     def new_matcher(self) -> xgr.GrammarMatcher:
@@ -123,8 +123,8 @@ class GrammarCompilerCache:
         self._cache: OrderedDict[GrammarSpec, StructuredGrammar] = OrderedDict()
         self._lock = threading.Lock()
         self._special_ids = set(special_token_ids) - set(self.stop_token_ids)
-        self._no_special = self._allowed_row(self._special_ids)
-        self._json_safe = self._allowed_row(self._special_ids | self._control_byte_ids())
+        self._no_special = self.allowed_row(self._special_ids)
+        self._json_safe = self.allowed_row(self._special_ids | self._control_byte_ids())
 
     @property
     def cache_size(self) -> int:
@@ -178,7 +178,7 @@ class GrammarCompilerCache:
             return None
         return self._no_special
 
-    def _allowed_row(self, banned: set[int]) -> torch.Tensor | None:
+    def allowed_row(self, banned: set[int]) -> torch.Tensor | None:
         """A [words] bitmask row allowing every token except `banned`.
 
         Special tokens (control tokens like [INST]) are banned because the grammar sees

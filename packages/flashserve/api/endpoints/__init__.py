@@ -1,0 +1,1 @@
+"""One module set per API (chat now): its protocol, its rules, its formatter."""

@@ -1,0 +1,71 @@
+"""The chat-completions endpoint: a chat request -> its prompt -> the shared generation path.
+
+Chat-only steps stay here: the request's schema and rules, rendering the messages with
+the chat template (the request's own one jailed), and `echo` (the continued assistant
+message opens the response).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.responses import Response
+
+from flashserve.api.endpoints.base import LOG_FIELD_CHARS, Endpoint
+from flashserve.api.endpoints.chat_format import PreparedChat, collect_body, stream_events
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.frontend.model_frontend import ModelFrontend
+from flashserve.api.frontend.output.text_output import Piece
+from flashserve.api.frontend.prompt import echo_prefix, render_prompt
+from flashserve.api.http.sse import EventStreamResponse
+
+logger = logging.getLogger("flashserve.requests")
+
+
+class ChatEndpoint(Endpoint):
+    def __init__(self, frontend: ModelFrontend, validator: RequestValidator | None = None) -> None:
+        self.validator = validator or RequestValidator()
+        super().__init__(frontend, self.validator.max_bytes)
+
+    def uses_own_template(self, body: Any) -> bool:
+        return isinstance(body, dict) and bool(body.get("chat_template"))
+
+    def prepare(self, body: Any, http_request: Any = None) -> PreparedChat:
+        frontend = self.frontend
+        body = self.validator.validate(body)
+        request = ChatRequest.model_validate(body)
+        if request.model != frontend.served_model_name:
+            logger.info(
+                "request names model %r; serving %r",
+                request.model[:LOG_FIELD_CHARS],
+                frontend.served_model_name,
+            )
+        text = self._render(request)
+        prompt_ids = frontend.tokenize(text, request, param="messages")
+        generation = frontend.build(
+            request,
+            self.request_id("chatcmpl-", http_request),
+            text,
+            prompt_ids,
+            chat_template=request.chat_template,
+        )
+        return PreparedChat(request=request, generation=generation, echo=echo_prefix(request) or "")
+
+    async def respond(
+        self,
+        prepared: PreparedChat,
+        first: Piece | None,
+        pieces: AsyncIterator[Piece],
+        http_request: Any,
+    ) -> dict | Response:
+        model = self.frontend.served_model_name
+        if prepared.request.stream:
+            return EventStreamResponse(stream_events(prepared, first, pieces, model))
+        return await collect_body(prepared, first, pieces, http_request, model)
+
+    def _render(self, request: ChatRequest) -> str:
+        render = lambda: render_prompt(self.frontend.tokenizer, request)  # noqa: E731
+        return self.frontend.render_own_template(render) if request.chat_template else render()

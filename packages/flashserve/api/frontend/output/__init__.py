@@ -1,0 +1,1 @@
+"""Engine tokens -> text: the output owner and the pieces it uses."""

@@ -1,0 +1,124 @@
+"""The one owner of a request's text output: engine outputs in, text pieces out.
+
+Every endpoint's output passes through here, so it is decided in one place how tokens
+become text (detokenizer), where the text ends (stop strings, counted from the
+min_tokens-th token on), what is reasoning or a tool call (parsers) and why it ended
+(finish reason). Endpoint formatters only reshape the pieces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from flashserve.api.frontend.options import GenerationOptions
+from flashserve.api.frontend.output.detokenizer import IncrementalDetokenizer
+from flashserve.api.frontend.output.output_plan import ParsingPlan
+from flashserve.api.frontend.output.stop import StopStringMatcher
+from flashserve.api.frontend.output.token_text import TokenText
+
+
+@dataclass
+class Piece:
+    """One step of a request's output, as text."""
+
+    text: str
+    logprobs: list[dict] | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    completion_tokens: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    # context_only: the response's top-level `disaggregated_params` (the handle).
+    disaggregated: dict | None = None
+    # Thinking text (reasoning_content) and tool-call deltas read from this step's text.
+    reasoning: str = ""
+    tool_calls: list[dict] = field(default_factory=list)
+    reasoning_tokens: int = 0
+
+
+class TextOutput:
+    """Turns one request's engine outputs, step by step, into Pieces."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        token_text: TokenText,
+        options: GenerationOptions,
+        prompt_ids: list[int],
+        parsing: ParsingPlan,
+    ) -> None:
+        self.options = options
+        self.token_text = token_text
+        self.detokenizer = IncrementalDetokenizer(
+            tokenizer,
+            prompt_ids=prompt_ids,
+            skip_special_tokens=options.skip_special_tokens,
+            spaces_between_special_tokens=options.spaces_between_special_tokens,
+            keep_special_ids=parsing.keep_special_ids,
+        )
+        # Splits reasoning and tool calls off the text (passes it through when neither).
+        self.parser = parsing.new_parser()
+        self.stops = StopStringMatcher(options.stop_strings, options.include_stop_str_in_output)
+        self.completion_tokens = 0
+
+    def step(self, out: Any) -> Piece:
+        """One engine output (a RequestOutput) -> its piece; `finish_reason` set on the last."""
+        options = self.options
+        ids = out.new_token_ids
+        self.completion_tokens += len(ids)
+        # A stop token (EOS or stop_token_ids) ends the text without being part of it.
+        stopped_by_token = out.finish_reason == "stop" and not options.include_stop_str_in_output
+        text = self.detokenizer.add_tokens(ids[:-1] if stopped_by_token else ids)
+        if out.finished:
+            text += self.detokenizer.flush()
+        if self.completion_tokens < options.min_tokens:
+            # "Minimum number of tokens to generate before stopping": a stop string
+            # counts from the min_tokens-th token on (vLLM's rule too).
+            emitted, matched = text, None
+        else:
+            emitted, matched = self.stops.feed(text)
+        if out.finished and matched is None:
+            emitted += self.stops.flush()
+            # A stop that could only be confirmed at the end still counts.
+            matched = self.stops.matched
+        parser = self.parser
+        parsed = parser.feed(emitted, len(ids))
+        if matched is not None or out.finished or parser.exhausted:
+            parsed.extend(parser.finish())
+        piece = Piece(
+            text=parsed.content,
+            logprobs=self._logprob_entries(out),
+            prompt_tokens=out.num_prompt_tokens,
+            cached_tokens=out.num_cached_tokens,
+            completion_tokens=self.completion_tokens,
+            reasoning=parsed.reasoning,
+            tool_calls=parsed.tool_calls,
+            reasoning_tokens=parser.reasoning_tokens,
+        )
+        if matched is not None:
+            piece.finish_reason, piece.stop_reason = "stop", matched
+        elif out.finished:
+            piece.finish_reason, piece.stop_reason = out.finish_reason, out.stop_reason
+        elif parser.exhausted:
+            # parallel_tool_calls false (or a named function): the one call is
+            # complete, so generation stops here; the loop leaving aborts it.
+            piece.finish_reason = "tool_calls"
+        if piece.finish_reason == "stop" and parser.called_tools:
+            piece.finish_reason = "tool_calls"
+        return piece
+
+    def _logprob_entries(self, out: Any) -> list[dict] | None:
+        options = self.options
+        if not options.logprobs or not out.logprobs:
+            return None
+        return [
+            # The engine may hold more alternatives than asked (context_only keeps 20).
+            self.token_text.entry(
+                lp.token_id,
+                lp.logprob,
+                lp.top[: options.top_logprobs],
+                with_top=options.top_logprobs > 0,
+            )
+            for lp in out.logprobs
+        ]

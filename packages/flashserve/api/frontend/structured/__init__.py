@@ -1,0 +1,1 @@
+"""Grammars that constrain output: response_format and forced tool calls."""

@@ -1,0 +1,188 @@
+"""`tool_choice: required` or a named function -> the grammar that forces such calls.
+
+The grammar is an xgrammar structural tag in the model's own tool-call format (each
+parser's `call_format`), with each tool's arguments constrained by its `parameters`
+schema, so the output is always a well-formed call of an allowed tool whose arguments
+validate. It compiles through the structured-outputs machinery (frontend/structured/response_format.py:
+off the event loop, cached by content) and travels in `SamplingParams.grammar`.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import functools
+import json
+import threading
+from typing import Any
+
+import torch
+
+from flashserve.api.frontend.output.detokenizer import special_token_ids
+from flashserve.api.frontend.output.reasoning import END as THINK_END
+from flashserve.api.frontend.output.reasoning import START as THINK_START
+from flashserve.api.frontend.structured.response_format import StructuredOutputs
+from flashserve.api.frontend.structured.subschemas import child_schemas
+from flashserve.api.frontend.tool_parsers import ToolParser
+from flashserve.api.frontend.tool_parsers.base import const, sequence
+from flashserve.api.frontend.tools import ToolPlan
+from flashserve.api.http.errors import RequestError
+from flashserve.engine.structured import (
+    STRUCTURAL_TAG,
+    GrammarSpec,
+    InvalidGrammarError,
+    StructuredGrammar,
+    clean_xgrammar_message,
+)
+
+# Keys of a string schema that already pin its characters; a length bound alongside
+# them is left as it is.
+_STRING_SHAPERS = ("pattern", "format", "enum", "const")
+# JSON string characters without escapes: anything but '"', '\' and control characters.
+_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
+
+
+class ToolGrammars:
+    """Builds and compiles forced-call grammars for one model and tokenizer."""
+
+    def __init__(self, tokenizer: Any, structured: StructuredOutputs) -> None:
+        self.tokenizer = tokenizer
+        self.structured = structured
+        self._special = special_token_ids(tokenizer)
+        self._rows: dict[frozenset[int], torch.Tensor | None] = {}
+        self._lock = threading.Lock()
+
+    def spec(self, parser: type[ToolParser], plan: ToolPlan, thinking: str | None) -> GrammarSpec:
+        """The structural tag forcing the plan's calls; `thinking` is the prompt's
+        reasoning state (see frontend/output/reasoning.py), None for models that do not think."""
+        tools = []
+        for tool in plan.callable_tools:
+            try:
+                tools.append((tool.name, arguments_format(tool.parameters)))
+            except InvalidGrammarError as exc:
+                param = f"tools[{plan.tools.index(tool)}].function.parameters"
+                raise RequestError(
+                    f"'{param}' cannot be turned into a grammar: {exc}",
+                    param=param,
+                    code="invalid_request",
+                ) from exc
+        parallel = plan.parallel and plan.forced is None
+        body = parser.call_format(tools, parallel, self.literal)
+        if thinking == "open":  # the prompt opened the block: finish it first
+            body = sequence(self._thinking(""), _layout(), body)
+        elif thinking == "free":  # the model may think first
+            body = sequence(
+                {"type": "optional", "content": self._thinking(THINK_START)}, _layout(), body
+            )
+        tag = {"type": "structural_tag", "format": body}
+        return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
+
+    def _thinking(self, begin: str) -> dict[str, Any]:
+        """`begin`, free text, then "</think>" (tags as tokens where they are special)."""
+        return {
+            "type": "tag",
+            "begin": self._tag_edge(begin),
+            "content": {"type": "any_text"},
+            "end": self._tag_edge(THINK_END),
+        }
+
+    def _tag_edge(self, text: str) -> str | dict[str, Any]:
+        edge = self.literal(text) if text else const(text)
+        return text if edge["type"] == "const_string" else edge
+
+    def literal(self, text: str) -> dict[str, Any]:
+        """Fixed markup: its special token where the tokenizer has one (a model writes
+        "[TOOL_CALLS]" as that token, never as text), else the text."""
+        token = self._single_token(text)
+        if token is not None and token in self._special:
+            return {"type": "token", "token": token}
+        return const(text)
+
+    def compile(
+        self,
+        parser: type[ToolParser],
+        plan: ToolPlan,
+        thinking: str | None,
+        kept_special: frozenset[int],
+    ) -> StructuredGrammar:
+        """The compiled grammar forcing the plan's calls. Building the arguments grammars
+        and compiling block: call it off the event loop (large schemas stall no request)."""
+        spec = self.spec(parser, plan, thinking)
+        try:
+            grammar = self.structured.compiler().compile(spec)
+        except InvalidGrammarError as exc:
+            raise RequestError(
+                f"The tools' parameter schemas cannot be turned into a grammar: {exc}",
+                param="tools",
+                code="invalid_request",
+            ) from exc
+        # Special tokens stay banned (their text would vanish from the detokenized
+        # output), except the format's own markers, which the grammar places itself.
+        return dataclasses.replace(grammar, allowed=self._allowed_row(kept_special))
+
+    def _allowed_row(self, kept_special: frozenset[int]) -> torch.Tensor | None:
+        with self._lock:
+            if kept_special not in self._rows:
+                compiler = self.structured.compiler()
+                self._rows[kept_special] = compiler.allowed_row(set(self._special - kept_special))
+            return self._rows[kept_special]
+
+    def _single_token(self, text: str) -> int | None:
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return ids[0] if len(ids) == 1 else None
+
+
+def arguments_format(parameters: dict[str, Any]) -> dict[str, Any]:
+    """A structural-tag format for arguments that validate against `parameters`."""
+    return {
+        "type": "grammar",
+        "grammar": _arguments_grammar(json.dumps(parameters, sort_keys=False)),
+    }
+
+
+@functools.lru_cache(maxsize=256)
+def _arguments_grammar(schema_json: str) -> str:
+    import xgrammar as xgr
+
+    schema = grammar_schema(json.loads(schema_json))
+    try:
+        # Compact JSON (no free whitespace): a weak model could otherwise write spaces
+        # until max_tokens; strict: no properties beyond the schema's.
+        grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=False, strict_mode=True)
+    except (RuntimeError, ValueError) as exc:
+        raise InvalidGrammarError(clean_xgrammar_message(str(exc))) from exc
+    return str(grammar)
+
+
+def grammar_schema(parameters: dict[str, Any]) -> dict[str, Any]:
+    """The schema the grammar is built from: the tool's own, made to produce objects, with
+    length-bounded strings given a pattern.
+
+    xgrammar 0.2.8 lets a string with minLength/maxLength hold raw control characters,
+    which no JSON parser accepts; the pattern (characters needing no escape) is a subset
+    of what the schema allows, so everything it produces still validates.
+    """
+    schema = copy.deepcopy(parameters) if parameters else {}
+    schema.setdefault("type", "object")
+    if schema["type"] == "object":
+        schema.setdefault("properties", {})
+    _bound_strings(schema)
+    return schema
+
+
+def _bound_strings(schema: Any) -> None:
+    if not isinstance(schema, dict):
+        return
+    bounded = "minLength" in schema or "maxLength" in schema
+    if schema.get("type") == "string" and bounded and not any(k in schema for k in _STRING_SHAPERS):
+        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
+        schema["pattern"] = f"^{_PLAIN_CHAR}{{{low},{'' if high is None else int(high)}}}$"
+        schema.pop("minLength", None)
+        schema.pop("maxLength", None)
+    for _, sub in child_schemas(schema):
+        _bound_strings(sub)
+
+
+def _layout() -> dict[str, Any]:
+    # Qwen3 and R1 put a blank line between "</think>" and the answer.
+    return {"type": "regex", "pattern": r"[ \n]{0,2}"}

@@ -1,0 +1,1 @@
+"""HTTP plumbing every endpoint shares: body parsing, error shapes, server-sent events."""

@@ -1,0 +1,42 @@
+"""Server-sent events: the framing, and a response that aborts generation when its client leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from starlette.responses import StreamingResponse
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def sse(payload: dict[str, Any]) -> bytes:
+    return (
+        b"data: "
+        + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
+        + b"\n\n"
+    )
+
+
+class EventStreamResponse(StreamingResponse):
+    """SSE response that always closes its generator, so a dropped client aborts at once."""
+
+    media_type = "text/event-stream"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+async def cancel_on_disconnect(http_request: Any, task: asyncio.Task | None) -> None:
+    # A non-streaming request never fails a send() when its client leaves; poll
+    # for the disconnect and cancel the handler, which aborts the engine request.
+    while True:
+        await asyncio.sleep(DISCONNECT_POLL_SECONDS)
+        if await http_request.is_disconnected():
+            if task is not None:
+                task.cancel()
+            return

@@ -1,0 +1,55 @@
+"""A tiny random engine's helpers that several test modules share (no test module
+imports another): building one, running requests to the end, prompts, raw logits."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from flashserve.config import EngineConfig
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.engine.sampling_params import SamplingParams
+from flashserve.engine.sequence import Sequence
+
+VOCAB = 512
+
+
+def make_engine(model_dir, **overrides) -> LLMEngine:
+    settings = dict(device="cpu", dtype="float32", kv_cache_memory_gb=0.05, max_model_len=1024)
+    settings.update(overrides)
+    return LLMEngine(EngineConfig(**settings), model_dir)
+
+
+def run_all(
+    engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
+) -> dict[str, list[int]]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    produced: dict[str, list[int]] = {rid: [] for rid in requests}
+    while engine.has_work():
+        for out in engine.step():
+            produced[out.request_id].extend(out.new_token_ids)
+    return produced
+
+
+def mixed_prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [
+        [rng.randrange(3, VOCAB) for _ in range(rng.choice([3, 17, 64, 130, 301]))]
+        for _ in range(count)
+    ]
+
+
+def engine_logits(engine: LLMEngine, token_ids: list[int], chunk: int) -> torch.Tensor:
+    """Logits at every position, computing the prompt `chunk` tokens per step."""
+    seq = Sequence("parity", token_ids, SamplingParams())
+    rows = []
+    while seq.num_computed_tokens < seq.num_tokens:
+        n = min(chunk, seq.num_uncomputed_tokens)
+        assert engine.block_manager.allocate(seq, n)
+        hidden, _, _ = engine.runner.forward([(seq, n)])
+        rows.append(engine.model.compute_logits(hidden))
+        seq.num_computed_tokens += n
+    engine.block_manager.release(seq)
+    return torch.cat(rows)
