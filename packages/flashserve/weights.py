@@ -95,7 +95,11 @@ def resolve_model_dir(
     candidates += [s.mount_location for s in sources if s.repo_id == model]
     for path in candidates:
         if (path / "config.json").is_file():
-            how = "truss weights mount" if any(path == s.mount_location for s in sources) else "folder"
+            how = (
+                "truss weights mount"
+                if any(path == s.mount_location for s in sources)
+                else "folder"
+            )
             if waited >= 0.1:
                 how += f", {waited:.1f} s waiting for truss's download"
             _log_located(how, path, time.monotonic() - started)
@@ -133,9 +137,7 @@ def download_from_hub(repo_id: str, revision: str | None, token: str | None) -> 
     folder: Path | None = None
     # Largest last, so that the small files (config, tokenizer) fail fast on a bad token.
     for i, sibling in enumerate(sorted(files, key=lambda s: s.size or 0), 1):
-        path = Path(
-            hf_hub_download(repo_id, sibling.rfilename, revision=info.sha, token=token)
-        )
+        path = Path(hf_hub_download(repo_id, sibling.rfilename, revision=info.sha, token=token))
         folder = path.parents[len(Path(sibling.rfilename).parts) - 1]
         done += sibling.size or 0
         elapsed = max(time.monotonic() - started, 1e-6)
