@@ -62,7 +62,9 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        backend = select_backend(config.attention_backend, self.device)
+        backend = select_backend(
+            config.attention_backend, self.device, self.dtype, config.block_size
+        )
         self.attention_backend = backend.name
         block_size = config.block_size
         if block_size == "auto":
