@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ def build_service(
 ) -> Service:
     from transformers import AutoTokenizer
 
+    started = time.monotonic()
     metadata = truss_config.get("model_metadata") or {}
     config = EngineConfig.from_dict(metadata.get("engine"))
     hf_token = _secret(secrets, "hf_access_token")
@@ -49,9 +51,10 @@ def build_service(
         data_dir,
         revision=config.revision,
         hf_token=hf_token,
-        model_cache=truss_config.get("model_cache"),
+        weights=truss_config.get("weights"),
         lazy_data_resolver=lazy_data_resolver,
     )
+    located = time.monotonic() - started
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generation = _read_json(model_dir / "generation_config.json")
     engine = LLMEngine(config, model_dir, eos_token_ids=_eos_ids(generation, tokenizer))
@@ -70,7 +73,14 @@ def build_service(
         served_model_name=config.served_model_name or config.model,
         defaults=ModelDefaults.from_generation_config(generation),
     )
-    return Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
+    service = Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
+    phases = {"weights located": located, **engine.startup_seconds}
+    logger.info(
+        "startup: ready in %.1f s (%s)",
+        time.monotonic() - started,
+        ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()),
+    )
+    return service
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Tools in a request: checking their definitions, and reading what `tool_choice` asks for.
 
-`check_tools` runs with the other semantic checks (api/schema.py), after the JSON Schema
+`check_tools` runs with the other semantic checks (endpoints/request_schema.py, endpoints/chat_rules.py), after the JSON Schema
 has accepted the body's shape; every refusal is a 400 naming the field. `plan_tools`
 then turns the typed request into a `ToolPlan` for the rest of the pipeline.
 """
