@@ -31,6 +31,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "add",
+            "description": "The sum of two integers",
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -46,6 +47,7 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "search",
+            "description": "Search the web",
             "parameters": {
                 "type": "object",
                 "properties": {

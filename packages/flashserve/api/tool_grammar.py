@@ -64,7 +64,7 @@ class ToolGrammars:
         tools = []
         for tool in plan.callable_tools:
             try:
-                tools.append((tool.name, arguments_format(tool.parameters)))
+                tools.append((tool.name, parser.arguments_format(tool.parameters, json_format)))
             except InvalidGrammarError as exc:
                 param = f"tools[{plan.tools.index(tool)}].function.parameters"
                 raise RequestError(
@@ -166,17 +166,28 @@ def _bitmask_row(vocab_size: int, banned: set[int]) -> torch.Tensor:
 
 def arguments_format(parameters: dict[str, Any]) -> dict[str, Any]:
     """A structural-tag format for arguments that validate against `parameters`."""
+    return json_format(parameters)
+
+
+def json_format(schema: dict[str, Any], arguments: bool = True) -> dict[str, Any]:
+    """A structural-tag format for compact JSON that validates against `schema`: call
+    arguments (an object) or, with `arguments=False`, a value of any type (GLM's typed
+    argument values)."""
     return {
         "type": "grammar",
-        "grammar": _arguments_grammar(json.dumps(parameters, sort_keys=False)),
+        "grammar": _json_grammar(json.dumps(schema, sort_keys=False), arguments),
     }
 
 
 @functools.lru_cache(maxsize=256)
-def _arguments_grammar(schema_json: str) -> str:
+def _json_grammar(schema_json: str, arguments: bool) -> str:
     import xgrammar as xgr
 
-    schema = grammar_schema(json.loads(schema_json))
+    schema = json.loads(schema_json)
+    if arguments:
+        schema = grammar_schema(schema)
+    else:
+        _bound_strings(schema)
     try:
         # Compact JSON (no free whitespace): a weak model could otherwise write spaces
         # until max_tokens; strict: no properties beyond the schema's.

@@ -1,6 +1,8 @@
 """Tool-call output parsers, one module per model format (see base.py for the rules)."""
 
 from flashserve.api.tool_parsers.base import ParsedText, ToolCallDelta, ToolParser
+from flashserve.api.tool_parsers.deepseek import DeepSeekV3ToolParser, DeepSeekV31ToolParser
+from flashserve.api.tool_parsers.glm import Glm45ToolParser
 from flashserve.api.tool_parsers.hermes import HermesToolParser
 from flashserve.api.tool_parsers.llama import Llama3JsonToolParser
 from flashserve.api.tool_parsers.mistral import MistralToolParser
@@ -12,6 +14,9 @@ from flashserve.api.tool_parsers.registry import (
 
 __all__ = [
     "TOOL_PARSERS",
+    "DeepSeekV3ToolParser",
+    "DeepSeekV31ToolParser",
+    "Glm45ToolParser",
     "HermesToolParser",
     "Llama3JsonToolParser",
     "MistralToolParser",
