@@ -77,8 +77,12 @@ class ToolGrammars:
         if thinking == "open":  # the prompt opened the block: finish it first
             body = sequence(self._thinking(""), _layout(), body)
         elif thinking == "free":  # the model may think first
+            # GLM puts a newline before "<think>" (its prompt ends "<|assistant|>").
             body = sequence(
-                {"type": "optional", "content": self._thinking(THINK_START)}, _layout(), body
+                _layout(),
+                {"type": "optional", "content": self._thinking(THINK_START)},
+                _layout(),
+                body,
             )
         tag = {"type": "structural_tag", "format": body}
         return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
