@@ -19,17 +19,26 @@ from flashserve.api.tool_parsers import DeepSeekV31ToolParser, Glm45ToolParser
 from tests.tool_calling_cases import (
     ASK,
     SCHEMAS,
-    TOOLS,
     assert_valid_calls,
     eos_id,
     plain,
     streamed_message,
 )
+from tests.tool_calling_cases import TOOLS as PLAIN_TOOLS
 from tests.tool_models import answer_all
 
 pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
 
 FAMILIES = ["glm45", "deepseek_v31"]
+# vLLM's DeepSeek-V3.1 template writes every tool's description (a tool without one is a
+# template error, so a 400).
+TOOLS = [
+    {
+        **tool,
+        "function": {"description": f"The {tool['function']['name']} tool", **tool["function"]},
+    }
+    for tool in PLAIN_TOOLS
+]
 # Each family's switch for thinking in its template.
 THINKING = {
     "glm45": lambda on: {"enable_thinking": on},

@@ -31,7 +31,6 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "add",
-            "description": "The sum of two integers",
             "parameters": {
                 "type": "object",
                 "properties": {
@@ -47,7 +46,6 @@ TOOLS = [
         "type": "function",
         "function": {
             "name": "search",
-            "description": "Search the web",
             "parameters": {
                 "type": "object",
                 "properties": {
