@@ -1,28 +1,34 @@
-"""GPU checks for a lent H100/H200, run by bench/gpu.sh; prints a summary, writes JSON.
+"""GPU checks for a lent H100/H200, run by bench/gpu.sh; prints one summary table, writes JSON.
 
     python bench/gpu_bench.py [--out DIR] [--shape llama3-8b] [--batch-sizes 1,64]
+        [--attention torch] [--probe-shape llama3-1b] [--pytest-log FILE]
 
+0. Load-memory probe: a random `--probe-shape` checkpoint written to disk and
+   loaded through LLMEngine (the real loader), once with a tiny KV cache (the
+   load's own peak allocation against the bf16 weight bytes; reserved vs
+   allocated after it; free memory) and once with kv_cache_memory_fraction 0.90
+   (the KV blocks it sizes, against 0.90 x the memory free after the weights).
 1. Logits: the engine against transformers on the same device, on a small random
    Llama, in fp32 (torch attention, TF32 off) and bf16 (the backend `auto`
-   picks: flash_attn when it imports), for a whole prompt, chunks that straddle
-   KV blocks, and one token at a time (eager; tests/test_gpu.py compares the
-   CUDA graphs with the eager path).
+   picks), for a whole prompt, chunks that straddle KV blocks, and one token at
+   a time (eager; tests/test_gpu.py compares the CUDA graphs with the eager path).
 2. Bandwidth: a device-to-device copy; its rate (bytes read + written per
    second) gives the floor of a decode step, which must read every weight once
    (all but the input embedding, of which it reads one row per sequence):
    weight bytes / bandwidth.
 3. Decode throughput on a Llama-3-8B-shaped random bf16 model at each batch size,
-   with the engine's decode CUDA graphs off and on (one engine, one process):
-   128 random prompt tokens, 128 output tokens (ignore_eos, T=0.8, top_p=0.95,
-   top_k=50). Decode tok/s counts the steps after the prefill only; it is
-   compared with the bandwidth floor and with transformers `generate`. The
-   weights are drawn on the device (bench/make_bench_model.py's config, no
-   16 GB checkpoint to write and read back); transformers gets its own random
-   weights of the same shapes. `--model-dir DIR` uses a checkpoint folder instead.
+   with the engine's decode CUDA graphs off and on (one engine, one process,
+   `--attention` backend, torch by default): 128 random prompt tokens, 128 output
+   tokens (ignore_eos, T=0.8, top_p=0.95, top_k=50). Decode tok/s counts the
+   steps after the prefill only; it is compared with the bandwidth floor and
+   with transformers `generate`. The weights are drawn on the device (no 16 GB
+   checkpoint to write and read back); transformers gets its own random weights
+   of the same shapes. `--model-dir DIR` uses a checkpoint folder instead.
 
-The target: batch-1 decode with CUDA graphs at >= 85% of the bandwidth ceiling.
-`--device cpu --shape bench --batch-sizes 2` runs the same code on a CPU as a
-dry run of this script (no graphs there: the engine ignores them on CPU).
+The table has a row per check with a verdict; the decode target is batch-1 decode
+with CUDA graphs at >= 85% of the bandwidth floor. `--pytest-log` adds the
+`pytest -m gpu` counts. `--device cpu --shape bench --probe-shape bench
+--batch-sizes 2` runs the same code on a CPU as a dry run (no graphs there).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -101,6 +108,75 @@ def check_logits(device: torch.device) -> list[dict[str, Any]]:
             )
         del engine
     return rows
+
+
+GIB = 1 << 30
+
+
+def _memory(device: torch.device) -> dict[str, float]:
+    """The caching allocator's view and the driver's, in GiB."""
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {
+        "allocated_gib": torch.cuda.memory_allocated(device) / GIB,
+        "reserved_gib": torch.cuda.memory_reserved(device) / GIB,
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "free_gib": free / GIB,
+        "total_gib": total / GIB,
+    }
+
+
+def load_probe(device: torch.device, shape: str, attention: str) -> dict[str, Any]:
+    """GPU memory around a real checkpoint load (issue 15, item 3), through the real loader.
+
+    A random `shape` checkpoint is written to disk and loaded by LLMEngine twice:
+    first with a tiny KV cache, so the peak allocation is the load's own (it should
+    stay near the bf16 weight bytes: weights created in fp32 and then cast peak at
+    3x), and to read what the allocator keeps cached after it (reserved minus
+    allocated: memory mem_get_info counts as used); then with config.yaml's
+    kv_cache_memory_fraction, to see the KV blocks the engine sizes from it. If the
+    cache is released before measuring, those blocks fill ~fraction x (free after
+    the load), not fraction x (free - cache).
+    """
+    from make_bench_model import make_bench_model
+
+    folder = make_bench_model(Path(tempfile.mkdtemp(prefix=f"probe-{shape}-")), shape, device.type)
+    checkpoint_bytes = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    report: dict[str, Any] = {"shape": shape, "checkpoint_gb": checkpoint_bytes / 1e9}
+    # 0.001 of an H200's free memory is ~0.14 GiB: the first load's peak is its own.
+    for label, fraction in (("small_kv", 0.001), ("config_kv", 0.90)):
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        before = _memory(device)
+        config = EngineConfig(
+            device=device.type, dtype="bfloat16", attention_backend=attention,
+            kv_cache_memory_fraction=fraction, kv_cache_memory_gb=0.5, max_model_len=4096,
+            cuda_graphs=False,
+        )  # fmt: skip
+        started = time.perf_counter()
+        engine = LLMEngine(config, folder)
+        sync(device)
+        seconds = time.perf_counter() - started
+        weights = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+        kv = sum(k.numel() * k.element_size() * 2 for k, _ in engine.runner.kv_caches)
+        report[label] = {
+            "load_s": seconds,
+            "weights_gib": weights / GIB,
+            "kv_blocks": engine.block_manager.num_blocks,
+            "block_size": engine.block_size,
+            "kv_gib": kv / GIB,
+            "before": before,
+            "after": _memory(device),
+            "phases_s": engine.startup_seconds,
+        }
+        del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return report
 
 
 def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
@@ -199,10 +275,11 @@ def engine_decode(
     prompt_len: int,
     output_len: int,
     report: dict[str, Any],
+    attention: str = "torch",
 ) -> list[dict[str, Any]]:
     """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start)."""
     config = EngineConfig(
-        device=device.type, dtype="bfloat16", max_model_len=2048,
+        device=device.type, dtype="bfloat16", max_model_len=2048, attention_backend=attention,
         kv_cache_memory_fraction=0.3, kv_cache_memory_gb=2.0,
         cuda_graph_max_batch=max(batches),
     )  # fmt: skip
@@ -290,6 +367,7 @@ def hf_generate(
 
 
 def section(report: dict[str, Any], name: str, fn, *args) -> Any:
+    """Run one part, keep its result or its error, and rewrite the summary table."""
     started = time.perf_counter()
     try:
         report[name] = fn(*args)
@@ -297,73 +375,156 @@ def section(report: dict[str, Any], name: str, fn, *args) -> Any:
         report[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
         print(f"[{name}] FAILED: {exc}", flush=True)
     print(f"[{name}] {time.perf_counter() - started:.0f}s", flush=True)
+    out = report.get("out_dir")
+    if out is not None:  # a run cut short by gpu.sh's timeout still leaves its table
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "gpu_bench.txt").write_text(summary(report) + "\n")
     return report[name]
 
 
-def summary(report: dict[str, Any]) -> str:
-    lines = [f"GPU bench: {report['device_name']}, torch {report['torch']}, "
-             f"flash_attn {report['flash_attn']}"]  # fmt: skip
+def _pytest_result(log: Path | None) -> tuple[str, str]:
+    """pytest's final counts line from its log, and ok / FAILED."""
+    if log is None or not log.is_file():
+        return "not run", "-"
+    lines = [line.strip("= ") for line in log.read_text().splitlines() if line.strip()]
+    counts = [line for line in lines if re.search(r"\d+ (passed|failed|skipped|error)", line)]
+    if not counts:
+        return f"no summary ({lines[-1][:60] if lines else 'empty log'})", "FAILED"
+    last = counts[-1]
+    return last, "FAILED" if re.search(r"failed|error", last) else "ok"
+
+
+def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(check, result, verdict) rows: everything gpu.sh reports, in one table."""
+    rows: list[tuple[str, str, str]] = []
+    result, verdict = _pytest_result(report.get("pytest_log"))
+    rows.append(("pytest -m gpu", result, verdict))
+
+    probe = report.get("load_probe")
+    if isinstance(probe, dict) and "small_kv" in probe:
+        small, full = probe["small_kv"], probe["config_kv"]
+        w = small["weights_gib"]
+        after = small["after"]
+        if after:
+            # The peak of weights + a tiny KV cache, or the load's own if it is higher.
+            peak = after["peak_allocated_gib"] - small["before"]["allocated_gib"]
+            ratio = peak / w
+            rows.append(
+                (
+                    f"load peak ({probe['shape']}, {probe['checkpoint_gb']:.1f} GB)",
+                    f"{peak:.2f} GiB allocated at peak for {w:.2f} GiB of bf16 weights "
+                    f"(+{small['kv_gib']:.2f} KV) = {ratio:.2f}x",
+                    "ok" if ratio <= 1.3 else "NOT ok (> 1.3x)",
+                )
+            )
+            cached = after["reserved_gib"] - after["allocated_gib"]
+            rows.append(
+                (
+                    "after load (tiny KV)",
+                    f"allocated {after['allocated_gib']:.2f}, reserved {after['reserved_gib']:.2f} "
+                    f"(cached {cached:.2f}), free {after['free_gib']:.2f} of "
+                    f"{after['total_gib']:.1f} GiB",
+                    "ok" if cached <= 0.5 else "cache held",
+                )
+            )
+            # Free memory once the weights are in, as the engine should see it.
+            available = after["free_gib"] + small["kv_gib"] + cached
+            expected = 0.90 * available
+            rows.append(
+                (
+                    "KV cache (fraction 0.90)",
+                    f"{full['kv_blocks']} blocks x {full['block_size']} = "
+                    f"{full['kv_blocks'] * full['block_size']} tokens, {full['kv_gib']:.2f} GiB; "
+                    f"0.90 x {available:.2f} GiB free after weights = {expected:.2f}",
+                    "ok" if full["kv_gib"] >= 0.95 * expected else "SHORT",
+                )
+            )
+        else:
+            rows.append(
+                ("load probe", f"{w:.2f} GiB weights, {full['kv_blocks']} KV blocks (CPU)", "-")
+            )
+    elif isinstance(probe, dict):
+        rows.append(("load probe", probe.get("error", "?")[:100], "FAILED"))
+
     logits = report.get("logits")
     if isinstance(logits, list):
         for r in logits:
-            lines.append(
-                f"logits {r['dtype']:<8} {r['backend']:<10} chunk {r['chunk']:>3}: max |diff| "
-                f"{r['max_abs_err']:.2e} (max |logit| {r['max_abs_logit']:.2f}) "
-                f"{'ok' if r['ok'] else 'MISMATCH'}"
+            rows.append(
+                (
+                    f"logits vs transformers, {r['dtype']} {r['backend']} chunk {r['chunk']}",
+                    f"max abs diff {r['max_abs_err']:.2e} (max abs logit {r['max_abs_logit']:.2f})",
+                    "ok" if r["ok"] else "MISMATCH",
+                )
             )
+    elif isinstance(logits, dict):
+        rows.append(("logits vs transformers", logits.get("error", "?")[:100], "FAILED"))
+
     bw = report.get("copy_bandwidth_gb_s")
     wb = report.get("weight_bytes")
     floor_ms = wb / (bw * 1e9) * 1e3 if isinstance(bw, float) and wb else None
     if floor_ms:
-        lines.append(
-            f"copy bandwidth {bw:.0f} GB/s; weights read per decode step {wb / 1e9:.2f} GB "
-            f"-> decode step floor {floor_ms:.2f} ms"
+        rows.append(
+            (
+                "bandwidth floor",
+                f"copy {bw:.0f} GB/s; {wb / 1e9:.2f} GB of weights per decode step -> "
+                f"{floor_ms:.2f} ms/step",
+                "-",
+            )
         )
     graphs = report.get("cuda_graphs")
     if graphs:
-        lines.append(
-            f"CUDA graphs: {graphs['count']} captured (batch {graphs['batch_sizes']}, table "
-            f"widths {graphs['table_widths']}) in {graphs['capture_s']:.1f} s, "
-            f"{graphs['capture_mib']:.0f} MiB"
+        rows.append(
+            (
+                "CUDA graphs captured",
+                f"{graphs['count']} (batch {graphs['batch_sizes'][0]}..{graphs['batch_sizes'][-1]}, "
+                f"widths {graphs['table_widths']}) in {graphs['capture_s']:.1f} s, "
+                f"{graphs['capture_mib']:.0f} MiB",
+                "ok" if graphs["capture_mib"] > 0 else "0 MiB?",
+            )
         )
     hf = {r["batch"]: r for r in report.get("hf", []) if isinstance(report.get("hf"), list)}
     engine = report.get("engine")
     if isinstance(engine, list):
         eager = {r["batch"]: r for r in engine if not r["cuda_graphs"]}
         for r in engine:
-            mode = "graphs" if r["cuda_graphs"] else "eager "
-            line = (
-                f"engine {mode} batch {r['batch']:>3} ({r['attention']}): decode "
-                f"{r['decode_tok_s']:8.1f} tok/s, {r['decode_step_ms']:.2f} ms/step"
-            )
-            if r["cuda_graphs"]:
-                line += f" ({r['graph_replays']}/{r['decode_steps']} steps replayed)"
-                if r["batch"] in eager:
-                    line += f", {r['decode_tok_s'] / eager[r['batch']]['decode_tok_s']:.2f}x eager"
+            mode = "graphs on " if r["cuda_graphs"] else "graphs off"
+            result = f"{r['decode_tok_s']:.0f} tok/s, {r['decode_step_ms']:.2f} ms/step"
+            verdict = "-"
             if floor_ms:
                 ceiling = r["batch"] / floor_ms * 1e3
-                line += (
-                    f"; bandwidth ceiling {ceiling:.0f} tok/s ({r['decode_tok_s'] / ceiling:.0%})"
-                )
+                result += f", {r['decode_tok_s'] / ceiling:.0%} of the floor's {ceiling:.0f}"
+            if r["cuda_graphs"]:
+                result += f" ({r['graph_replays']}/{r['decode_steps']} replayed"
+                if r["batch"] in eager:
+                    result += f", {r['decode_tok_s'] / eager[r['batch']]['decode_tok_s']:.2f}x off"
+                result += ")"
+                if r["batch"] == 1 and floor_ms:
+                    share = r["decode_tok_s"] * floor_ms / 1e3
+                    verdict = "met" if share >= 0.85 else "NOT met (target 85%)"
             if r["batch"] in hf:
-                h = hf[r["batch"]]
-                line += (
-                    f"; transformers {h['decode_tok_s']:.1f} tok/s "
-                    f"(engine {r['decode_tok_s'] / h['decode_tok_s']:.2f}x)"
-                )
-            lines.append(line)
-        target = [r for r in engine if r["cuda_graphs"] and r["batch"] == 1]
-        if floor_ms and target:
-            share = target[0]["decode_tok_s"] * floor_ms / 1e3
-            verdict = "met" if share >= 0.85 else "NOT met"
-            lines.append(
-                f"target: batch-1 decode with graphs at >= 85% of the floor: {verdict} ({share:.0%})"
-            )
-    for name in ("logits", "engine", "hf"):
+                result += f"; transformers {hf[r['batch']]['decode_tok_s']:.0f} tok/s"
+            rows.append((f"decode batch {r['batch']}, {mode} ({r['attention']})", result, verdict))
+    for name in ("engine", "hf", "copy_bandwidth_gb_s"):
         if isinstance(report.get(name), dict) and "error" in report[name]:
-            lines.append(f"{name}: {report[name]['error']}")
+            rows.append((name, report[name]["error"][:100], "FAILED"))
     if "engine_graphs_error" in report:
-        lines.append(f"engine with CUDA graphs FAILED: {report['engine_graphs_error']}")
+        rows.append(("engine with CUDA graphs", report["engine_graphs_error"][:100], "FAILED"))
+    return rows
+
+
+def summary(report: dict[str, Any]) -> str:
+    """One markdown table: what gpu.sh checked, what it found, and whether that is right."""
+    head = (
+        f"GPU checks: {report['device_name']}, torch {report['torch']}, "
+        f"flash_attn {report['flash_attn']}"
+    )
+    rows = [("check", "result", "verdict"), *summary_rows(report)]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [head, ""]
+    for n, row in enumerate(rows):
+        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
+        if n == 0:
+            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
 
 
@@ -379,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--output-len", type=int, default=128)
     parser.add_argument("--skip-hf", action="store_true")
+    parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")
+    parser.add_argument("--probe-shape", default="llama3-1b", help="checkpoint for the load probe")
+    parser.add_argument("--pytest-log", type=Path, default=None, help="pytest -m gpu output")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -393,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "flash_attn": flash,
     }
+    report["pytest_log"] = args.pytest_log
+    report["out_dir"] = args.out
+    section(report, "load_probe", load_probe, device, args.probe_shape, args.attention)
     section(report, "logits", check_logits, device)
     section(report, "copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
 
@@ -403,11 +570,11 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    section(report, "engine", engine_decode, *shape, report)
+    section(report, "engine", engine_decode, *shape, report, args.attention)
     text = summary(report)
     print("\n" + text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2))
+    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
     (args.out / "gpu_bench.txt").write_text(text + "\n")
     return 0
 

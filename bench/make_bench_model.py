@@ -61,6 +61,20 @@ SHAPES: dict[str, dict[str, Any]] = {
         "rope_theta": 10000.0,
         "max_position_embeddings": 4096,
     },
+    # Llama-3.2-1B's shapes (vocabulary as above): 2.1 GB of bf16 weights, quick to
+    # write and read back, for bench/gpu_bench.py's load-memory probe.
+    "llama3-1b": {
+        "vocab_size": 32768,
+        "hidden_size": 2048,
+        "intermediate_size": 8192,
+        "num_hidden_layers": 16,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 64,
+        "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192,
+    },
     # Llama-3-8B's shapes, except the vocabulary: the copied tokenizer has 32768
     # tokens. The lm_head is then 0.25 GB instead of 1 GB of the 16 GB of weights.
     "llama3-8b": {

@@ -120,6 +120,15 @@ def test_cuda_graphs_are_captured_for_every_bucket(model_dir, backend):
     assert small.runner.graphs.batch_sizes == [1, 2, 3]
 
 
+def test_cuda_graph_memory_report_counts_the_graph_pool(model_dir):
+    # The pool holds at least every graph's output (hidden states of its bucket); a
+    # report taken from free memory around torch.cuda.graph's own empty_cache read ~0.
+    graphs = make(model_dir, "torch").runner.graphs
+    largest_output = max(out.numel() * out.element_size() for out in graphs._outputs.values())
+    assert graphs.capture_bytes >= largest_output > 0
+    assert graphs.capture_bytes <= torch.cuda.memory_reserved()
+
+
 def test_cuda_graphs_on_and_off_give_the_same_greedy_tokens_fp32(model_dir):
     # fp32 (TF32 off): graph and eager differ only in summation order, so greedy
     # tokens must agree exactly.

@@ -17,7 +17,6 @@ import httpx
 import pytest
 import yaml
 from packaging.requirements import Requirement
-from truss.base.constants import MODEL_CACHE_PATH
 from truss.base.truss_config import Accelerator, TrussConfig
 
 from flashserve import serve
@@ -134,18 +133,25 @@ def test_engine_config_accepts_config_yaml(config: TrussConfig) -> None:
     engine_config.EngineConfig.from_dict(config.model_metadata["engine"])
 
 
-def test_weights_come_from_model_cache(config: TrussConfig) -> None:
-    assert config.model_cache.is_v2  # use_volume: downloaded at startup, not baked in
-    (repo,) = config.model_cache.models
-    assert repo.repo_id == config.model_metadata["engine"]["served_model_name"]
-    assert re.fullmatch(r"[0-9a-f]{40}", repo.revision), "pin a commit sha"
-    assert repo.runtime_secret_name == "hf_access_token"
+def test_weights_come_from_a_truss_weights_mount(config: TrussConfig) -> None:
+    """truss 0.18.36's `weights` API, not the deprecated `model_cache`."""
+    assert not config.model_cache.models
+    (source,) = config.weights.sources
+    assert source.is_huggingface
+    repo, _, revision = source.source.removeprefix("hf://").partition("@")
+    assert repo == config.model_metadata["engine"]["served_model_name"]
+    assert re.fullmatch(r"[0-9a-f]{40}", revision), "pin a commit sha"
+    assert source.auth_secret_name == "hf_access_token"
     assert "hf_access_token" in config.secrets
     assert config.secrets["hf_access_token"] is None, "never commit the token"
-    # The engine loads exactly the folder truss-transfer fills.
-    assert config.model_metadata["engine"]["model"] == str(repo.runtime_path)
-    assert str(repo.runtime_path).startswith(str(MODEL_CACHE_PATH))
-    assert any(p.endswith(".safetensors") for p in repo.allow_patterns or [])
+    # The engine loads exactly the folder the weights are mounted at.
+    assert config.model_metadata["engine"]["model"] == source.mount_location
+    assert any(p.endswith(".safetensors") for p in source.allow_patterns or [])
+
+
+def test_config_yaml_uses_no_deprecated_key() -> None:
+    raw = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
+    assert "model_cache" not in raw and "hf_cache" not in raw
 
 
 # ----------------------------------------------------------------------------- build context
@@ -170,7 +176,8 @@ def test_build_context_has_the_image_layout(build_context: Path) -> None:
     assert shipped.model_metadata["engine"]["served_model_name"] == "Qwen/Qwen3-8B"
     dockerfile = (build_context / "Dockerfile").read_text()
     assert "truss-server-base:3.11" in dockerfile
-    assert "static-bptr-manifest.json" in dockerfile  # model_cache pointer at runtime
+    # Weights are mounted at run time: the image carries no model_cache download step.
+    assert "bptr" not in dockerfile and "truss-transfer" not in dockerfile
     # The GPU requirements are what the image installs beside the server's own.
     assert "flash_attn-" in (build_context / "user_requirements.txt").read_text()
 
@@ -239,7 +246,7 @@ def test_shared_packages_pinned_alike(
 # ----------------------------------------------------------------------------- serve.py
 
 
-def test_apply_overrides_sets_engine_and_drops_model_cache() -> None:
+def test_apply_overrides_sets_engine_and_drops_the_weights_mount() -> None:
     raw = yaml.safe_load((REPO_ROOT / "config.yaml").read_text())
     out = serve.apply_overrides(raw, {**serve.DEFAULT_OVERRIDES, "max_num_seqs": 4})
     engine = out["model_metadata"]["engine"]
@@ -252,8 +259,8 @@ def test_apply_overrides_sets_engine_and_drops_model_cache() -> None:
         engine["max_num_batched_tokens"]
         == raw["model_metadata"]["engine"]["max_num_batched_tokens"]
     )
-    assert out["model_cache"] == []
-    assert raw["model_cache"], "the input config is left alone"
+    assert out["weights"] == [] and "model_cache" not in out
+    assert raw["weights"], "the input config is left alone"
     with pytest.raises(ValueError, match="unknown engine setting"):
         serve.apply_overrides(raw, {"max_num_seq": 4})
 

@@ -41,32 +41,23 @@ DEFAULT_OVERRIDES: dict[str, Any] = {
     "max_model_len": 2048,
 }
 
-# Run truss's own CLI, except for one step. With `model_cache: use_volume: true`,
-# build-context asks the HF API for the weight repo's file list to write the
-# pointer manifest that truss-transfer downloads from at startup. Local serving
-# has no network and takes its weights from data/, so an empty manifest stands in.
-_OFFLINE_BUILD_CONTEXT = """
-import json, sys
-import truss_transfer
-
-def _no_hub_pointers(models):
-    return json.dumps({"pointers": []})
-
-truss_transfer.create_basetenpointer_from_models = _no_hub_pointers
-from truss.cli.cli import truss_cli
-
-sys.argv = ["truss", "image", "build-context", "--non-interactive", *sys.argv[1:]]
-truss_cli()
-"""
+# The `truss` console script of this interpreter's environment (truss has no __main__).
+_TRUSS_CLI = "import sys; from truss.cli.cli import truss_cli; sys.argv[0] = 'truss'; truss_cli()"
 
 
 def build_context(repo_root: Path, out_dir: Path) -> Path:
-    """`truss image build-context out_dir repo_root`, working offline (see above)."""
+    """`truss image build-context out_dir repo_root`, truss's own CLI.
+
+    It works offline: config.yaml's `weights` are mounted by Baseten at run time,
+    so building the context asks no hub for anything (the deprecated
+    `model_cache: use_volume: true` asked the HF API for a file manifest).
+    """
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     proc = subprocess.run(
-        [sys.executable, "-c", _OFFLINE_BUILD_CONTEXT, str(out_dir), str(repo_root)],
+        [sys.executable, "-c", _TRUSS_CLI, "image", "build-context", "--non-interactive"]
+        + [str(out_dir), str(repo_root)],
         capture_output=True,
         text=True,
     )
@@ -98,8 +89,9 @@ def apply_overrides(config: dict[str, Any], overrides: dict[str, Any]) -> dict[s
     engine.update(overrides)
     metadata["engine"] = engine
     config["model_metadata"] = metadata
-    # Local weights never come through model_cache (it would need the HF hub).
-    config["model_cache"] = []
+    # Local weights come from data/ or a folder: no Baseten weights mount here.
+    config["weights"] = []
+    config.pop("model_cache", None)
     return config
 
 

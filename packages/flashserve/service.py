@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ def build_chat_service(
 ) -> ChatService:
     from transformers import AutoTokenizer
 
+    started = time.monotonic()
     metadata = truss_config.get("model_metadata") or {}
     config = EngineConfig.from_dict(metadata.get("engine"))
     hf_token = _secret(secrets, "hf_access_token")
@@ -35,9 +37,10 @@ def build_chat_service(
         data_dir,
         revision=config.revision,
         hf_token=hf_token,
-        model_cache=truss_config.get("model_cache"),
+        weights=truss_config.get("weights"),
         lazy_data_resolver=lazy_data_resolver,
     )
+    located = time.monotonic() - started
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     generation = _read_json(model_dir / "generation_config.json")
     engine = LLMEngine(config, model_dir, eos_token_ids=_eos_ids(generation, tokenizer))
@@ -50,13 +53,20 @@ def build_chat_service(
     register_engine(async_engine)
     schema_path = Path(data_dir) / "ChatCompletionRequest.schema.json" if data_dir else None
     validator = RequestValidator(schema_path if schema_path and schema_path.is_file() else None)
-    return ChatService(
+    service = ChatService(
         async_engine,
         tokenizer,
         served_model_name=config.served_model_name or config.model,
         defaults=ModelDefaults.from_generation_config(generation),
         validator=validator,
     )
+    phases = {"weights located": located, **engine.startup_seconds}
+    logger.info(
+        "startup: ready in %.1f s (%s)",
+        time.monotonic() - started,
+        ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()),
+    )
+    return service
 
 
 def _read_json(path: Path) -> dict[str, Any]:

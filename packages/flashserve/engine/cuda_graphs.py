@@ -151,6 +151,7 @@ class DecodeGraphs:
         self.runs = 0  # steps through the static inputs
         self.replays = 0  # of which replayed from a graph
         self.capture_seconds = 0.0
+        # Device memory the captured graphs keep reserved (their shared pool).
         self.capture_bytes = 0
         self._pad_rows(0, rows)
         self._upload()
@@ -249,8 +250,14 @@ class DecodeGraphs:
         # Every row padding: warm-up runs write only into the scratch block.
         self._pad_rows(0, self.max_batch)
         self._upload()
+        # What the graphs hold is their private pool (every graph's intermediates and
+        # outputs), which the caching allocator counts as reserved. torch.cuda.graph()
+        # empties the allocator's cache on entry, so free device memory measured around
+        # the captures would credit that release back and read about zero; releasing the
+        # cache ourselves on both sides leaves the pool's segments as the difference.
         torch.cuda.synchronize(self.device)
-        free_before, _ = torch.cuda.mem_get_info(self.device)
+        torch.cuda.empty_cache()
+        reserved_before = torch.cuda.memory_reserved(self.device)
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
         for key in sorted(self.keys, reverse=True):
@@ -264,9 +271,9 @@ class DecodeGraphs:
             self._graphs[key] = graph
             self._outputs[key] = out
         torch.cuda.synchronize(self.device)
-        free_after, _ = torch.cuda.mem_get_info(self.device)
         self.capture_seconds = time.perf_counter() - started
-        self.capture_bytes = max(0, free_before - free_after)
+        torch.cuda.empty_cache()  # the eager warm-ups' activations, cached outside the pool
+        self.capture_bytes = torch.cuda.memory_reserved(self.device) - reserved_before
         logger.info(
             "captured %d CUDA graphs for decode (batch %d..%d, table widths %s) in %.1f s, "
             "%.0f MiB of device memory",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,13 +62,30 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
-        backend = select_backend(config.attention_backend, self.device)
+        backend = select_backend(
+            config.attention_backend, self.device, self.dtype, config.block_size
+        )
         self.attention_backend = backend.name
         block_size = config.block_size
         if block_size == "auto":
             block_size = 256 if backend.name == "flash_attn" else 16
         self.block_size = int(block_size)
+        # Seconds per start-up phase, in order; each is also logged as it ends.
+        self.startup_seconds: dict[str, float] = {}
+        started = time.monotonic()
         self.model = load_model(model_dir, mc, backend, self.dtype, self.device, self.max_model_len)
+        _sync(self.device)
+        placed = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        seconds = self._phase_done("weights placed", started)
+        logger.info(
+            "startup: weights placed in %.1f s: %.2f GB of %s weights on %s (%.2f GB/s)",
+            seconds,
+            placed / 1e9,
+            self.dtype,
+            self.device,
+            placed / 1e9 / max(seconds, 1e-6),
+        )
+        started = time.monotonic()
         num_blocks = self._num_kv_blocks()
         if num_blocks * self.block_size < self.max_model_len:
             logger.warning(
@@ -86,8 +104,28 @@ class LLMEngine:
             self.eos_token_ids,
             self.max_model_len,
         )
+        per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
+        logger.info(
+            "startup: KV cache sized in %.1f s: %d blocks x %d tokens = %d tokens, %.2f GiB",
+            self._phase_done("KV cache sized", started),
+            num_blocks,
+            self.block_size,
+            num_blocks * self.block_size,
+            num_blocks * per_block / (1 << 30),
+        )
         if self._use_cuda_graphs:
-            self.runner.enable_decode_graphs(min(config.cuda_graph_max_batch, config.max_num_seqs))
+            started = time.monotonic()
+            captured = self.runner.enable_decode_graphs(
+                min(config.cuda_graph_max_batch, config.max_num_seqs)
+            )
+            graphs = self.runner.graphs
+            logger.info(
+                "startup: CUDA graphs %s in %.1f s (%d graphs, %.0f MiB)",
+                "captured" if captured else "FAILED, decode runs eagerly",
+                self._phase_done("CUDA graphs captured", started),
+                len(graphs.keys) if captured and graphs is not None else 0,
+                graphs.capture_bytes / (1 << 20) if captured and graphs is not None else 0,
+            )
         elif config.cuda_graphs:
             logger.info("cuda_graphs: ignored on %s; decode steps run eagerly", self.device.type)
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
@@ -106,10 +144,12 @@ class LLMEngine:
         self.steps = 0
         if config.warmup:
             # After the decode graphs exist, so the decode step replays one.
+            started = time.monotonic()
             done = self.runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens)
+            self._phase_done("warm-up", started)
             logger.info(
-                "warm-up: prefill step of %d tokens (%d sequences), decode step of %d rows "
-                "(context %d), in %.2f s",
+                "startup: warm-up: prefill step of %d tokens (%d sequences), decode step of "
+                "%d rows (context %d), in %.2f s",
                 done.prefill_tokens,
                 done.prefill_seqs,
                 done.decode_rows,
@@ -126,6 +166,11 @@ class LLMEngine:
             self.block_size,
             self.max_model_len,
         )
+
+    def _phase_done(self, phase: str, started: float) -> float:
+        seconds = time.monotonic() - started
+        self.startup_seconds[phase] = seconds
+        return seconds
 
     @property
     def _use_cuda_graphs(self) -> bool:
@@ -290,3 +335,9 @@ def _pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    # Copies to a GPU are asynchronous: a phase ends when the device has finished it.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

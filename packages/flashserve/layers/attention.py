@@ -236,22 +236,93 @@ class FlashAttention(AttentionBackend):
         )
 
 
-def select_backend(requested: str, device: torch.device) -> AttentionBackend:
-    """Pick flash_attn on CUDA when it imports, else torch; log the choice."""
+# What flash-attn 2's paged kernels need (flash-attn 2.8.3): an Ampere or newer GPU,
+# half-precision inputs, and a paged KV block size that is a multiple of 256.
+FLASH_ATTN_MIN_CAPABILITY = (8, 0)
+FLASH_ATTN_DTYPES = (torch.float16, torch.bfloat16)
+FLASH_ATTN_BLOCK_MULTIPLE = 256
+
+
+def flash_attn_problems(
+    device_type: str,
+    dtype: torch.dtype,
+    block_size: int | str,
+    capability: tuple[int, int] | None,
+    import_error: str | None,
+) -> list[str]:
+    """Why flash_attn cannot run with these settings (empty: it can).
+
+    block_size "auto" becomes 256 with flash_attn, so it is never a problem.
+    capability is the GPU's compute capability (None off CUDA).
+    """
+    problems = []
+    if device_type != "cuda":
+        problems.append(f"it needs a CUDA device, not {device_type}")
+    elif capability is not None and tuple(capability) < FLASH_ATTN_MIN_CAPABILITY:
+        problems.append(
+            f"it needs compute capability >= 8.0, this GPU has {capability[0]}.{capability[1]}"
+        )
+    if dtype not in FLASH_ATTN_DTYPES:
+        problems.append(
+            f"it runs float16 or bfloat16 only, not {str(dtype).removeprefix('torch.')}"
+        )
+    if block_size != "auto" and int(block_size) % FLASH_ATTN_BLOCK_MULTIPLE:
+        problems.append(
+            f"its paged KV cache needs block_size a multiple of {FLASH_ATTN_BLOCK_MULTIPLE}, "
+            f"not {block_size}"
+        )
+    if import_error is not None:
+        problems.append(f"it does not import ({import_error})")
+    return problems
+
+
+def choose_backend(requested: str, problems: list[str]) -> str:
+    """auto: flash_attn when nothing stands in its way, else torch; flash_attn: or fail."""
     if requested not in ("auto", "flash_attn", "torch"):
         raise ValueError(f"attention_backend must be auto, flash_attn or torch, not {requested!r}")
-    if requested in ("auto", "flash_attn") and device.type == "cuda":
-        try:
-            backend: AttentionBackend = FlashAttention()
-            logger.info("attention backend: flash_attn")
-            return backend
-        except ImportError as exc:
-            if requested == "flash_attn":
-                raise RuntimeError(
-                    "attention_backend flash_attn requested but flash_attn does not import"
-                ) from exc
-            logger.warning("flash_attn does not import (%s); falling back to torch attention", exc)
-    elif requested == "flash_attn":
-        raise RuntimeError("attention_backend flash_attn needs a CUDA device")
-    logger.info("attention backend: torch (scaled_dot_product_attention) on %s", device.type)
+    if requested == "torch":
+        return "torch"
+    if not problems:
+        return "flash_attn"
+    if requested == "flash_attn":
+        raise ValueError(
+            "attention_backend: flash_attn cannot run here: "
+            + "; ".join(problems)
+            + ". Use attention_backend: auto or torch."
+        )
+    return "torch"
+
+
+def select_backend(
+    requested: str,
+    device: torch.device,
+    dtype: torch.dtype = torch.bfloat16,
+    block_size: int | str = "auto",
+) -> AttentionBackend:
+    """The attention backend for these settings, with the reason logged at load.
+
+    An explicit `flash_attn` that cannot run is a load error naming why.
+    """
+    problems: list[str] = []
+    if requested != "torch":
+        capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+        problems = flash_attn_problems(
+            device.type, dtype, block_size, capability, _flash_attn_import_error()
+        )
+    choice = choose_backend(requested, problems)
+    if choice == "flash_attn":
+        logger.info("attention backend: flash_attn")
+        return FlashAttention()
+    if requested == "auto" and device.type == "cuda":
+        logger.warning("attention backend: torch (SDPA), not flash_attn: %s", "; ".join(problems))
+    else:
+        logger.info("attention backend: torch (scaled_dot_product_attention) on %s", device.type)
     return TorchAttention()
+
+
+def _flash_attn_import_error() -> str | None:
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
