@@ -70,6 +70,6 @@ def test_load_logs_every_phase_with_its_duration(caplog) -> None:
         for pattern, line in zip(expected, lines):
             assert re.match(pattern, line), (pattern, line)
         # No CUDA here: the graph phase is not claimed.
-        assert "CUDA graphs captured" not in service.engine.engine.startup_seconds
+        assert "CUDA graphs captured" not in service.frontend.engine.engine.startup_seconds
     finally:
-        service.engine.shutdown()
+        service.frontend.engine.shutdown()

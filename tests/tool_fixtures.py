@@ -14,19 +14,20 @@ from pathlib import Path
 import pytest
 
 from flashserve.api.endpoints.chat import ChatEndpoint
-from tests.tool_models import build_family, make_service
+from tests.tool_models import FAMILIES, build_family, make_service
 
 
 @pytest.fixture(scope="module")
 def services(
-    sp_tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Callable[[str], ChatEndpoint]]:
     root = tmp_path_factory.mktemp("tool_families")
     built: dict[str, ChatEndpoint] = {}
 
     def get(name: str) -> ChatEndpoint:
         if name not in built:
-            folder = build_family(name, sp_tokenizer_dir, root / name)
+            base_dir: Path = request.getfixturevalue(f"{FAMILIES[name].base}_tokenizer_dir")
+            folder = build_family(name, base_dir, root / name)
             built[name] = make_service(folder, kv_cache_memory_gb=0.1)
         return built[name]
 

@@ -6,10 +6,14 @@ and a tiny random Llama whose vocabulary matches that tokenizer exactly:
 
 * "hermes": + ChatML specials and Qwen's plain <tool_call>/<think> tokens (Qwen3-style);
 * "llama3": + Llama 3 header tokens and <|python_tag|> (Llama 3.1-style template);
-* "mistral": as it is, its [TOOL_CALLS] etc. are special already (Mistral v0.3-style).
+* "mistral": as it is, its [TOOL_CALLS] etc. are special already (Mistral v0.3-style);
+* "glm45": + GLM's role tokens (special) and its plain tool/think tags (GLM-4.5/4.6);
+* "deepseek_v31": + DeepSeek's sentence tokens (special) and its plain role, tool and
+  think tokens (DeepSeek-V3.1).
 
-All three start from the 32k Mistral SentencePiece tokenizer: the formats are text, and
-the 131k byte-level BPE one would make every step of the 100-request tests ~4x dearer.
+All but DeepSeek start from the 32k Mistral SentencePiece tokenizer: the formats are
+text, and the 131k byte-level BPE one would make every step of the 100-request tests ~4x
+dearer. DeepSeek's tokens hold "▁", which SentencePiece's decoder turns into spaces.
 
 `make_service(folder)` starts a ChatEndpoint over one of them on the CPU; the fixture
 `services` (tests/tool_fixtures.py) builds and shares them.
@@ -41,6 +45,10 @@ class Family:
     plain: tuple[str, ...] = ()  # added ordinary tokens (Qwen's tags are not special)
     bos: str | None = None
     eos: str | None = None
+    more_eos: tuple[str, ...] = ()  # further end-of-turn tokens (generation_config)
+    # The tokenizer built on: "sp" (32k SentencePiece) or "bpe" (131k byte-level BPE,
+    # for tokens whose text SentencePiece's decoder would change: DeepSeek's "▁").
+    base: str = "sp"
 
 
 FAMILIES = {
@@ -64,6 +72,52 @@ FAMILIES = {
         eos="<|eot_id|>",
     ),
     "mistral": Family("mistral.jinja"),
+    "glm45": Family(
+        "glm45.jinja",
+        special=(
+            "[gMASK]",
+            "<sop>",
+            "<|system|>",
+            "<|user|>",
+            "<|assistant|>",
+            "<|observation|>",
+            "<|endoftext|>",
+        ),
+        plain=(
+            "<tool_call>",
+            "</tool_call>",
+            "<arg_key>",
+            "</arg_key>",
+            "<arg_value>",
+            "</arg_value>",
+            "<tool_response>",
+            "</tool_response>",
+            "<think>",
+            "</think>",
+        ),
+        eos="<|endoftext|>",
+        more_eos=("<|user|>", "<|observation|>"),
+    ),
+    "deepseek_v31": Family(
+        "deepseek_v31.jinja",
+        special=("<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>"),
+        plain=(
+            "<｜User｜>",
+            "<｜Assistant｜>",
+            "<｜tool▁calls▁begin｜>",
+            "<｜tool▁calls▁end｜>",
+            "<｜tool▁call▁begin｜>",
+            "<｜tool▁call▁end｜>",
+            "<｜tool▁sep｜>",
+            "<｜tool▁output▁begin｜>",
+            "<｜tool▁output▁end｜>",
+            "<think>",
+            "</think>",
+        ),
+        bos="<｜begin▁of▁sentence｜>",
+        eos="<｜end▁of▁sentence｜>",
+        base="bpe",
+    ),
 }
 
 
@@ -90,8 +144,10 @@ def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Pat
     tokenizer.chat_template = template(family.template)
     tokenizer.save_pretrained(str(out_dir))
     save_tiny_llama(out_dir, vocab_size=len(tokenizer), seed=seed)
-    eos = tokenizer.convert_tokens_to_ids(tokenizer.eos_token)
-    (out_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    eos = [tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.eos_token, *family.more_eos)]
+    (out_dir / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": eos[0] if len(eos) == 1 else eos})
+    )
     return out_dir
 
 
@@ -104,7 +160,8 @@ def make_service(model_dir: Path, **engine_overrides: Any) -> ChatEndpoint:
     settings.update(engine_overrides)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     eos = json.loads((model_dir / "generation_config.json").read_text())["eos_token_id"]
-    engine = LLMEngine(EngineConfig(**settings), model_dir, eos_token_ids=(eos,))
+    eos_ids = tuple(eos) if isinstance(eos, list) else (eos,)
+    engine = LLMEngine(EngineConfig(**settings), model_dir, eos_token_ids=eos_ids)
     async_engine = AsyncEngine(engine)
     async_engine.start()
     return ChatEndpoint(ModelFrontend(async_engine, tokenizer, "m", ModelDefaults()))

@@ -7,7 +7,8 @@ it thinks, from config.yaml or its chat template; `prepare` turns one request in
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from flashserve.api.frontend.options import GenerationOptions
@@ -33,6 +34,8 @@ class ParsingPlan:
 
     tool_parser: type[ToolParser] | None = None  # None: no tool calls are read
     tool_names: frozenset[str] = frozenset()
+    # Each tool's parameters schema (GLM's arguments are typed by it).
+    tool_schemas: Mapping[str, dict[str, Any]] = field(default_factory=dict, compare=False)
     max_calls: int | None = None
     thinking: str | None = None  # the prompt's thinking state; None: no reasoning split
     # Special tokens the detokenizer must show: the markup the parsers read.
@@ -42,7 +45,7 @@ class ParsingPlan:
         reasoning = ReasoningParser(self.thinking) if self.thinking is not None else None
         tools = None
         if self.tool_parser is not None:
-            tools = self.tool_parser(self.tool_names, self.max_calls)
+            tools = self.tool_parser(self.tool_names, self.max_calls, self.tool_schemas)
         return ResponseParser(reasoning, tools)
 
 
@@ -109,6 +112,7 @@ class OutputFormats:
         return ParsingPlan(
             tool_parser=tool_parser,
             tool_names=frozenset(tool.name for tool in tools.tools),
+            tool_schemas={tool.name: tool.parameters for tool in tools.tools},
             max_calls=tools.max_calls,
             thinking=prompt_thinking_state(prompt) if reasoning else None,
             keep_special_ids=frozenset(

@@ -58,7 +58,7 @@ class ToolGrammars:
         tools = []
         for tool in plan.callable_tools:
             try:
-                tools.append((tool.name, arguments_format(tool.parameters)))
+                tools.append((tool.name, parser.arguments_format(tool.parameters, json_format)))
             except InvalidGrammarError as exc:
                 param = f"tools[{plan.tools.index(tool)}].function.parameters"
                 raise RequestError(
@@ -71,8 +71,12 @@ class ToolGrammars:
         if thinking == "open":  # the prompt opened the block: finish it first
             body = sequence(self._thinking(""), _layout(), body)
         elif thinking == "free":  # the model may think first
+            # GLM puts a newline before "<think>" (its prompt ends "<|assistant|>").
             body = sequence(
-                {"type": "optional", "content": self._thinking(THINK_START)}, _layout(), body
+                _layout(),
+                {"type": "optional", "content": self._thinking(THINK_START)},
+                _layout(),
+                body,
             )
         tag = {"type": "structural_tag", "format": body}
         return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
@@ -134,17 +138,28 @@ class ToolGrammars:
 
 def arguments_format(parameters: dict[str, Any]) -> dict[str, Any]:
     """A structural-tag format for arguments that validate against `parameters`."""
+    return json_format(parameters)
+
+
+def json_format(schema: dict[str, Any], arguments: bool = True) -> dict[str, Any]:
+    """A structural-tag format for compact JSON that validates against `schema`: call
+    arguments (an object) or, with `arguments=False`, a value of any type (GLM's typed
+    argument values)."""
     return {
         "type": "grammar",
-        "grammar": _arguments_grammar(json.dumps(parameters, sort_keys=False)),
+        "grammar": _json_grammar(json.dumps(schema, sort_keys=False), arguments),
     }
 
 
 @functools.lru_cache(maxsize=256)
-def _arguments_grammar(schema_json: str) -> str:
+def _json_grammar(schema_json: str, arguments: bool) -> str:
     import xgrammar as xgr
 
-    schema = grammar_schema(json.loads(schema_json))
+    schema = json.loads(schema_json)
+    if arguments:
+        schema = grammar_schema(schema)
+    else:
+        _bound_strings(schema)
     try:
         # Compact JSON (no free whitespace): a weak model could otherwise write spaces
         # until max_tokens; strict: no properties beyond the schema's.

@@ -23,7 +23,7 @@ import json
 import secrets
 import string
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -115,9 +115,17 @@ class ToolParser(ABC):
     # Keys under which the format writes the arguments.
     argument_keys: ClassVar[tuple[str, ...]] = ("arguments", "parameters")
 
-    def __init__(self, tool_names: Collection[str] = (), max_calls: int | None = None) -> None:
+    def __init__(
+        self,
+        tool_names: Collection[str] = (),
+        max_calls: int | None = None,
+        schemas: Mapping[str, dict[str, Any]] | None = None,
+    ) -> None:
         self.tool_names = frozenset(tool_names)
         self.max_calls = max_calls
+        # Each tool's `parameters` schema, for formats whose arguments are not JSON text
+        # (GLM's are typed by the schema).
+        self.schemas = dict(schemas or {})
         self.num_calls = 0  # calls whose first delta was sent
         self._buffer = ""
         self._gate = WhitespaceGate()
@@ -149,6 +157,14 @@ class ToolParser(ABC):
             self._out.content += self._gate.release()
             self._buffer = ""
         return self._take()
+
+    @classmethod
+    def arguments_format(
+        cls, parameters: dict[str, Any], json_format: Callable[[dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The structural-tag format of a call's arguments for a tool's `parameters`
+        schema; `json_format` makes the one of JSON arguments, which most formats write."""
+        return json_format(parameters)
 
     @classmethod
     @abstractmethod

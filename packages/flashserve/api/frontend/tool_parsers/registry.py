@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 from flashserve.api.frontend.tool_parsers.base import ToolParser
+from flashserve.api.frontend.tool_parsers.deepseek import (
+    CALLS_BEGIN,
+    FENCE,
+    DeepSeekV3ToolParser,
+    DeepSeekV31ToolParser,
+)
+from flashserve.api.frontend.tool_parsers.glm import Glm45ToolParser
 from flashserve.api.frontend.tool_parsers.hermes import HermesToolParser
 from flashserve.api.frontend.tool_parsers.llama import Llama3JsonToolParser
 from flashserve.api.frontend.tool_parsers.mistral import MistralToolParser
@@ -17,6 +24,13 @@ TOOL_PARSERS: dict[str, type[ToolParser]] = {
     "llama": Llama3JsonToolParser,
     "llama3": Llama3JsonToolParser,
     "mistral": MistralToolParser,
+    "glm45": Glm45ToolParser,
+    "glm4_moe": Glm45ToolParser,
+    "glm46": Glm45ToolParser,
+    "deepseek_v31": DeepSeekV31ToolParser,
+    "deepseek_v3_1": DeepSeekV31ToolParser,
+    "deepseek_v3": DeepSeekV3ToolParser,
+    "deepseek_r1": DeepSeekV3ToolParser,
 }
 AUTO = "auto"
 DISABLED = ("none", "", None)
@@ -26,6 +40,12 @@ def detect_tool_parser(chat_template: str | None) -> type[ToolParser] | None:
     """The format a chat template writes tool calls in, judged by the markup it uses."""
     if not chat_template:
         return None
+    # GLM's calls also open with <tool_call>: its argument tags tell it from Hermes.
+    if "<arg_key>" in chat_template:
+        return Glm45ToolParser
+    if CALLS_BEGIN in chat_template:
+        # V3 and R1 fence the arguments as ```json; V3.1 writes them bare.
+        return DeepSeekV3ToolParser if FENCE + "json" in chat_template else DeepSeekV31ToolParser
     if "<tool_call>" in chat_template:
         return HermesToolParser
     if "[TOOL_CALLS]" in chat_template:
