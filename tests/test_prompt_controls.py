@@ -46,7 +46,9 @@ def refused(service, request: dict) -> dict:
 def test_a_requests_own_chat_template_renders_the_prompt(service):
     template = "{% for m in messages %}<<{{ m.role }}: {{ m.content }}>>{% endfor %}"
     out = call(service, body(chat_template=template, max_tokens=2))
-    expected = service.frontend.tokenizer.encode("<<user: Tell me a story.>>", add_special_tokens=False)
+    expected = service.frontend.tokenizer.encode(
+        "<<user: Tell me a story.>>", add_special_tokens=False
+    )
     assert out["usage"]["prompt_tokens"] == len(expected)
     assert prompt_ids(service, chat_template=template) == expected
 
@@ -257,4 +259,6 @@ def test_user_messages_still_render_with_the_models_template(service):
     expected = service.frontend.tokenizer.apply_chat_template(
         USER, tokenize=False, add_generation_prompt=True
     )
-    assert prompt_ids(service) == service.frontend.tokenizer.encode(expected, add_special_tokens=False)
+    assert prompt_ids(service) == service.frontend.tokenizer.encode(
+        expected, add_special_tokens=False
+    )

@@ -243,13 +243,11 @@ def test_multi_turn_history_renders_calls_and_results(services, family: str) -> 
         "type": "function",
         "function": {"name": "get_weather", "arguments": '{"city": "Paris", "days": 2}'},
     }
-    # transformers 5.24 drops None-valued keys before rendering, and DeepSeek's template
-    # then fails on the missing content (`message['content'] is none` is false for an
-    # undefined key): OpenAI clients' content None is a 400 with it; "" renders.
-    content = "" if family == "deepseek_v31" else None
+    # OpenAI clients send back a calls-only turn with content None (DeepSeek's template
+    # fails on the missing key if it is passed through as is).
     messages = [
         *ASK,
-        {"role": "assistant", "content": content, "tool_calls": [call]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "call_abc123", "content": "22 degrees, sunny"},
     ]
     body = request(family, messages=messages, max_tokens=4)

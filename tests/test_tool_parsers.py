@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from flashserve.api.frontend.tool_parsers import (
@@ -659,6 +659,13 @@ FRAGMENTS = [
         ]
     ),
     max_calls=st.sampled_from([None, 1]),
+)
+# A call head broken by markup that itself opens a section (found by this test once).
+@example(
+    parts=["<｜tool▁call▁begin｜>", "<tool_call>", "<｜tool▁calls▁begin｜>"],
+    cuts=[],
+    parser=DeepSeekV31ToolParser,
+    max_calls=None,
 )
 def test_any_text_parses_the_same_however_it_is_split(parts, cuts, parser, max_calls) -> None:
     text = "".join(parts)

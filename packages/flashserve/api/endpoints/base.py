@@ -202,9 +202,7 @@ async def collect_pieces(
 
 def _log_rejected(exc: RequestError, http_request: Any) -> None:
     # The field and reason only: messages may quote request values (prompt text).
-    header_id = (
-        http_request.headers.get(REQUEST_ID_HEADER) if http_request is not None else None
-    )
+    header_id = http_request.headers.get(REQUEST_ID_HEADER) if http_request is not None else None
     logger.info(
         "request rejected",
         extra={

@@ -22,10 +22,17 @@ def flatten_content(content: Any) -> Any:
 
 
 def template_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {**m, "content": flatten_content(m.get("content")), **_template_tool_calls(m)}
-        for m in messages
-    ]
+    return [{**m, "content": _template_content(m), **_template_tool_calls(m)} for m in messages]
+
+
+def _template_content(message: dict[str, Any]) -> Any:
+    """An assistant turn that only calls tools has `content: null` (what OpenAI clients
+    send back). transformers drops None-valued keys before rendering, and templates that
+    read `message['content']` (DeepSeek's) then fail on the missing key: "" renders."""
+    content = flatten_content(message.get("content"))
+    if content is None and message.get("tool_calls"):
+        return ""
+    return content
 
 
 def _template_tool_calls(message: dict[str, Any]) -> dict[str, Any]:

@@ -22,7 +22,13 @@ from typing import Any
 
 from flashserve.api.frontend.output.markup import find_marker, safe_prefix_len
 from flashserve.api.frontend.tool_parsers.base import Literal, const, one_of, sequence
-from flashserve.api.frontend.tool_parsers.tagged import MAX_NAME, TaggedCallParser, ahead, read_name
+from flashserve.api.frontend.tool_parsers.tagged import (
+    MAX_NAME,
+    TaggedCallParser,
+    ahead,
+    name_breaks_at,
+    read_name,
+)
 
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
 CALL_BEGIN, CALL_END = "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>"
@@ -120,13 +126,16 @@ class DeepSeekV31ToolParser(TaggedCallParser):
         buffer = self._buffer
         at = buffer.find(SEP)
         part = buffer[:at] if at >= 0 else buffer[: safe_prefix_len(buffer, (SEP,))]
+        breaks = name_breaks_at(self._text, part)
+        if breaks is not None:  # markup read up to here goes back; the rest is read afresh
+            self._markup(part[: breaks + 1])
+            self._buffer = buffer[breaks + 1 :]
+            self._not_a_call()
+            return True
         self._text += part
         self._markup(part)
         self._buffer = buffer[len(part) :]
         head = self._text.strip()
-        if read_name(head) < len(head) or len(head) > MAX_NAME:
-            self._not_a_call()
-            return True
         if at < 0:
             return False
         self._buffer = self._buffer[len(SEP) :]

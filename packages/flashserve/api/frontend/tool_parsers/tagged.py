@@ -87,6 +87,23 @@ def read_name(text: str) -> int:
     return len(text) if stop is None else stop.start()
 
 
+def name_breaks_at(head: str, more: str) -> int | None:
+    """Index of the character of `more` at which `head + more`, stripped, stops being a
+    possible name (a stop character, a second word, too long); None if it never does.
+    Reading stops there, so the same text gives the same result however it is split."""
+    core = head.lstrip()
+    trailing_space = core != core.rstrip()
+    size = len(core.rstrip())
+    for i, char in enumerate(more):
+        if char.isspace():
+            trailing_space = trailing_space or size > 0
+            continue
+        size += 1
+        if trailing_space or _NAME_STOP.match(char) or size > MAX_NAME:
+            return i
+    return None
+
+
 def ahead(buffer: str, options: tuple[str, ...], final: bool) -> str | None:
     """Which of `options` `buffer` starts with (the longest); "" if it could still grow
     into one (more text needed); None if it is none of them."""
