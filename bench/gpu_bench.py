@@ -208,13 +208,9 @@ def write_random_model_config(shape: str) -> Path:
 
 def load_random_model(model_dir, cfg, backend, dtype, device, max_positions):
     """Stands in for flashserve.models.loader.load_model: random weights drawn on the device."""
-    from flashserve.models import loader
-    from flashserve.models.llama import LlamaForCausalLM
+    from flashserve.models.loader import build_model
 
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, backend, max_positions)
-    model = model.to_empty(device=device).to(dtype)
-    loader._restore_buffers(model, cfg, max_positions, device)
+    model = build_model(cfg, backend, dtype, device, max_positions)
     gen = torch.Generator(device).manual_seed(SEED)
     with torch.no_grad():
         for param in model.parameters():
@@ -222,8 +218,7 @@ def load_random_model(model_dir, cfg, backend, dtype, device, max_positions):
                 param.fill_(1.0)  # RMSNorm weights; the bench shapes have no biases
             else:
                 param.normal_(0.0, INIT_STD, generator=gen)
-    model.requires_grad_(False)
-    return model.eval()
+    return model
 
 
 def decode_weight_bytes(model) -> int:

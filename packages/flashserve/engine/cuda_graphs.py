@@ -41,7 +41,7 @@ import torch
 
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
-from flashserve.models.llama import LlamaForCausalLM
+from flashserve.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ class DecodeBatch:
 class DecodeGraphs:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         block_size: int,
         max_blocks: int,
@@ -120,8 +120,7 @@ class DecodeGraphs:
         self.scratch_slot = scratch_block * block_size
         self.batch_sizes = batch_buckets(max_batch)
         self.table_widths = table_buckets(max_blocks, block_size, reads_whole_table)
-        cfg = model.config
-        token_bytes = 2 * cfg.num_kv_heads * cfg.head_dim * k_cache.element_size()
+        token_bytes = model.kv_cache_spec.token_bytes(k_cache.dtype)
         self.keys = [
             (b, w)
             for b in self.batch_sizes

@@ -62,6 +62,18 @@ class LLMEngine:
         self.max_model_len = min(
             config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
         )
+        if mc.sliding_window is not None and mc.sliding_window < self.max_model_len:
+            # Paged attention here always reads the whole context; within the
+            # window that is exactly what sliding-window attention computes.
+            logger.warning(
+                "%s attends over a sliding window of %d tokens: max_model_len lowered "
+                "from %d to %d",
+                mc.architecture,
+                mc.sliding_window,
+                self.max_model_len,
+                mc.sliding_window,
+            )
+            self.max_model_len = mc.sliding_window
         backend = select_backend(
             config.attention_backend, self.device, self.dtype, config.block_size
         )
@@ -113,7 +125,10 @@ class LLMEngine:
             num_blocks * self.block_size,
             num_blocks * per_block / (1 << 30),
         )
-        if self._use_cuda_graphs:
+        graph_problem = self.model.decode_graph_problem if self._use_cuda_graphs else None
+        if graph_problem is not None:
+            logger.info("cuda_graphs: off, decode steps run eagerly: %s", graph_problem)
+        elif self._use_cuda_graphs:
             started = time.monotonic()
             captured = self.runner.enable_decode_graphs(
                 min(config.cuda_graph_max_batch, config.max_num_seqs)
@@ -182,7 +197,7 @@ class LLMEngine:
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * self.config.kv_cache_memory_fraction
             if self._use_cuda_graphs:  # leave the decode graphs' memory pool room
-                reserve = graph_memory_reserve(self.model.layers[0].self_attn.backend)
+                reserve = graph_memory_reserve(self.model.attention_backend)
                 budget = min(budget, free - reserve)
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)

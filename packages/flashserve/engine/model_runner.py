@@ -13,7 +13,7 @@ from flashserve.engine.sampler import Sampler, SamplerOutput
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionMetadata
-from flashserve.models.llama import LlamaForCausalLM
+from flashserve.models.base import CausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ class WarmUpReport:
 class ModelRunner:
     def __init__(
         self,
-        model: LlamaForCausalLM,
+        model: CausalLM,
         device: torch.device,
         num_blocks: int,
         block_size: int,
@@ -53,14 +53,9 @@ class ModelRunner:
         # One block more than the block manager hands out: the scratch block that
         # a CUDA graph's padding rows write into (engine/cuda_graphs.py).
         self.scratch_block = num_blocks
-        shape = (num_blocks + 1, block_size, cfg.num_kv_heads, cfg.head_dim)
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=cache_dtype, device=device),
-                torch.zeros(shape, dtype=cache_dtype, device=device),
-            )
-            for _ in range(cfg.num_layers)
-        ]
+        self.kv_caches = model.kv_cache_spec.allocate(
+            num_blocks + 1, block_size, cache_dtype, device
+        )
         # Widest block table a sequence can have (a graph's static table width).
         max_len = max_model_len or num_blocks * block_size
         self.max_model_len = max_len
@@ -83,7 +78,7 @@ class ModelRunner:
             self.max_blocks,
             self.scratch_block,
             max_batch,
-            self.model.layers[0].self_attn.backend.decode_reads_whole_table,
+            self.model.attention_backend.decode_reads_whole_table,
         )
         if capture:
             try:
@@ -163,10 +158,8 @@ class ModelRunner:
         return WarmUpReport(len(lengths), sum(lengths), rows, context, seconds)
 
     @staticmethod
-    def bytes_per_block(model: LlamaForCausalLM, block_size: int, cache_dtype: torch.dtype) -> int:
-        cfg = model.config
-        itemsize = torch.empty((), dtype=cache_dtype).element_size()
-        return 2 * cfg.num_layers * block_size * cfg.num_kv_heads * cfg.head_dim * itemsize
+    def bytes_per_block(model: CausalLM, block_size: int, cache_dtype: torch.dtype) -> int:
+        return model.kv_cache_spec.bytes_per_block(block_size, cache_dtype)
 
     @torch.inference_mode()
     def step(

@@ -83,16 +83,27 @@ class RotaryEmbedding(torch.nn.Module):
 
     def __init__(self, rope: dict[str, Any], head_dim: int, max_positions: int) -> None:
         super().__init__()
-        inv_freq, attention_factor = inverse_frequencies(rope, head_dim, max_positions)
-        self.rotary_dim = inv_freq.numel() * 2
-        positions = torch.arange(max_positions, dtype=torch.float32)
+        self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
+        # Built on the default device (meta while the loader builds the model).
+        self.register_buffer("cos_sin", self._table(None), persistent=False)
+        self.rotary_dim = self.cos_sin.shape[-1] // 2
+
+    def init_buffers(self, device: torch.device) -> None:
+        """Recompute the table (a model built on the meta device has none)."""
+        self.cos_sin = self._table(device)
+
+    def _table(self, device: torch.device | None) -> torch.Tensor:
+        inv_freq, attention_factor = inverse_frequencies(
+            self.rope, self.head_dim, self.max_positions
+        )
+        positions = torch.arange(self.max_positions, dtype=torch.float32)
         freqs = torch.outer(positions, inv_freq)
         # Cache, for every position once, cos|cos and -sin|sin over the rotated dims:
         # then rotate-half is x * cos + swap_halves(x) * sin, three elementwise ops
         # (exactly x1*cos - x2*sin and x2*cos + x1*sin, bit for bit).
         cos, sin = freqs.cos(), freqs.sin()
-        cache = torch.cat([cos, cos, -sin, sin], dim=-1) * attention_factor
-        self.register_buffer("cos_sin", cache, persistent=False)
+        table = torch.cat([cos, cos, -sin, sin], dim=-1) * attention_factor
+        return table if device is None else table.to(device)
 
     def forward(
         self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor

@@ -1,36 +1,36 @@
-"""One decoder implementation for the Llama family (Llama, Mistral, Qwen2, Qwen3).
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) and the parts MoE models share with it.
 
-Projections are fused (q|k|v and gate|up) so a layer runs four matrix
-products instead of seven; the loader slices the checkpoint's separate
-tensors into the fused weights.
+Projections are packed (q|k|v and gate|up) so a layer runs four matrix
+products instead of seven; `weight_rules` send the checkpoint's separate
+tensors to their shards of the packed weights.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
+from flashserve.layers.linear import PackedLinear
+from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
+from flashserve.models.base import CausalLM, WeightRule, named_shard
+from flashserve.models.kv_cache_spec import KVCache, KVCacheSpec
 from flashserve.models.model_config import ModelConfig
 
-
-class RMSNorm(nn.Module):
-    def __init__(self, size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(size))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Normalise in fp32 like the reference implementations, then cast back.
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+# Separate q/k/v and gate/up tensors -> their shards of the packed projections.
+PACKED_PROJECTION_RULES = (
+    WeightRule(r"\.(q|k|v)_proj\.(weight|bias)$", r".qkv_proj.\2", named_shard(1)),
+    WeightRule(r"\.(gate|up)_proj\.weight$", r".gate_up_proj.weight", named_shard(1)),
+)
 
 
 class Attention(nn.Module):
+    """Grouped-query attention with rope, optional q/k/v bias and per-head q/k RMSNorm."""
+
     def __init__(
         self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
     ) -> None:
@@ -42,8 +42,10 @@ class Attention(nn.Module):
         )
         self.q_size = cfg.num_heads * cfg.head_dim
         self.kv_size = cfg.num_kv_heads * cfg.head_dim
-        self.qkv_proj = nn.Linear(
-            cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias
+        self.qkv_proj = PackedLinear(
+            cfg.hidden_size,
+            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            bias=cfg.qkv_bias,
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -53,7 +55,7 @@ class Attention(nn.Module):
         self.scale = cfg.head_dim**-0.5
 
     def forward(self, positions, hidden, k_cache, v_cache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj(hidden).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.qkv_proj.split(hidden)
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
@@ -65,24 +67,33 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.intermediate = cfg.intermediate_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_up_proj = PackedLinear(
+            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False
+        )
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).split(self.intermediate, dim=-1)
+        gate, up = self.gate_up_proj.split(x)
         return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
+    """Pre-norm attention and feed-forward blocks with residuals; `mlp` is any [T, H] -> [T, H]."""
+
     def __init__(
-        self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
+        self,
+        cfg: ModelConfig,
+        rotary: RotaryEmbedding,
+        backend: AttentionBackend,
+        mlp: nn.Module,
     ) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, rotary, backend)
-        self.mlp = MLP(cfg)
+        self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -93,16 +104,34 @@ class DecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class LlamaForCausalLM(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
+class DecoderOnlyLM(CausalLM):
+    """Embedding, a stack of `DecoderLayer`s (every one with standard KV), final norm, lm_head.
+
+    Subclasses choose each layer's feed-forward block (`make_mlp`) and the rope
+    settings; the Llama family uses a dense MLP everywhere.
+    """
+
+    weight_rules = PACKED_PROJECTION_RULES
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend: AttentionBackend,
+        max_positions: int,
+        make_mlp: Callable[[int], nn.Module],
+        rope: dict | None = None,
+    ) -> None:
         super().__init__()
         self.config = cfg
+        self.attention_backend = backend
         rotary = RotaryEmbedding(
-            cfg.rope, cfg.head_dim, max(max_positions, cfg.max_position_embeddings)
+            cfg.rope if rope is None else rope,
+            cfg.head_dim,
+            max(max_positions, cfg.max_position_embeddings),
         )
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg, rotary, backend) for _ in range(cfg.num_layers)
+            DecoderLayer(cfg, rotary, backend, make_mlp(i)) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = (
@@ -111,14 +140,18 @@ class LlamaForCausalLM(nn.Module):
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
 
+    @property
+    def kv_cache_spec(self) -> KVCacheSpec:
+        cfg = self.config
+        return KVCacheSpec(cfg.num_kv_heads, cfg.head_dim, tuple(range(cfg.num_layers)))
+
     def forward(
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        kv_caches: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        """Final hidden states [T, hidden] for a flat batch of T tokens."""
         hidden = self.embed_tokens(input_ids)
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden = layer(positions, hidden, k_cache, v_cache, meta)
@@ -127,3 +160,13 @@ class LlamaForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+
+class LlamaForCausalLM(DecoderOnlyLM):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
+        super().__init__(
+            cfg,
+            backend,
+            max_positions,
+            lambda _layer: MLP(cfg.hidden_size, cfg.intermediate_size),
+        )

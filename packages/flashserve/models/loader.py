@@ -1,29 +1,69 @@
-"""Build a model and fill it from (sharded) safetensors files."""
+"""Build a model and fill it from (sharded) safetensors files.
+
+Memory: the model is built on the meta device with its parameters already in
+the serving dtype, then `to_empty` allocates each one once on the target
+device (no fp32 copy, no cast). Checkpoint tensors are read one at a time
+(models/safetensors_stream.py) and copied, with any cast, into their
+parameters by the parameters' own `weight_loader`s; so the peak is the
+model plus the largest checkpoint tensor.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import re
+from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from flashserve.layers.attention import AttentionBackend
-from flashserve.models.llama import LlamaForCausalLM
+from flashserve.layers.linear import weight_loader_of
+from flashserve.models.base import CausalLM
 from flashserve.models.model_config import ModelConfig
+from flashserve.models.registry import model_class
+from flashserve.models.safetensors_stream import iter_tensors
 
 logger = logging.getLogger(__name__)
 
-# checkpoint tensor suffix -> (fused parameter, which shard of it)
-_FUSED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
-_PROJECTION = re.compile(r"\.(q_proj|k_proj|v_proj|gate_proj|up_proj)\.(weight|bias)$")
+
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def build_model(
+    cfg: ModelConfig,
+    backend: AttentionBackend,
+    dtype: torch.dtype,
+    device: torch.device,
+    max_positions: int,
+) -> CausalLM:
+    """The checkpoint's model class with uninitialised parameters allocated on `device`.
+
+    Parameters a model creates with an explicit dtype (fp32 router weights) keep it.
+    """
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"), _default_dtype(dtype):
+        model = cls(cfg, backend, max_positions)
+    # to_empty makes new Parameter objects: carry the weight loaders across.
+    loaders = {
+        name: p.weight_loader for name, p in model.named_parameters() if hasattr(p, "weight_loader")
+    }
+    model = model.to_empty(device=device)
+    for name, param in model.named_parameters():
+        if name in loaders:
+            param.weight_loader = loaders[name]
+    model.init_buffers(device)
+    # Inference only: no autograd bookkeeping on weights.
+    model.requires_grad_(False)
+    return model.eval()
 
 
 def load_model(
@@ -33,66 +73,34 @@ def load_model(
     dtype: torch.dtype,
     device: torch.device,
     max_positions: int,
-) -> LlamaForCausalLM:
-    with torch.device("meta"):
-        model = LlamaForCausalLM(cfg, backend, max_positions)
-    # Materialise on the target device without initialising weights we overwrite anyway.
-    model = model.to_empty(device=device).to(dtype)
-    _restore_buffers(model, cfg, max_positions, device)
-    params = dict(model.named_parameters())
-    filled: set[str] = set()
+) -> CausalLM:
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
-    for path in files:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                target = _place(name, f.get_tensor(name), params, cfg)
-                if target:
-                    filled.add(target)
-    missing = set(params) - filled
-    if missing:
-        raise ValueError(f"checkpoint in {model_dir} lacks tensors: {sorted(missing)[:8]}")
-    # Inference only: no autograd bookkeeping on weights.
-    model.requires_grad_(False)
-    model.eval()
+    model = build_model(cfg, backend, dtype, device, max_positions)
+    load_weights(model, files)
     return model
 
 
-def _place(name: str, tensor: torch.Tensor, params: dict, cfg: ModelConfig) -> str | None:
-    """Copy one checkpoint tensor into its (possibly fused) parameter; return its name."""
-    if name.endswith("rotary_emb.inv_freq"):
-        return None
-    local = name.removeprefix("model.")
-    match = _PROJECTION.search(local)
-    if match:
-        fused, shard = _FUSED[match.group(1)]
-        target = local[: match.start()] + f".{fused}.{match.group(2)}"
-        param = params[target]
-        if fused == "qkv_proj":
-            q, kv = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-            offset, size = [(0, q), (q, kv), (q + kv, kv)][shard]
-        else:
-            size = cfg.intermediate_size
-            offset = shard * size
-        param.data[offset : offset + size].copy_(tensor)
-        # Report the fused parameter only once all of its shards have arrived.
-        return target if shard == (2 if fused == "qkv_proj" else 1) else None
-    if local not in params:
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            return None
-        logger.warning("ignoring checkpoint tensor %s", name)
-        return None
-    params[local].data.copy_(tensor)
-    return local
-
-
-def _restore_buffers(
-    model: LlamaForCausalLM, cfg: ModelConfig, max_positions: int, device: torch.device
-) -> None:
-    # to_empty() leaves non-persistent buffers uninitialised; rebuild the rope cache.
-    from flashserve.layers.rotary import RotaryEmbedding
-
-    fresh = RotaryEmbedding(cfg.rope, cfg.head_dim, max(max_positions, cfg.max_position_embeddings))
-    rotary = model.layers[0].self_attn.rotary
-    rotary.cos_sin = fresh.cos_sin.to(device)
+@torch.no_grad()
+def load_weights(model: CausalLM, files: list[Path]) -> None:
+    params = dict(model.named_parameters())
+    written: dict[str, int] = defaultdict(int)
+    for path in files:
+        for name, tensor in iter_tensors(path):
+            target = model.checkpoint_target(name)
+            if target is None:
+                continue
+            param_name, shard = target
+            param = params.get(param_name)
+            if param is None:
+                logger.warning("ignoring checkpoint tensor %s", name)
+                continue
+            try:
+                written[param_name] += weight_loader_of(param)(param, tensor, shard)
+            except ValueError as exc:
+                raise ValueError(f"{path.name}: tensor {name}: {exc}") from None
+    missing = sorted(name for name, p in params.items() if written[name] < p.numel())
+    if missing:
+        folder = files[0].parent
+        raise ValueError(f"checkpoint in {folder} lacks tensors for: {missing[:8]}")

@@ -12,17 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# architecture name -> (q/k/v projections carry a bias, per-head q/k RMSNorm)
-SUPPORTED_ARCHITECTURES: dict[str, tuple[bool, bool]] = {
-    "LlamaForCausalLM": (False, False),
-    "MistralForCausalLM": (False, False),
-    "Qwen2ForCausalLM": (True, False),
-    "Qwen3ForCausalLM": (False, True),
-}
+from flashserve.models.registry import UnsupportedModelError, architecture
 
-
-class UnsupportedModelError(ValueError):
-    """The checkpoint is not one of the architectures this engine implements."""
+__all__ = ["ModelConfig", "UnsupportedModelError"]
 
 
 @dataclass(frozen=True)
@@ -44,19 +36,19 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
     torch_dtype: str = "float32"
+    # Attention reaches back this many tokens at most (None: the whole context).
+    sliding_window: int | None = None
+    # The whole config.json, for the keys only one architecture reads (MoE shapes).
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
-        if arch not in SUPPORTED_ARCHITECTURES:
-            raise UnsupportedModelError(
-                f"architecture {arch!r} is not supported; supported: "
-                f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
-            )
-        qkv_bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
-        # Llama checkpoints may switch the bias on explicitly.
-        qkv_bias = qkv_bias or bool(raw.get("attention_bias", False))
+        entry = architecture(arch)
+        # Llama and GLM checkpoints may switch the bias and the q/k norm on explicitly.
+        qkv_bias = entry.qkv_bias or bool(raw.get("attention_bias", False))
+        qk_norm = entry.qk_norm or bool(raw.get("use_qk_norm", False))
         num_heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         eos = raw.get("eos_token_id")
@@ -79,6 +71,8 @@ class ModelConfig:
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
             torch_dtype=str(raw.get("torch_dtype") or raw.get("dtype") or "float32"),
+            sliding_window=_sliding_window(raw),
+            raw=dict(raw),
         )
 
     @classmethod
@@ -101,4 +95,16 @@ def _rope_parameters(raw: dict[str, Any]) -> dict[str, Any]:
         params["rope_type"] = params.pop("type")
     params.setdefault("rope_type", "default")
     params.setdefault("rope_theta", raw.get("rope_theta", 10000.0))
+    # GLM-4.5 configs keep the rotated fraction of each head beside the rope keys.
+    if "partial_rotary_factor" in raw:
+        params.setdefault("partial_rotary_factor", raw["partial_rotary_factor"])
     return params
+
+
+def _sliding_window(raw: dict[str, Any]) -> int | None:
+    # Qwen configs carry a window with `use_sliding_window: false`; Mistral and
+    # Mixtral configs set the window alone when they use one.
+    if not raw.get("use_sliding_window", True):
+        return None
+    window = raw.get("sliding_window")
+    return int(window) if window else None
