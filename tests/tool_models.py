@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,8 +126,17 @@ def template(name: str) -> str:
     return (TEMPLATES / name).read_text()
 
 
-def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """Write tokenizer + tiny model of family `name` to `out_dir`; returns it."""
+def build_family(
+    name: str,
+    base_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+    save_model: Callable[..., Path] = save_tiny_llama,
+) -> Path:
+    """Write tokenizer + tiny model of family `name` to `out_dir`; returns it.
+
+    `save_model(out_dir, vocab_size=, seed=)` writes the model (a tiny Llama by default).
+    """
     from transformers import AddedToken, AutoTokenizer
 
     family = FAMILIES[name]
@@ -143,7 +153,7 @@ def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Pat
         tokenizer.eos_token = family.eos
     tokenizer.chat_template = template(family.template)
     tokenizer.save_pretrained(str(out_dir))
-    save_tiny_llama(out_dir, vocab_size=len(tokenizer), seed=seed)
+    save_model(out_dir, vocab_size=len(tokenizer), seed=seed)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.eos_token, *family.more_eos)]
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos[0] if len(eos) == 1 else eos})
