@@ -33,9 +33,11 @@ MODELS = {
 # renders earlier turns' reasoning, so the server knows its tags).
 PAST_REASONING = "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}"
 OPEN_THINKING = {
-    "qwen3-moe": "{% for m in messages %}<|im_start|>{{ m.role }}\n" + PAST_REASONING
+    "qwen3-moe": "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    + PAST_REASONING
     + "{{ m.content }}<|im_end|>\n{% endfor %}<|im_start|>assistant\n<think>\n",
-    "glm4-moe": "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n" + PAST_REASONING
+    "glm4-moe": "[gMASK]<sop>{% for m in messages %}<|{{ m.role }}|>\n"
+    + PAST_REASONING
     + "{{ m.content }}{% endfor %}<|assistant|>\n<think>",
 }
 THINKING_OFF = {"chat_template_args": {"enable_thinking": False}}
@@ -59,9 +61,7 @@ def served(request, tmp_path_factory) -> Iterator[tuple[str, openai.OpenAI]]:
 @pytest.mark.slow
 def test_streamed_chat_equals_the_whole_answer(served) -> None:
     name, client = served
-    kwargs = dict(
-        model=name, messages=ASK, max_tokens=8, temperature=0, extra_body=THINKING_OFF
-    )
+    kwargs = dict(model=name, messages=ASK, max_tokens=8, temperature=0, extra_body=THINKING_OFF)
     whole = client.chat.completions.create(**kwargs)
     choice = whole.choices[0]
     assert choice.finish_reason == "length" and choice.message.content
