@@ -46,6 +46,12 @@ class ModelConfig:
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         entry = architecture(arch)
+        activation = raw.get("hidden_act") or raw.get("hidden_activation") or "silu"
+        if activation not in ("silu", "swish"):
+            # Every implemented feed-forward block is SwiGLU.
+            raise UnsupportedModelError(
+                f"{arch} with hidden_act {activation!r} is not supported (only silu)"
+            )
         # Llama and GLM checkpoints may switch the bias and the q/k norm on explicitly.
         qkv_bias = entry.qkv_bias or bool(raw.get("attention_bias", False))
         qk_norm = entry.qk_norm or bool(raw.get("use_qk_norm", False))
