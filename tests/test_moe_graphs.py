@@ -19,7 +19,12 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
-from flashserve.layers.moe.experts import GROUPED_MM, SORTED, StackedExperts
+from flashserve.layers.moe.experts import (
+    GROUPED_MM,
+    SORTED,
+    StackedExperts,
+    grouped_path_problem,
+)
 from tests.tiny_models import save_tiny_qwen3_moe
 
 VOCAB = 512
@@ -74,6 +79,14 @@ def test_grouped_gemm_path_equals_the_per_expert_path():
         with torch.no_grad():
             results[path] = experts(x, weights, ids)
     torch.testing.assert_close(results[GROUPED_MM], results[SORTED], atol=1e-5, rtol=1e-5)
+
+
+@needs_grouped_mm
+def test_the_load_time_probe_runs_the_grouped_forward_pass():
+    # On CUDA this probe decides the path; torch's CPU grouped_mm lets it run here.
+    assert grouped_path_problem(torch.device("cpu"), torch.bfloat16, 64, 32) is None
+    # Rows that are not 16-byte aligned are what the kernel refuses.
+    assert "grouped_mm failed" in grouped_path_problem(torch.device("cpu"), torch.bfloat16, 60, 30)
 
 
 def test_per_expert_path_names_why_decode_runs_eagerly(model_dir):
