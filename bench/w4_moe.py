@@ -75,8 +75,8 @@ def moe_vs_dense(dtype_name: str, threads: int | None, tokens: list[int]) -> lis
     """Step time of one MoE block and of a dense MLP of the same active size, same inputs."""
     import torch
 
+    from flashserve.layers.mlp import MLP
     from flashserve.layers.moe import SoftmaxTopKRouter, SparseMoeBlock, StackedExperts
-    from flashserve.models.llama import MLP
 
     if threads:
         torch.set_num_threads(threads)
