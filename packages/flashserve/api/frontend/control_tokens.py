@@ -7,7 +7,8 @@ become the real end-of-turn token and could open a forged system or assistant tu
 
 1. `shield` replaces every special-token string inside the request's values, before
    rendering, with a marker: private-use characters around a number, which templates
-   carry through as plain text (`| tojson` included).
+   carry through as plain text (`| tojson` included; with `ensure_ascii=True` the
+   marker is escaped and stays visible as text, never a token).
 2. `resolve` puts the strings back into the rendered text and records where they are:
    a `PromptText`, the prompt as a `str` plus those character ranges.
 3. `encode` tokenizes a `PromptText` with those ranges as text and every other special
@@ -21,7 +22,6 @@ become the real end-of-turn token and could open a forged system or assistant tu
 
 from __future__ import annotations
 
-import json
 import re
 import threading
 import weakref
@@ -30,7 +30,7 @@ from typing import Any
 # Marks a shielded string: MARK, its index in the request's table, MARK. Request text
 # that holds MARK itself is shielded too, so every MARK in the rendered text is ours.
 MARK = "\ue000"
-_MARKER = re.compile(f"{MARK}(\\d+){MARK}|\\\\ue000(\\d+)\\\\ue000")
+_MARKER = re.compile(f"{MARK}(\\d+){MARK}")
 # Stand-ins for the template's own special tokens (see _StandInEncoder): plane 16's
 # private-use characters, one per special token.
 _STAND_IN_BASE = 0x100000
@@ -87,20 +87,17 @@ class ControlTokens:
 
     def resolve(self, rendered: str, table: list[str]) -> PromptText:
         """The rendered text with the shielded strings back, and their ranges."""
-        if MARK not in rendered and "\\ue000" not in rendered:
+        if MARK not in rendered:
             return PromptText(rendered)
         pieces: list[str] = []
         ranges: list[tuple[int, int]] = []
         length = 0
         last = 0
         for match in _MARKER.finditer(rendered):
-            raw, escaped = match.group(1), match.group(2)
-            index = int(raw if raw is not None else escaped)
+            index = int(match.group(1))
             if index >= len(table):  # not one of ours (a request template wrote it): text
                 continue
             original = table[index]
-            if escaped is not None:  # json.dumps(ensure_ascii=True) escaped the marker
-                original = json.dumps(original)[1:-1]
             pieces.append(rendered[last : match.start()])
             length += match.start() - last
             pieces.append(original)
@@ -150,7 +147,9 @@ class ControlTokens:
                 self._stand_ins = _StandInEncoder.build(self.tokenizer, self.ids)
             return self._stand_ins  # type: ignore[return-value]
 
-    def _encode_pieces(self, segments: list[tuple[str, bool]], add_special_tokens: bool) -> list[int]:
+    def _encode_pieces(
+        self, segments: list[tuple[str, bool]], add_special_tokens: bool
+    ) -> list[int]:
         # Tokenizers without a `tokenizers` backend: each text piece on its own. Exact for
         # byte-level BPE; a SentencePiece piece after a special token may gain a "▁".
         tokenizer = self.tokenizer
@@ -196,28 +195,27 @@ class _StandInEncoder:
         copy.no_padding()
         copy.encode_special_tokens = True
         decoder = getattr(tokenizer, "added_tokens_decoder", {}) or {}
-        stand_ins: dict[str, str] = {}
+        stand_ins = {content: chr(_STAND_IN_BASE + k) for k, content in enumerate(ids)}
+        copy.add_tokens(
+            [
+                AddedToken(
+                    stand_in,
+                    single_word=bool(getattr(proto, "single_word", False)),
+                    lstrip=bool(getattr(proto, "lstrip", False)),
+                    rstrip=bool(getattr(proto, "rstrip", False)),
+                    normalized=bool(getattr(proto, "normalized", False)),
+                    special=False,
+                )
+                for content, stand_in in stand_ins.items()
+                for proto in [decoder.get(ids[content])]
+            ]
+        )
         id_map: dict[int, int] = {}
-        for k, (content, token_id) in enumerate(ids.items()):
-            proto = decoder.get(token_id)
-            stand_in = chr(_STAND_IN_BASE + k)
-            copy.add_tokens(
-                [
-                    AddedToken(
-                        stand_in,
-                        single_word=bool(getattr(proto, "single_word", False)),
-                        lstrip=bool(getattr(proto, "lstrip", False)),
-                        rstrip=bool(getattr(proto, "rstrip", False)),
-                        normalized=bool(getattr(proto, "normalized", False)),
-                        special=False,
-                    )
-                ]
-            )
+        for content, stand_in in stand_ins.items():
             stand_in_id = copy.token_to_id(stand_in)
             if stand_in_id is None:
                 return None
-            stand_ins[content] = stand_in
-            id_map[stand_in_id] = token_id
+            id_map[stand_in_id] = ids[content]
         return cls(copy, stand_ins, id_map)
 
     def conflicts(self, text: str) -> bool:
