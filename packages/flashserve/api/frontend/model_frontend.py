@@ -105,7 +105,8 @@ class ModelFrontend:
         (grammars compile here): call it off the event loop.
         """
         tools, parsing, banned = self.formats.prepare(options, prompt, chat_template)
-        grammar = self.structured.grammar_for(options.response_format)
+        # With thinking on, response_format constrains the answer after the thinking block.
+        grammar = self.structured.grammar_for(options.response_format, parsing.thinking)
         if tools.constrained:  # tool_choice required or named: forced calls
             grammar = self.tool_grammars.compile(
                 parsing.tool_parser, tools, parsing.thinking, parsing.keep_special_ids
