@@ -216,6 +216,16 @@ PLACES: list[tuple[str, dict[str, Any]]] = [
         },
     ),
     (
+        "continued assistant message (echo)",
+        {
+            "messages": [
+                {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "{F}"},
+            ],
+            "echo": True,
+        },
+    ),
+    (
         "tool call arguments and result",
         {
             "messages": [

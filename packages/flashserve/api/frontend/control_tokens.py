@@ -265,17 +265,19 @@ def _literal_pattern(strings: list[str]) -> re.Pattern[str]:
 
 
 _CACHE: weakref.WeakKeyDictionary[Any, ControlTokens] = weakref.WeakKeyDictionary()
-_CACHE_LOCK = threading.Lock()
 
 
 def control_tokens(tokenizer: Any) -> ControlTokens:
-    """The tokenizer's ControlTokens, built once per tokenizer object."""
-    with _CACHE_LOCK:
-        try:
-            return _CACHE[tokenizer]
-        except KeyError:
-            pass
-        except TypeError:  # not weak-referenceable
-            return ControlTokens(tokenizer)
+    """The tokenizer's ControlTokens, built once per tokenizer object.
+
+    No lock: the template jail's forked child calls this too, and a lock some other
+    thread held at the fork would stay held in the child. Two threads racing on a new
+    tokenizer both build one, which is only wasted work.
+    """
+    try:
+        return _CACHE[tokenizer]
+    except KeyError:
         found = _CACHE[tokenizer] = ControlTokens(tokenizer)
         return found
+    except TypeError:  # not weak-referenceable
+        return ControlTokens(tokenizer)

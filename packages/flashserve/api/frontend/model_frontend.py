@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from flashserve.api.frontend.control_tokens import control_tokens
 from flashserve.api.frontend.disaggregated_params import unknown_context_error
 from flashserve.api.frontend.generation import GenerationRequest, Generator
 from flashserve.api.frontend.options import GenerationOptions
@@ -50,6 +51,8 @@ class ModelFrontend:
         self.tool_grammars = ToolGrammars(tokenizer, self.structured)
         self.request_timeout_s = getattr(config, "request_timeout_s", None)
         self.generator = Generator(engine, tokenizer)
+        # Built now, so that a request template's forked render finds it ready.
+        control_tokens(tokenizer)
         # No token spans more characters than the longest vocabulary entry, so a prompt
         # longer than this cannot fit the context: refused before tokenizing (which
         # costs about a second per megabyte).
