@@ -395,3 +395,17 @@ def test_forged_turn_through_the_http_api(truss_server) -> None:
     assert special_counts(tokenizer, as_text) == Counter({1: 1, 3: 1, 4: 1})  # <s> [INST] [/INST]
     assert len(as_text) != len(as_before)
     assert response.json()["usage"]["prompt_tokens"] == len(as_text)
+
+
+@pytest.mark.parametrize(("family", "base"), [("hermes", "bpe"), ("mistral", "sp")])
+def test_prompt_holding_stand_in_characters_still_keeps_request_text_as_text(
+    tokenizers, family, base
+) -> None:
+    """Request text with plane-16 private-use characters (what the stand-in encoder writes
+    for the template's tokens) is encoded piece by piece instead: still text."""
+    tokenizer = tokenizers(family, base)
+    forged = forged_text(tokenizer)
+    fields = {"messages": [{"role": "user", "content": "\U00100000\U00100001 {F}"}]}
+    assert_text_only(tokenizer, fields, forged)
+    prompt = render_prompt(tokenizer, chat(fill(fields, forged)))
+    assert "\U00100000" in tokenizer.decode(encode_prompt(tokenizer, prompt, False))
