@@ -58,8 +58,8 @@ class ThinkingFormats:
             return sequence(self.block(""), layout(), answer)
         if thinking == FREE:
             # GLM puts a newline before "<think>" (its prompt ends "<|assistant|>").
-            thought = sequence(layout(), self.block(THINK_START), layout(), answer)
-            return {"type": "or", "elements": [thought, answer]}
+            thought = sequence(layout(), self.block(THINK_START), layout())
+            return sequence({"type": "optional", "content": thought}, answer)
         return answer
 
     def special_tags(self) -> frozenset[int]:
