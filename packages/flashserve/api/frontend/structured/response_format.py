@@ -82,8 +82,8 @@ class StructuredOutputs:
         self.stop_token_ids = stop_token_ids
         self.capacity = capacity
         self._compiler: GrammarCompilerCache | None = None
-        self._lock = threading.Lock()
         self._compiler_lock = threading.Lock()
+        self._row_lock = threading.Lock()
         self.thinking = ThinkingFormats(tokenizer)
         self._row_after_thinking: torch.Tensor | None | bool = False  # False: not built yet
 
@@ -132,7 +132,7 @@ class StructuredOutputs:
 
     def _thinking_row(self) -> torch.Tensor | None:
         """Special tokens banned (as for every grammar) but the think tags, where special."""
-        with self._lock:
+        with self._row_lock:
             if self._row_after_thinking is False:
                 banned = set(special_token_ids(self.tokenizer) - self.thinking.special_tags())
                 self._row_after_thinking = self.compiler().allowed_row(banned)
