@@ -43,7 +43,7 @@ class Model:
 
     async def completions(self, request: Request) -> Any:
         """POST /v1/completions: OpenAI legacy completions."""
-        return not_yet_implemented("/v1/completions")
+        return await self._service.completions.handle(request)
 
     async def messages(self, request: Request) -> Any:
         """POST /v1/messages: the Anthropic Messages API."""

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 from flashserve.api.frontend.disaggregated_params import unknown_context_error
 from flashserve.api.frontend.generation import GenerationRequest, Generator
 from flashserve.api.frontend.options import GenerationOptions
-from flashserve.api.frontend.output.output_plan import OutputFormats
+from flashserve.api.frontend.output.output_plan import OutputFormats, ParsingPlan
 from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.params import ModelDefaults, to_sampling_params
 from flashserve.api.frontend.prompt import encode_prompt
@@ -96,15 +96,19 @@ class ModelFrontend:
         prompt_ids: list[int],
         chat_template: str | None = None,
         prompt_param: str = "messages",
+        raw_text: bool = False,
     ) -> GenerationRequest:
         """The request's output plan, grammar and SamplingParams (built here, once).
 
         `prompt` is the rendered text (its open or closed thinking block decides how the
         output is parsed); `chat_template` is the request's own template, if any;
-        `prompt_param` names the field holding the prompt (for errors). Blocking
-        (grammars compile here): call it off the event loop.
+        `prompt_param` names the field holding the prompt (for errors); `raw_text` keeps
+        the output as generated, with no reasoning or tool-call split (completions).
+        Blocking (grammars compile here): call it off the event loop.
         """
         tools, parsing, banned = self.formats.prepare(options, prompt, chat_template)
+        if raw_text:
+            parsing = ParsingPlan()
         grammar = self.structured.grammar_for(options.response_format)
         if tools.constrained:  # tool_choice required or named: forced calls
             grammar = self.tool_grammars.compile(
