@@ -377,3 +377,16 @@ def test_missing_prompt_is_named(endpoint):
     request = body()
     del request["prompt"]
     assert refused(endpoint, request)["param"] == "prompt"
+
+
+def test_schema_file_is_built_from_the_chat_schema():
+    """data/CompletionRequest.schema.json is what scripts/build_completion_schema.py
+    writes from the current chat schema (re-run the script when this fails)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "build_completion_schema.py"
+    spec = importlib.util.spec_from_file_location("build_completion_schema", script)
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    chat = json.loads(builder.CHAT_SCHEMA.read_text(encoding="utf-8"))
+    assert builder.OUTPUT.read_text(encoding="utf-8") == builder.render(builder.build(chat))
