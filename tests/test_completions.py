@@ -28,7 +28,7 @@ from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
-from tests.chat_harness import call, make_service, recorded_tokens
+from tests.chat_harness import EMBEDDED_MODEL, call, make_service, recorded_tokens
 from tests.tiny_models import save_tiny_llama
 
 BOS, PREFIX, SUFFIX = 1, 11, 13
@@ -390,3 +390,24 @@ def test_schema_file_is_built_from_the_chat_schema():
     spec.loader.exec_module(builder)
     chat = json.loads(builder.CHAT_SCHEMA.read_text(encoding="utf-8"))
     assert builder.OUTPUT.read_text(encoding="utf-8") == builder.render(builder.build(chat))
+
+
+def test_prompts_beyond_a_full_queue_fail_the_whole_request_with_503():
+    config = EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.02, max_model_len=256)
+    engine = AsyncEngine(LLMEngine(config, EMBEDDED_MODEL, eos_token_ids=(2,)), max_queue_size=2)
+    engine.start()
+    from transformers import AutoTokenizer
+
+    frontend = ModelFrontend(
+        engine, AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL)), "m", ModelDefaults()
+    )
+    endpoint = CompletionsEndpoint(frontend)
+    with pytest.raises(HTTPException) as caught:
+        call(endpoint, body(prompt=["a", "b", "c", "d"], max_tokens=50, **SAMPLED))
+    assert caught.value.status_code == 503 and caught.value.headers["Retry-After"] == "1"
+    deadline = time.monotonic() + 10
+    while (engine.engine.has_work() or engine._streams) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not engine.engine.has_work() and not engine._streams
+    # The refused request took nothing with it: the next one is served.
+    assert texts(call(endpoint, body(prompt=["a", "b"], max_tokens=2)))
