@@ -16,6 +16,22 @@ pytestmark = pytest.mark.slow
 SAMPLED = {"temperature": 1.0, "seed": 4, "extra_body": {"top_k": -1, "ignore_eos": True}}
 
 
+def gauge(base_url: str, name: str) -> float:
+    text = httpx.get(f"{base_url}/metrics", timeout=10, follow_redirects=True).text
+    line = next(line for line in text.splitlines() if line.startswith(name + " "))
+    return float(line.split()[-1])
+
+
+def wait_until_idle(base_url: str) -> None:
+    """Until no sequence runs and no KV block is held (10 s at most)."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        gauge(base_url, "flashserve_kv_blocks_used")
+        or gauge(base_url, "flashserve_running_sequences")
+    ):
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="module")
 def client(truss_server: str) -> openai.OpenAI:
     return openai.OpenAI(
@@ -151,11 +167,6 @@ def test_bad_requests_raise_bad_request_naming_the_field(client, kwargs, param):
 
 
 def test_dropped_stream_of_several_prompts_releases_their_kv_blocks(truss_server):
-    def gauge(name: str) -> float:
-        text = httpx.get(f"{truss_server}/metrics", timeout=10, follow_redirects=True).text
-        line = next(line for line in text.splitlines() if line.startswith(name + " "))
-        return float(line.split()[-1])
-
     body = {
         "model": "m",
         "prompt": ["a", "b", "c"],
@@ -168,11 +179,22 @@ def test_dropped_stream_of_several_prompts_releases_their_kv_blocks(truss_server
         lines = response.iter_lines()
         for _ in range(6):
             next(lines)
-        assert gauge("flashserve_running_sequences") == 3
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and (
-        gauge("flashserve_kv_blocks_used") or gauge("flashserve_running_sequences")
-    ):
-        time.sleep(0.05)
-    assert gauge("flashserve_kv_blocks_used") == 0
-    assert gauge("flashserve_running_sequences") == 0
+        assert gauge(truss_server, "flashserve_running_sequences") == 3
+    wait_until_idle(truss_server)
+    assert gauge(truss_server, "flashserve_kv_blocks_used") == 0
+    assert gauge(truss_server, "flashserve_running_sequences") == 0
+
+
+def test_deadline_header_ends_every_prompt_with_504(truss_server):
+    body = {"model": "m", "prompt": ["a", "b"], "max_tokens": 1500, "ignore_eos": True}
+    response = httpx.post(
+        f"{truss_server}/v1/completions",
+        json=body,
+        headers={"x-request-timeout": "1"},
+        timeout=60,
+    )
+    assert response.status_code == 504
+    assert response.json()["error"]["type"] == "timeout_error"
+    wait_until_idle(truss_server)
+    assert gauge(truss_server, "flashserve_running_sequences") == 0
+    assert gauge(truss_server, "flashserve_kv_blocks_used") == 0
