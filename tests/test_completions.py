@@ -285,6 +285,16 @@ def test_stop_token_ids_and_min_tokens(endpoint):
     assert len(produced[response["id"]]) == 6
 
 
+def test_logit_bias_and_bad_token_ids_reach_the_sampler(endpoint):
+    hello = endpoint.frontend.tokenizer.convert_tokens_to_ids("\u2581hello")
+    request = body(seed=5, logit_bias={str(hello): 100}, **SAMPLED)
+    with recorded_tokens(endpoint) as produced:
+        biased = call(endpoint, request)
+        banned = call(endpoint, {**request, "bad_token_ids": [hello]})
+    assert produced[biased["id"]] == [hello] * 8
+    assert hello not in produced[banned["id"]] and len(produced[banned["id"]]) == 8
+
+
 def test_response_format_json_schema_constrains_the_text(endpoint):
     schema = {
         "type": "object",
