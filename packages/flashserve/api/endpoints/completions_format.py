@@ -141,7 +141,6 @@ class Choices:
     """Every choice's state, and the request's usage summed over them."""
 
     def __init__(self, prepared: PreparedCompletion) -> None:
-        self.prepared = prepared
         self.choices = [Choice(index) for index in range(len(prepared.generations))]
         self.prompt_tokens = sum(len(g.prompt_ids) for g in prepared.generations)
         self.with_logprobs = prepared.request.logprobs is not None
