@@ -21,7 +21,7 @@ import pytest
 from fastapi import HTTPException
 
 from flashserve.api.endpoints.completions import CompletionsEndpoint
-from flashserve.api.endpoints.completions_fim import find_fim_format
+from flashserve.api.endpoints.completions_fim import assemble, find_fim_format
 from flashserve.api.endpoints.completions_prompt import leading_special_ids
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
@@ -172,6 +172,11 @@ def test_qwen_style_fim_tokens_give_prefix_suffix_middle():
     assert found is not None
     fim, ids = found
     assert fim.name == "qwen" and list(ids) == list(markers)
+    fim_prefix, fim_suffix, fim_middle = (tokenizer.convert_tokens_to_ids(m) for m in markers)
+    prefix, suffix = tokenizer.encode("def f("), tokenizer.encode(")\n")
+    assert assemble(fim, ids, prefix, suffix) == [
+        fim_prefix, *prefix, fim_suffix, *suffix, fim_middle,
+    ]  # fmt: skip
     assert find_fim_format(byte_level_tokenizer()) is None
 
 
