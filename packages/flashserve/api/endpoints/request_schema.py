@@ -66,8 +66,7 @@ def find_schema_path(
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{filename} not found at {candidates[0]} or {candidates[1]}; "
-        f"set {SCHEMA_PATH_ENV}"
+        f"{filename} not found at {candidates[0]} or {candidates[1]}; set {SCHEMA_PATH_ENV}"
     )
 
 
