@@ -11,6 +11,7 @@ from typing import Any
 
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.endpoints.responses import ResponsesEndpoint
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
@@ -28,6 +29,7 @@ class Service:
 
     frontend: ModelFrontend
     chat: ChatEndpoint
+    responses: ResponsesEndpoint | None = None
 
     @property
     def engine(self) -> AsyncEngine:
@@ -74,6 +76,7 @@ def build_service(
         defaults=ModelDefaults.from_generation_config(generation),
     )
     service = Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
+    service.responses = ResponsesEndpoint(frontend, data_dir)
     phases = {"weights located": located, **engine.startup_seconds}
     logger.info(
         "startup: ready in %.1f s (%s)",

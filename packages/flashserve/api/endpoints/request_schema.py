@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -350,6 +350,7 @@ class RequestValidator:
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_bytes: int | None = None,
         max_values: int = DEFAULT_MAX_VALUES,
+        rules: Callable[..., None] = check_semantics,
     ) -> None:
         self.schema = load_schema(schema_path)
         Draft202012Validator.check_schema(self.schema)
@@ -358,6 +359,8 @@ class RequestValidator:
         self.max_depth = max_depth
         self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
         self.max_values = max_values
+        # What the schema cannot express; called as rules(body, multimodal=...).
+        self.rules = rules
 
     def validate(self, body: object) -> dict:
         """Raise RequestError (400) unless `body` is an acceptable chat completion request.
@@ -379,5 +382,5 @@ class RequestValidator:
         error = best_match(self._validator.iter_errors(body))
         if error is not None:
             raise explain(error, self.schema)
-        check_semantics(body, multimodal=self.multimodal)
+        self.rules(body, multimodal=self.multimodal)
         return body
