@@ -31,6 +31,7 @@ from flashserve.api.endpoints.responses_protocol import (
     input_items,
     renamed,
     to_messages,
+    with_item_types,
 )
 from flashserve.api.endpoints.responses_store import ResponseStore
 from flashserve.api.frontend.model_frontend import ModelFrontend
@@ -73,6 +74,7 @@ class ResponsesEndpoint(Endpoint):
         frontend, validator = self.frontend, self.validator
         if isinstance(body, dict):
             check_depth(body, validator.max_depth, max_bytes=validator.max_bytes)
+            body = with_item_types(body)
             check_supported(body)
         body = validator.validate(body)
         model = body.get("model") or frontend.served_model_name

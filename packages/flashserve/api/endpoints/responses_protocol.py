@@ -78,6 +78,19 @@ _TEXT_RENAMES = (
 # --------------------------------------------------------------------------- checks
 
 
+def with_item_types(body: Any) -> Any:
+    """The body with `type: message` on input items that leave it out (OpenAI's "easy"
+    messages), so that every item names its shape before the schema checks it."""
+    items = body.get("input") if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        return body
+    typed = [
+        {"type": "message", **item} if isinstance(item, dict) and "type" not in item else item
+        for item in items
+    ]
+    return {**body, "input": typed}
+
+
 def check_supported(body: Any) -> None:
     """Refuse what this server does not run, before the schema, so the 400 says why
     (the schema would only say that the value fits none of the shapes it knows)."""
@@ -106,8 +119,8 @@ def check_supported(body: Any) -> None:
                 "send the reasoning item's content (or leave the item out)",
                 f"input[{i}].encrypted_content",
             )
-        parts = item.get("content") if kind in (None, "message") else item.get("output")
-        field = "content" if kind in (None, "message") else "output"
+        field = "content" if kind == "message" else "output"
+        parts = item.get(field)
         for j, part in enumerate(parts if isinstance(parts, list) else ()):
             part_kind = part.get("type") if isinstance(part, dict) else None
             if part_kind in _MEDIA_PART_TYPES:
@@ -189,7 +202,7 @@ def input_items(value: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The request's `input` as a list of items (a string is one user message)."""
     if isinstance(value, str):
         return [{"type": "message", "role": "user", "content": value}]
-    return [{"type": "message", **item} if "type" not in item else item for item in value]
+    return list(value)
 
 
 def to_messages(
