@@ -12,6 +12,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.ops_client import engine_idle, sample, scrape, wait_until
 from tests.tool_calling_cases import SCHEMAS, TOOLS
 
 pytest_plugins = ["tests.server_fixture"]
@@ -88,7 +89,9 @@ def test_stream_helper(client: openai.OpenAI) -> None:
                   extra_body={"seed": 8, "stop": ["."]})  # fmt: skip
     whole = client.responses.create(**kwargs)
     with client.responses.stream(**kwargs) as stream:
-        text = "".join(event.delta for event in stream if event.type == "response.output_text.delta")
+        text = "".join(
+            event.delta for event in stream if event.type == "response.output_text.delta"
+        )
         final = stream.get_final_response()
     assert final.status == whole.status
     assert text == final.output_text == whole.output_text
@@ -177,8 +180,10 @@ def test_json_schema(client: openai.OpenAI) -> None:
         ({"input": "x", "extra_body": {"temprature": 1}}, "temprature"),
         ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
         ({"input": "x", "previous_response_id": "resp_unknown"}, "previous_response_id"),
-        ({"input": [{"type": "function_call_output", "call_id": "c1", "output": "1"}]},
-         "input[0].call_id"),
+        (
+            {"input": [{"type": "function_call_output", "call_id": "c1", "output": "1"}]},
+            "input[0].call_id",
+        ),
     ],  # fmt: skip
     ids=["unknown-field", "hosted-tool", "unknown-previous", "orphan-output"],
 )
@@ -188,3 +193,35 @@ def test_refusals(client: openai.OpenAI, kwargs: dict, param: str) -> None:
     assert caught.value.status_code == 400
     assert caught.value.body["param"] == param
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+def test_a_dropped_stream_is_aborted(client: openai.OpenAI, truss_server: str) -> None:
+    before = sample(scrape(truss_server), "flashserve_requests_total", outcome="aborted")
+    stream = client.responses.create(
+        model="m", input="Tell me a story.", max_output_tokens=1500, temperature=1,
+        extra_body={"seed": 1}, stream=True,
+    )  # fmt: skip
+    for event in stream:
+        if event.type == "response.output_text.delta":
+            break
+    stream.close()
+    assert wait_until(lambda: engine_idle(truss_server), 15), scrape(truss_server)
+    after = sample(scrape(truss_server), "flashserve_requests_total", outcome="aborted")
+    assert after == before + 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_deadline_header(client: openai.OpenAI, truss_server: str, stream: bool) -> None:
+    kwargs = dict(model="m", input="Tell me a story.", max_output_tokens=1500, temperature=1,
+                  extra_body={"seed": 1}, extra_headers={"x-request-timeout": "1.5"})  # fmt: skip
+    if stream:
+        events = list(client.responses.create(**kwargs, stream=True))
+        assert events[-1].type == "response.failed"
+        assert events[-1].response.status == "failed"
+        assert "deadline" in events[-1].response.error.message
+    else:
+        with pytest.raises(openai.APIStatusError) as caught:
+            client.responses.create(**kwargs)
+        assert caught.value.status_code == 504
+        assert caught.value.body["code"] == "timeout"
+    assert wait_until(lambda: engine_idle(truss_server), 15), scrape(truss_server)
