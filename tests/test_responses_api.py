@@ -468,6 +468,7 @@ REFUSED = [
     ),  # fmt: skip
     ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
     ({"input": "x", "tools": [{"type": "function", "name": "a b"}]}, "tools[0].name"),
+    ({"input": "x", "tools": TOOLS}, "tools[0].function"),
     (
         {
             "input": "x",

@@ -58,7 +58,7 @@ THINKING_TEMPLATE_VARIABLES = ("enable_thinking", "thinking")
 
 # Chat's field paths (in refusals from the shared path) -> the Responses request's.
 _PARAM_RENAMES = (
-    (re.compile(r"^tools\[(\d+)\]\.function(?=\.|$)"), r"tools[\1]"),
+    (re.compile(r"^tools\[(\d+)\]\.function(?=\.)"), r"tools[\1]"),
     (re.compile(r"^tool_choice\.function\.name$"), "tool_choice.name"),
     (re.compile(r"^response_format\.json_schema\.schema"), "text.format.schema"),
     (re.compile(r"^response_format\.json_schema"), "text.format"),
@@ -137,6 +137,13 @@ def check_supported(body: Any) -> None:
                 f"'tools[{i}].type' is {kind!r:.60}: this server runs function tools only "
                 "(hosted tools such as web_search or file_search are OpenAI's)",
                 f"tools[{i}].type",
+            )
+        if kind == "function" and "function" in tool:
+            raise invalid_field(
+                f"'tools[{i}]' has chat's shape ({{type, function: {{name, ...}}}}); the "
+                "Responses API takes function tools flat: {type, name, description, "
+                "parameters, strict}",
+                f"tools[{i}].function",
             )
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and isinstance(choice.get("type"), str):
