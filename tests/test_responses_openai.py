@@ -5,8 +5,10 @@ outputs sent back, previous_response_id, json_schema, and refusals as the SDK ra
 
 from __future__ import annotations
 
+import asyncio
 import json
 
+import httpx
 import jsonschema
 import openai
 import pytest
@@ -16,6 +18,7 @@ from tests.ops_client import engine_idle, sample, scrape, wait_until
 from tests.tool_calling_cases import SCHEMAS, TOOLS
 
 pytest_plugins = ["tests.server_fixture"]
+pytestmark = pytest.mark.slow
 
 FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
 ASK = "What is the weather in Paris?"
@@ -224,4 +227,40 @@ def test_deadline_header(client: openai.OpenAI, truss_server: str, stream: bool)
             client.responses.create(**kwargs)
         assert caught.value.status_code == 504
         assert caught.value.body["code"] == "timeout"
+    assert wait_until(lambda: engine_idle(truss_server), 15), scrape(truss_server)
+
+
+def test_hostile_bodies_are_400s_beside_an_undisturbed_request(
+    client: openai.OpenAI, truss_server: str
+) -> None:
+    canary = {"model": "m", "input": "Say something.", "max_output_tokens": 24,
+              "temperature": 1, "seed": 4}  # fmt: skip
+    alone = client.responses.create(**{k: v for k, v in canary.items() if k != "seed"},
+                                    extra_body={"seed": 4}).output_text  # fmt: skip
+    hostile = [
+        b"\xff\xfe{}",
+        b'{"input": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+        json.dumps({"input": [{"role": "user", "content": "x"}] * 60_000}).encode(),
+        b'["input"]',
+        json.dumps({"input": "x", "temperature": float("nan")}).encode(),
+        json.dumps({"input": [{"type": "message", "role": "user", "content": [{}]}]}).encode(),
+    ]
+
+    async def run() -> tuple[httpx.Response, list[httpx.Response]]:
+        async with httpx.AsyncClient(base_url=truss_server, timeout=120) as http:
+            headers = {"Content-Type": "application/json"}
+            posts = [http.post("/v1/responses", content=raw, headers=headers) for raw in hostile]
+            first, *rest = await asyncio.gather(http.post("/v1/responses", json=canary), *posts)
+            return first, rest
+
+    first, refused = asyncio.run(run())
+    assert first.status_code == 200
+    assert (
+        "".join(part["text"] for item in first.json()["output"] for part in item["content"])
+        == alone
+    )
+    for raw, reply in zip(hostile, refused, strict=True):
+        assert reply.status_code == 400, (raw[:40], reply.text[:200])
+        error = reply.json()["error"]
+        assert error["type"] == "invalid_request_error" and error["message"]
     assert wait_until(lambda: engine_idle(truss_server), 15), scrape(truss_server)
