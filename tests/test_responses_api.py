@@ -433,8 +433,21 @@ def test_reasoning_item_then_message(services) -> None:
 
     # Sent back, the reasoning is the assistant turn's reasoning_content for the template.
     follow = {"input": [{"role": "user", "content": "Is 7 prime?"}, *whole["output"]]}
-    prompt = hermes.frontend.tokenizer.decode(hermes.prepare(follow).generation.prompt_ids)
+    sent_back = hermes.prepare(follow).generation.prompt_ids
+    prompt = hermes.frontend.tokenizer.decode(sent_back)
     assert "<think>\nSeven has no divisors.\n</think>\n\nYes.<|im_end|>" in prompt
+
+    # include reasoning.encrypted_content: a client that keeps no state sends only that.
+    sealed = forced(hermes, {**body, "include": ["reasoning.encrypted_content"]}, text)
+    reasoning = sealed["output"][0]
+    assert reasoning["encrypted_content"] and reasoning["content"] == whole["output"][0]["content"]
+    opaque = {
+        "type": "reasoning",
+        "summary": [],
+        "encrypted_content": reasoning["encrypted_content"],
+    }
+    follow = {"input": [{"role": "user", "content": "Is 7 prime?"}, opaque, sealed["output"][1]]}
+    assert hermes.prepare(follow).generation.prompt_ids == sent_back
 
 
 # --------------------------------------------------------------------------- refusals
@@ -499,7 +512,7 @@ REFUSED = [
     ),  # fmt: skip
     ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
     ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
-    ({"input": "x", "include": ["reasoning.encrypted_content"]}, "include[0]"),
+    ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
     ({"input": "x", "background": True}, "background"),
     ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),

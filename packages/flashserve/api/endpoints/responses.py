@@ -23,6 +23,7 @@ from flashserve.api.endpoints.responses_format import (
     stream_events,
 )
 from flashserve.api.endpoints.responses_protocol import (
+    ENCRYPTED_REASONING_INCLUDE,
     SCHEMA_FILENAME,
     chat_fields,
     check_chat_tools,
@@ -102,6 +103,7 @@ class ResponsesEndpoint(Endpoint):
             stream=options.stream,
             store=body.get("store", True),
             logprobs=options.logprobs,
+            sealed_reasoning=ENCRYPTED_REASONING_INCLUDE in (body.get("include") or ()),
         )
 
     async def respond(

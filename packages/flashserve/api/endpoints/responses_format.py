@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flashserve.api.endpoints.base import collect_pieces
+from flashserve.api.endpoints.responses_protocol import seal_reasoning
 from flashserve.api.frontend.generation import GenerationRequest
 from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.http.sse import sse
@@ -50,6 +51,8 @@ class PreparedResponse:
     stream: bool = False
     store: bool = True
     logprobs: bool = False
+    # include "reasoning.encrypted_content": reasoning items carry their text sealed.
+    sealed_reasoning: bool = False
 
 
 def item_id(prefix: str) -> str:
@@ -282,6 +285,8 @@ class ResponseBuilder:
         if item["type"] == "reasoning":
             part = {"type": "reasoning_text", "text": opened.text}
             item["content"] = [part]
+            if self.prepared.sealed_reasoning:
+                item["encrypted_content"] = seal_reasoning(opened.text)
             events.append(
                 self._event(
                     "response.reasoning_text.done", **where, content_index=0, text=opened.text

@@ -10,6 +10,8 @@ shared path (which names chat's fields) are renamed to the Responses fields.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import re
 from typing import Any
 
@@ -51,6 +53,12 @@ _HOSTED_ITEM_TYPES = frozenset(
 )
 _MEDIA_PART_TYPES = frozenset({"input_image", "input_file", "input_audio"})
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+ENCRYPTED_REASONING_INCLUDE = "reasoning.encrypted_content"
+INCLUDABLE = (LOGPROBS_INCLUDE, ENCRYPTED_REASONING_INCLUDE)
+# A reasoning item's `encrypted_content` here is its text, encoded, not encrypted: the
+# text is in the item's `content` anyway. It lets clients that keep no state and send
+# only `encrypted_content` back (store: false) continue a thinking turn.
+_SEALED_PREFIX = "fsr1:"
 # reasoning.effort -> whether a thinking model thinks. The chat templates read one of
 # these variables: Qwen3 and GLM-4.5 `enable_thinking`, DeepSeek-V3.1 `thinking`.
 THINKING_OFF_EFFORTS = frozenset({"none", "minimal"})
@@ -113,10 +121,11 @@ def check_supported(body: Any) -> None:
                 "Send the item itself, or continue with previous_response_id",
                 f"input[{i}]",
             )
-        if kind == "reasoning" and item.get("encrypted_content") is not None:
+        sealed = item.get("encrypted_content") if kind == "reasoning" else None
+        if isinstance(sealed, str) and unseal_reasoning(sealed) is None:
             raise invalid_field(
-                f"'input[{i}].encrypted_content': this server issues no encrypted reasoning; "
-                "send the reasoning item's content (or leave the item out)",
+                f"'input[{i}].encrypted_content' was not issued by this server (it issues "
+                f"'{_SEALED_PREFIX}...'); send the reasoning item's content instead",
                 f"input[{i}].encrypted_content",
             )
         field = "content" if kind == "message" else "output"
@@ -177,10 +186,10 @@ def check_rules(body: dict[str, Any], *, multimodal: bool = False) -> None:
             "text.verbosity",
         )
     for i, value in enumerate(body.get("include") or ()):
-        if value != LOGPROBS_INCLUDE:
+        if value not in INCLUDABLE:
             raise invalid_field(
                 f"'include[{i}]' is {value!r:.80}: this server can include "
-                f"{LOGPROBS_INCLUDE!r} only",
+                + " and ".join(repr(name) for name in INCLUDABLE),
                 f"include[{i}]",
             )
     if body.get("stream_options") is not None and body.get("stream") is not True:
@@ -369,5 +378,23 @@ def _chat_content(content: str | list[dict[str, Any]]) -> str | list[dict[str, s
 
 
 def _reasoning_text(item: dict[str, Any]) -> str:
-    parts = item.get("content") or item.get("summary") or ()
-    return "\n".join(part["text"] for part in parts)
+    parts = item.get("content") or item.get("summary")
+    if not parts and item.get("encrypted_content"):
+        return unseal_reasoning(item["encrypted_content"]) or ""
+    return "\n".join(part["text"] for part in parts or ())
+
+
+def seal_reasoning(text: str) -> str:
+    """A reasoning item's `encrypted_content` (see _SEALED_PREFIX)."""
+    return _SEALED_PREFIX + base64.urlsafe_b64encode(text.encode()).decode()
+
+
+def unseal_reasoning(sealed: str) -> str | None:
+    """The text that `seal_reasoning` encoded; None for anything it did not make."""
+    if not sealed.startswith(_SEALED_PREFIX):
+        return None
+    try:
+        raw = base64.urlsafe_b64decode(sealed[len(_SEALED_PREFIX) :].encode())
+        return raw.decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
