@@ -304,6 +304,38 @@ def test_store_is_bounded() -> None:
     assert not store.put("f", [item] * 4) and "f" not in store  # alone over the limit
 
 
+def test_truncation_auto_keeps_the_longest_tail_that_fits(responses: ResponsesEndpoint) -> None:
+    turns: list[dict[str, Any]] = []
+    for n in range(40):
+        turns.append({"role": "user", "content": f"Question {n}: " + "tell me more " * 10})
+        turns.append({"role": "assistant", "content": f"Answer {n}: " + "it is so " * 10})
+    rules = {"role": "developer", "content": "Stay on topic."}
+    body = {
+        "instructions": "Be brief.",
+        "input": [rules, *turns, {"role": "user", "content": "Last question?"}],
+        "max_output_tokens": 50,
+    }
+    error = refusal(responses, body)  # truncation "disabled", the default
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+
+    fitted = responses.prepare({**body, "truncation": "auto"})
+    limit = responses.frontend.max_model_len
+    assert len(fitted.generation.prompt_ids) + 50 <= limit
+    prompt = responses.frontend.tokenizer.decode(fitted.generation.prompt_ids)
+    assert "Be brief." in prompt and "Stay on topic." in prompt and "Last question?" in prompt
+    first = next(n for n in range(40) if f"Question {n}:" in prompt)
+    assert first > 0 and f"Answer {first - 1}:" not in prompt
+    # The longest tail: from one turn earlier the prompt would not fit.
+    longer = {**body, "input": [rules, *turns[2 * (first - 1) :], body["input"][-1]]}
+    assert len(responses.prepare(longer).generation.prompt_ids) + 50 > limit
+    # What is stored is the conversation the model saw.
+    assert fitted.items[0] == {"type": "message", **rules}
+    assert fitted.items[1]["content"].startswith(f"Question {first}:")
+
+    reply = answer(responses, {**body, "truncation": "auto", "max_output_tokens": 2})
+    assert reply["truncation"] == "auto" and reply["status"] in ("completed", "incomplete")
+
+
 def test_json_schema_and_json_object(responses: ResponsesEndpoint) -> None:
     schema = {
         "type": "object",
@@ -514,7 +546,6 @@ REFUSED = [
     ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
     ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
     ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "truncation": "auto"}, "truncation"),
     ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
     ({"input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
     ({"input": "x" * 200_000}, "input"),

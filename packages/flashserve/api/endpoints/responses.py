@@ -32,7 +32,9 @@ from flashserve.api.endpoints.responses_protocol import (
     input_items,
     renamed,
     to_messages,
+    truncation_points,
     with_item_types,
+    without_oldest,
 )
 from flashserve.api.endpoints.responses_store import ResponseStore
 from flashserve.api.frontend.model_frontend import ModelFrontend
@@ -87,12 +89,20 @@ class ResponsesEndpoint(Endpoint):
             )
         history = self._history(body.get("previous_response_id"))
         items = history + input_items(body["input"])
-        messages = to_messages(items, body.get("instructions"), first_new=len(history))
-        fields = chat_fields(body, messages, frontend.served_model_name)
-        check_chat_tools(fields)
-        options = ChatRequest.model_validate(fields)
-        text = render_prompt(frontend.tokenizer, options)
-        prompt_ids = frontend.tokenize(text, options, param="input")
+        check_chat_tools(chat_fields(body, [], frontend.served_model_name))
+        auto = body.get("truncation") == "auto"
+        try:
+            # The whole conversation is checked (function outputs answer calls), rendered.
+            whole = self._prompt(body, items, first_new=len(history))
+        except RequestError as exc:
+            if not (auto and exc.code == "context_length_exceeded"):
+                raise
+            whole = None
+        if auto:
+            items, options, text, prompt_ids = self._fit(body, items, whole)
+        else:
+            assert whole is not None
+            options, text, prompt_ids = whole
         generation = frontend.build(
             options, self.request_id("resp_", http_request), text, prompt_ids, prompt_param="input"
         )
@@ -120,6 +130,58 @@ class ResponsesEndpoint(Endpoint):
         if prepared.stream:
             return EventStreamResponse(stream_events(prepared, first, pieces, keep))
         return await collect_body(prepared, first, pieces, http_request, keep)
+
+    def _prompt(
+        self, body: dict[str, Any], items: list[dict[str, Any]], first_new: int
+    ) -> tuple[ChatRequest, str, list[int]]:
+        """The conversation's chat request, rendered prompt and prompt ids."""
+        frontend = self.frontend
+        messages = to_messages(items, body.get("instructions"), first_new)
+        options = ChatRequest.model_validate(
+            chat_fields(body, messages, frontend.served_model_name)
+        )
+        text = render_prompt(frontend.tokenizer, options)
+        return options, text, frontend.tokenize(text, options, param="input")
+
+    def _fit(
+        self,
+        body: dict[str, Any],
+        items: list[dict[str, Any]],
+        whole: tuple[ChatRequest, str, list[int]] | None,
+    ) -> tuple[list[dict[str, Any]], ChatRequest, str, list[int]]:
+        """truncation "auto": the longest tail of the conversation (from a user message on,
+        system messages kept) whose prompt leaves room for max_output_tokens (or one token).
+        Found by bisection over the cut points, one render each. If no tail fits, the
+        shortest goes on (and the context error, if any, comes from the shared path)."""
+        need = body.get("max_output_tokens") or 1
+        limit = self.frontend.max_model_len
+
+        def attempt(cut: int) -> tuple[list[dict[str, Any]], ChatRequest, str, list[int]] | None:
+            kept = without_oldest(items, cut)
+            try:
+                # first_new past the end: the whole conversation was checked already.
+                options, text, ids = self._prompt(body, kept, first_new=len(kept))
+            except RequestError as exc:
+                if exc.code == "context_length_exceeded":
+                    return None
+                raise
+            return (kept, options, text, ids) if len(ids) + need <= limit else None
+
+        if whole is not None and len(whole[2]) + need <= limit:
+            return (items, *whole)
+        points = truncation_points(items)
+        low, high, best = 1, len(points) - 1, None
+        while low <= high:  # the smallest cut that fits: fewer items, fewer tokens
+            middle = (low + high) // 2
+            fitted = attempt(points[middle])
+            if fitted is None:
+                low = middle + 1
+            else:
+                best, high = fitted, middle - 1
+        if best is not None:
+            return best
+        kept = without_oldest(items, points[-1])
+        return (kept, *self._prompt(body, kept, first_new=len(kept)))
 
     def _history(self, previous_id: str | None) -> list[dict[str, Any]]:
         if previous_id is None:

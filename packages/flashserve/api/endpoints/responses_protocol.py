@@ -172,12 +172,6 @@ def check_rules(body: dict[str, Any], *, multimodal: bool = False) -> None:
             "request is open (stream it for long generations)",
             "background",
         )
-    if body.get("truncation") == "auto":
-        raise invalid_field(
-            "'truncation' 'auto' is not supported: an input longer than the context is a "
-            "400; drop the oldest items yourself",
-            "truncation",
-        )
     verbosity = (body.get("text") or {}).get("verbosity")
     if verbosity not in (None, "medium"):
         raise invalid_field(
@@ -279,6 +273,26 @@ def to_messages(
             # Templates render content; only a calls-only turn may leave it null.
             message["content"] = None if message.get("tool_calls") else ""
     return messages
+
+
+def truncation_points(items: list[dict[str, Any]]) -> list[int]:
+    """Where a conversation may start once `truncation: auto` drops its oldest items: at
+    its start or at a user message, so that no turn is cut in half."""
+    return [0] + [
+        i
+        for i, item in enumerate(items)
+        if i and item["type"] == "message" and item["role"] == "user"
+    ]
+
+
+def without_oldest(items: list[dict[str, Any]], cut: int) -> list[dict[str, Any]]:
+    """The conversation from `cut` on, keeping the system and developer messages before it."""
+    kept = [
+        item
+        for item in items[:cut]
+        if item["type"] == "message" and item["role"] in ("system", "developer")
+    ]
+    return kept + items[cut:]
 
 
 def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
