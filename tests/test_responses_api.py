@@ -235,6 +235,18 @@ def test_named_tool_choice_and_no_parallel_calls(responses: ResponsesEndpoint) -
     assert len(single["output"]) == 1 and single["parallel_tool_calls"] is False
 
 
+def test_allowed_tools_limit_the_calls(responses: ResponsesEndpoint) -> None:
+    choice = {"type": "allowed_tools", "mode": "required",
+              "tools": [{"type": "function", "name": "add"}]}  # fmt: skip
+    body = answer(
+        responses,
+        {"input": ASK, "tools": FLAT_TOOLS, "tool_choice": choice, "max_output_tokens": 300,
+         "temperature": 1, "seed": 11},
+    )  # fmt: skip
+    assert body["output"] and {item["name"] for item in body["output"]} == {"add"}
+    assert body["tool_choice"] == choice and len(body["tools"]) == len(FLAT_TOOLS)
+
+
 def test_function_call_output_round_trip(responses: ResponsesEndpoint) -> None:
     first = answer(
         responses,
@@ -530,6 +542,18 @@ REFUSED = [
         "tool_choice.name",
     ),
     ({"input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
+    (
+        {
+            "input": "x",
+            "tools": FLAT_TOOLS,
+            "tool_choice": {
+                "type": "allowed_tools",
+                "mode": "auto",
+                "tools": [{"type": "function", "name": "nope"}],
+            },
+        },
+        "tool_choice.tools[0].name",
+    ),  # fmt: skip
     ({"input": "x", "tool_choice": "required"}, "tool_choice"),
     (
         {"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}},

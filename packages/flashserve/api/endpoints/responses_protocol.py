@@ -53,6 +53,7 @@ _HOSTED_ITEM_TYPES = frozenset(
 )
 _MEDIA_PART_TYPES = frozenset({"input_image", "input_file", "input_audio"})
 LOGPROBS_INCLUDE = "message.output_text.logprobs"
+ALLOWED_TOOLS = "allowed_tools"
 ENCRYPTED_REASONING_INCLUDE = "reasoning.encrypted_content"
 INCLUDABLE = (LOGPROBS_INCLUDE, ENCRYPTED_REASONING_INCLUDE)
 # A reasoning item's `encrypted_content` here is its text, encoded, not encrypted: the
@@ -156,10 +157,11 @@ def check_supported(body: Any) -> None:
             )
     choice = body.get("tool_choice")
     if isinstance(choice, dict) and isinstance(choice.get("type"), str):
-        if choice["type"] != "function":
+        if choice["type"] not in ("function", ALLOWED_TOOLS):
             raise invalid_field(
                 f"'tool_choice.type' is {choice['type']!r:.60}: use 'none', 'auto', "
-                '\'required\' or {"type": "function", "name": ...}',
+                '\'required\', {"type": "function", "name": ...} or '
+                '{"type": "allowed_tools", "mode": ..., "tools": [...]}',
                 "tool_choice.type",
             )
 
@@ -186,6 +188,17 @@ def check_rules(body: dict[str, Any], *, multimodal: bool = False) -> None:
                 + " and ".join(repr(name) for name in INCLUDABLE),
                 f"include[{i}]",
             )
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == ALLOWED_TOOLS:
+        declared = {tool["name"] for tool in body.get("tools") or ()}
+        for i, tool in enumerate(choice["tools"]):
+            if tool["name"] not in declared:
+                param = f"tool_choice.tools[{i}].name"
+                raise invalid_field(
+                    f"'{param}' names {tool['name']!r:.80}, which is not a declared tool "
+                    f"(declared: {', '.join(sorted(declared)) or 'none'})",
+                    param,
+                )
     if body.get("stream_options") is not None and body.get("stream") is not True:
         raise invalid_field(
             "'stream_options' is only allowed when 'stream' is true", "stream_options"
@@ -313,9 +326,21 @@ def chat_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | Non
 
 
 def chat_tool_choice(choice: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+    """tool_choice in chat's terms (allowed_tools: its mode; `allowed` keeps the tools)."""
+    if isinstance(choice, dict) and choice["type"] == ALLOWED_TOOLS:
+        return choice["mode"]
     if isinstance(choice, dict):
         return {"type": "function", "function": {"name": choice["name"]}}
     return choice
+
+
+def allowed(tools: list[dict[str, Any]] | None, choice: Any) -> list[dict[str, Any]] | None:
+    """The tools the model may call: under allowed_tools only those listed, which are then
+    the only ones the model is shown (so it cannot call the others)."""
+    if tools is None or not isinstance(choice, dict) or choice["type"] != ALLOWED_TOOLS:
+        return tools
+    names = {tool["name"] for tool in choice["tools"]}
+    return [tool for tool in tools if tool["name"] in names]
 
 
 def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -352,7 +377,7 @@ def chat_fields(body: dict[str, Any], messages: list[dict[str, Any]], model: str
         "max_tokens": body.get("max_output_tokens"),
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
-        "tools": chat_tools(body.get("tools")),
+        "tools": chat_tools(allowed(body.get("tools"), body.get("tool_choice"))),
         "tool_choice": chat_tool_choice(body.get("tool_choice")),
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "response_format": response_format(body.get("text")),
