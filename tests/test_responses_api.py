@@ -500,6 +500,7 @@ REFUSED = [
     ({"input": "x", "temprature": 1}, "temprature"),
     ({}, "input"),
     ({"input": 5}, "input"),
+    ({"input": []}, "input"),
     ({"input": "x", "temperature": 3}, "temperature"),
     ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
     ({"input": "x", "top_p": 0}, "top_p"),

@@ -168,6 +168,10 @@ def check_supported(body: Any) -> None:
 
 def check_rules(body: dict[str, Any], *, multimodal: bool = False) -> None:
     """What the schema cannot express, for a body that passed it."""
+    if body.get("input") == [] and body.get("previous_response_id") is None:
+        raise invalid_field(
+            "'input' must hold at least one item (or continue a previous_response_id)", "input"
+        )
     if body.get("background") is True:
         raise invalid_field(
             "'background' responses are not supported: this server answers while the "
