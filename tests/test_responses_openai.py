@@ -127,6 +127,11 @@ def test_function_tools_round_trip(client: openai.OpenAI) -> None:
     assert chained.usage.input_tokens == sent_back.usage.input_tokens
     assert [item.type for item in chained.output] == [item.type for item in sent_back.output]
     assert chained.output_text == sent_back.output_text
+    # The SDK's own output objects go back as input as they are (messages too).
+    history = [{"role": "user", "content": ASK}, *first.output, result, *sent_back.output]
+    third = client.responses.create(**follow, input=[*history, {"role": "user", "content": "Ok"}])
+    assert third.status in ("completed", "incomplete")
+    assert third.usage.input_tokens > sent_back.usage.input_tokens
 
 
 def test_streamed_function_calls(client: openai.OpenAI) -> None:
