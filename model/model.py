@@ -51,7 +51,7 @@ class Model:
 
     async def responses(self, request: Request) -> Any:
         """POST /v1/responses: the OpenAI Responses API."""
-        return not_yet_implemented("/v1/responses")
+        return await self._service.responses.handle(request)
 
     async def embeddings(self, request: Request) -> Any:
         """POST /v1/embeddings: refused, this deployment serves a generative model."""

@@ -12,6 +12,7 @@ from typing import Any
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.completions import CompletionsEndpoint
 from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.endpoints.responses import ResponsesEndpoint
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
@@ -30,6 +31,7 @@ class Service:
     frontend: ModelFrontend
     chat: ChatEndpoint
     completions: CompletionsEndpoint
+    responses: ResponsesEndpoint
 
     @property
     def engine(self) -> AsyncEngine:
@@ -79,6 +81,7 @@ def build_service(
         frontend=frontend,
         chat=ChatEndpoint(frontend, validator),
         completions=CompletionsEndpoint(frontend),
+        responses=ResponsesEndpoint(frontend, data_dir),
     )
     phases = {"weights located": located, **engine.startup_seconds}
     logger.info(
