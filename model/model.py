@@ -47,7 +47,7 @@ class Model:
 
     async def messages(self, request: Request) -> Any:
         """POST /v1/messages: the Anthropic Messages API."""
-        return not_yet_implemented("/v1/messages")
+        return await self._service.messages.handle(request)
 
     async def responses(self, request: Request) -> Any:
         """POST /v1/responses: the OpenAI Responses API."""

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from flashserve.api.endpoints.chat import ChatEndpoint
+from flashserve.api.endpoints.messages import MessagesEndpoint
 from flashserve.api.endpoints.request_schema import RequestValidator
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
@@ -28,6 +29,7 @@ class Service:
 
     frontend: ModelFrontend
     chat: ChatEndpoint
+    messages: MessagesEndpoint
 
     @property
     def engine(self) -> AsyncEngine:
@@ -73,7 +75,11 @@ def build_service(
         served_model_name=config.served_model_name or config.model,
         defaults=ModelDefaults.from_generation_config(generation),
     )
-    service = Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
+    service = Service(
+        frontend=frontend,
+        chat=ChatEndpoint(frontend, validator),
+        messages=MessagesEndpoint(frontend),
+    )
     phases = {"weights located": located, **engine.startup_seconds}
     logger.info(
         "startup: ready in %.1f s (%s)",
