@@ -101,7 +101,9 @@ class MessagesEndpoint(Endpoint):
         try:
             text = render_prompt(frontend.tokenizer, chat)
             prompt_ids = frontend.tokenize(text, chat, param="messages")
-            generation = frontend.build(chat, self.request_id("msg_", http_request), text, prompt_ids)
+            generation = frontend.build(
+                chat, self.request_id("msg_", http_request), text, prompt_ids
+            )
         except RequestError as exc:
             raise rename_fields(exc, _SHARED_FIELDS) from exc
         return PreparedMessages(request=request, generation=generation)

@@ -86,7 +86,12 @@ class ContentBlocks:
             function = call.get("function", {})
             if "id" in call:  # a new call
                 events += self._start(
-                    {"type": TOOL_USE, "id": new_tool_use_id(), "name": function["name"], "input": {}}
+                    {
+                        "type": TOOL_USE,
+                        "id": new_tool_use_id(),
+                        "name": function["name"],
+                        "input": {},
+                    }
                 )
                 self._arguments[len(self.blocks) - 1] = ""
             arguments = function.get("arguments", "")
@@ -117,7 +122,11 @@ class ContentBlocks:
         self.blocks.append(block)
         self._open = block["type"]
         events.append(
-            {"type": "content_block_start", "index": len(self.blocks) - 1, "content_block": dict(block)}
+            {
+                "type": "content_block_start",
+                "index": len(self.blocks) - 1,
+                "content_block": dict(block),
+            }
         )
         return events
 

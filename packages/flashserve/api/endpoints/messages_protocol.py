@@ -188,7 +188,7 @@ def _check_tools(body: dict[str, Any]) -> None:
     choice = body.get("tool_choice") or {}
     if choice.get("type") == "any" and not body.get("tools"):
         raise invalid_field(
-            "'tool_choice' is {\"type\": \"any\"} but the request declares no tools", "tool_choice"
+            '\'tool_choice\' is {"type": "any"} but the request declares no tools', "tool_choice"
         )
     try:
         check_tools(
@@ -255,9 +255,10 @@ def _openai_tools(tools: list[dict[str, Any]] | None) -> list[dict[str, Any]] | 
         return None
     out = []
     for tool in tools:
-        function = {"name": tool["name"], "parameters": tool["input_schema"]}
+        function = {"name": tool["name"]}
         if tool.get("description"):
             function["description"] = tool["description"]
+        function["parameters"] = tool["input_schema"]  # after the description, as OpenAI's
         out.append({"type": "function", "function": function})
     return out
 
