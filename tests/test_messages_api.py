@@ -22,6 +22,8 @@ from flashserve.api.endpoints.messages import MessagesEndpoint, anthropic_error
 from flashserve.api.endpoints.messages_format import stream_events, thinking_signature
 from flashserve.api.endpoints.messages_protocol import TOOL_ERROR_PREFIX, chat_messages
 from flashserve.api.frontend.prompt import render_prompt
+from flashserve.api.frontend.thinking_budget import one_token_each
+from flashserve.engine.sequence import SequenceOutput
 from tests.chat_harness import recorded_tokens
 from tests.messages_support import (
     ASK,
@@ -405,6 +407,61 @@ def test_thinking_comes_back_as_a_signed_thinking_block(messages: MessagesEndpoi
 
     omitted = call(messages, {**ask, "thinking": {"type": "adaptive", "display": "omitted"}})
     assert omitted["content"] == [{**block, "thinking": ""}]
+
+
+def test_budget_tokens_caps_the_thinking_then_the_answer_follows(
+    chat: ChatEndpoint, messages: MessagesEndpoint
+) -> None:
+    ask = body(thinking={"type": "enabled", "budget_tokens": 6}, max_tokens=20)
+    with recorded_tokens(chat) as produced:
+        whole = call(messages, ask)
+    # The random model never closes its block itself: the budget did, after 6 tokens.
+    thinking, answer = whole["content"]
+    assert thinking["type"] == "thinking" and answer["type"] == "text" and answer["text"]
+    (first_id, thought), (second_id, answered) = produced.items()
+    assert second_id == first_id + "-answer" and len(thought) >= 6
+    tokenizer = messages.frontend.tokenizer
+    assert thinking["thinking"] == tokenizer.decode(thought[:6], skip_special_tokens=True).strip()
+    assert answer["text"] == tokenizer.decode(answered, skip_special_tokens=True).strip()
+    # 6 thinking tokens, the end tag, then the answer in what max_tokens leaves.
+    assert len(answered) == 20 - 6 - 1 and whole["usage"]["output_tokens"] == 20
+    assert whole["stop_reason"] == "max_tokens"
+    streamed = streamed_message(call(messages, {**ask, "stream": True}))
+    assert without_ids(streamed) == without_ids(whole)
+
+
+def test_budget_tokens_then_a_forced_tool_call(messages: MessagesEndpoint) -> None:
+    ask = body(
+        thinking={"type": "enabled", "budget_tokens": 5},
+        tools=TOOLS,
+        tool_choice={"type": "tool", "name": "get_time"},
+        max_tokens=150,
+    )
+    whole = call(messages, ask)
+    assert [block["type"] for block in whole["content"]] == ["thinking", "tool_use"]
+    assert whole["stop_reason"] == "tool_use"
+    jsonschema.validate(whole["content"][1]["input"], TOOLS[1]["input_schema"])
+
+
+def test_a_budget_that_leaves_no_room_ends_with_the_thinking(messages: MessagesEndpoint) -> None:
+    whole = call(messages, body(thinking={"type": "enabled", "budget_tokens": 11}))
+    free = call(messages, body(thinking={"type": "adaptive"}))
+    # 11 thinking tokens and the end tag fill max_tokens (12): no answer, no continuation.
+    assert [block["type"] for block in whole["content"]] == ["thinking"]
+    assert free["content"][0]["thinking"].startswith(whole["content"][0]["thinking"])
+    assert whole["stop_reason"] == "max_tokens" and whole["usage"]["output_tokens"] == 12
+
+
+def test_one_token_each_keeps_the_finish_on_the_last() -> None:
+    out = SequenceOutput("r", [5, 6, 7], True, "stop", 7, None, 10, 4)
+    parts = one_token_each(out)
+    assert [p.new_token_ids for p in parts] == [[5], [6], [7]]
+    assert [(p.finished, p.finish_reason, p.stop_reason) for p in parts] == [
+        (False, None, None),
+        (False, None, None),
+        (True, "stop", 7),
+    ]
+    assert all((p.num_prompt_tokens, p.num_cached_tokens) == (10, 4) for p in parts)
 
 
 def test_a_final_assistant_message_is_a_prefill(messages: MessagesEndpoint) -> None:

@@ -102,7 +102,11 @@ class MessagesEndpoint(Endpoint):
             text = render_prompt(frontend.tokenizer, chat)
             prompt_ids = frontend.tokenize(text, chat, param="messages")
             generation = frontend.build(
-                chat, self.request_id("msg_", http_request), text, prompt_ids
+                chat,
+                self.request_id("msg_", http_request),
+                text,
+                prompt_ids,
+                thinking_budget=request.thinking_budget,
             )
         except RequestError as exc:
             raise rename_fields(exc, _SHARED_FIELDS) from exc
