@@ -21,6 +21,7 @@ from tests.messages_support import ASK, TOOLS, build_thinking_model, parse_event
 from tests.private_server import PrivateServer, private_server
 
 pytest_plugins = ["tests.tokenizer_fixtures"]
+pytestmark = pytest.mark.slow
 
 MODEL = "tiny-thinker"
 GREEDY = {"temperature": 0}
@@ -142,6 +143,22 @@ def test_thinking_blocks_streamed_signed_and_sent_back(client: anthropic.Anthrop
         {"role": "user", "content": "And tomorrow?"},
     ]
     assert create(client, messages=history, max_tokens=4).content
+
+
+def test_budget_tokens_ends_the_thinking_and_the_answer_follows(
+    client: anthropic.Anthropic,
+) -> None:
+    thinking = {"type": "enabled", "budget_tokens": 6}
+    message = create(client, thinking=thinking, max_tokens=20)
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.usage.output_tokens == 20 and message.stop_reason == "max_tokens"
+    with client.messages.stream(
+        model=MODEL, max_tokens=20, messages=ASK, thinking=thinking, extra_body=GREEDY
+    ) as stream:
+        final = stream.get_final_message()
+    assert [block.model_dump(exclude={"parsed_output"}) for block in final.content] == [
+        block.model_dump() for block in message.content
+    ]
 
 
 def test_bad_requests_raise_the_sdks_bad_request_error(client: anthropic.Anthropic) -> None:
