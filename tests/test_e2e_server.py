@@ -249,7 +249,7 @@ def test_embeddings_says_this_deployment_serves_a_generative_model(client, serve
     assert "generative model" in error["message"] and served_model in error["message"]
 
 
-@pytest.mark.parametrize("route", ["/v1/completions", "/v1/messages", "/v1/responses"])
+@pytest.mark.parametrize("route", ["/v1/completions", "/v1/responses"])
 def test_routes_not_built_yet_answer_501_naming_the_route(truss_server, route):
     response = httpx.post(f"{truss_server}{route}", json={"model": "m"}, timeout=60)
     assert response.status_code == 501
