@@ -7,6 +7,7 @@ tests/test_messages_sdk.py.
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 import time
 from collections.abc import Iterator
@@ -15,6 +16,8 @@ from typing import Any
 import jsonschema
 import pytest
 from fastapi import HTTPException
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.chat_protocol import ChatRequest
@@ -23,6 +26,7 @@ from flashserve.api.endpoints.messages_format import stream_events, thinking_sig
 from flashserve.api.endpoints.messages_protocol import TOOL_ERROR_PREFIX, chat_messages
 from flashserve.api.frontend.prompt import render_prompt
 from flashserve.api.frontend.thinking_budget import one_token_each
+from flashserve.api.http.errors import RequestError
 from flashserve.engine.sequence import SequenceOutput
 from tests.chat_harness import recorded_tokens
 from tests.messages_support import (
@@ -154,6 +158,61 @@ def test_bad_requests_are_400s_naming_the_field(
     detail = refusal(messages, request)
     assert detail["param"] == param, detail
     assert words in detail["message"] and param in detail["message"], detail
+
+
+FULL_BODY = body(
+    system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+    messages=[
+        {"role": "user", "content": "Time in Oslo?"},
+        {"role": "assistant", "content": [{"type": "thinking", "thinking": "t"}, CALL]},
+        {"role": "user", "content": [RESULT, {"type": "text", "text": "and?"}]},
+    ],
+    tools=TOOLS,
+    tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+    thinking={"type": "enabled", "budget_tokens": 4},
+    stop_sequences=["x"],
+    top_p=0.5,
+    top_k=3,
+    metadata={"user_id": "u"},
+    output_config={"format": None},
+)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-3, 3) | st.floats(-2, 2) | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=6,
+)
+
+
+def _paths(node: Any, path: tuple = ()) -> list[tuple]:
+    out = [path]
+    if isinstance(node, dict):
+        for key, value in node.items():
+            out += _paths(value, (*path, key))
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            out += _paths(value, (*path, i))
+    return out
+
+
+PATHS = _paths(FULL_BODY)[1:]
+
+
+@settings(max_examples=150, deadline=None, database=None)
+@given(where=st.sampled_from(PATHS), value=JSON_VALUES)
+def test_any_value_anywhere_is_accepted_or_a_400(
+    messages: MessagesEndpoint, where: tuple, value: Any
+) -> None:
+    request = copy.deepcopy(FULL_BODY)
+    node = request
+    for key in where[:-1]:
+        node = node[key]
+    node[where[-1]] = value
+    try:
+        messages.prepare(request)
+    except RequestError as exc:
+        assert exc.status == 400 and exc.message
 
 
 def test_a_prompt_longer_than_the_context_is_a_400_about_messages(
