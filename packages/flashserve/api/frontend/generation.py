@@ -115,7 +115,9 @@ class Generator:
                                 num_prompt_tokens=len(request.prompt_ids),
                                 num_cached_tokens=cached,
                             )
+                        # With a budget, token by token: it may run out inside an output.
                         parts = [out] if budget is None else one_token_each(out)
+                        spent = False
                         for part in parts:
                             piece = output.step(part)
                             if part.context_handle is not None:
@@ -128,11 +130,11 @@ class Generator:
                                 return
                             if budget is not None:
                                 generated.extend(part.new_token_ids)
-                                if budget.spent(output.parser):
+                                spent = budget.spent(output.parser)
+                                if spent:
                                     break
-                        else:
-                            continue
-                        break  # the budget is spent: end this engine request
+                        if spent:
+                            break  # end this engine request; the tokens after are dropped
                 finally:
                     await outputs.aclose()  # aborts the engine request if it still runs
                 running = None
