@@ -18,6 +18,7 @@ import pytest
 from fastapi import HTTPException
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from starlette.requests import Request
 
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.chat_protocol import ChatRequest
@@ -241,6 +242,45 @@ def test_errors_take_anthropics_shape() -> None:
     assert json.loads(anthropic_error(503, {"message": "dead"}).body)["error"]["type"] == (
         "api_error"
     )
+
+
+def http_request(payload: bytes, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Request:
+    """A POST /v1/messages as the Truss server hands it to the model."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": payload, "more_body": False}
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/messages",
+        "query_string": b"",
+        "headers": [(b"content-type", b"application/json"), *headers],
+    }
+    return Request(scope, receive)
+
+
+def test_refusals_through_handle_take_anthropics_shape(messages: MessagesEndpoint) -> None:
+    response = asyncio.run(messages.handle(http_request(b'{"model": "m"')))
+    assert response.status_code == 400
+    error = json.loads(response.body)
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert "not valid JSON" in error["error"]["message"]
+    late = http_request(json.dumps(body()).encode(), ((b"x-request-timeout", b"soon"),))
+    response = asyncio.run(messages.handle(late))
+    assert response.status_code == 400 and "x-request-timeout" in response.body.decode()
+
+
+def test_an_overloaded_engine_is_a_529_overloaded_error(messages: MessagesEndpoint) -> None:
+    engine = messages.frontend.engine
+    saved, engine.max_queue_size = engine.max_queue_size, 0  # every request finds it full
+    try:
+        response = asyncio.run(messages.handle(http_request(json.dumps(body()).encode())))
+    finally:
+        engine.max_queue_size = saved
+    assert response.status_code == 529 and response.headers["retry-after"] == "1"
+    error = json.loads(response.body)["error"]
+    assert error["type"] == "overloaded_error" and "overloaded" in error["message"]
 
 
 # --------------------------------------------------------------------------- mapping
