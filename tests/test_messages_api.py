@@ -385,6 +385,31 @@ def test_the_prompt_is_chats_prompt_for_the_same_conversation(
     assert expected.endswith("<|im_start|>assistant\n<think>\n")  # the template's default
 
 
+def test_sampling_fields_reach_the_engines_params(messages: MessagesEndpoint) -> None:
+    prepared = messages.prepare(
+        body(
+            temperature=0.7,
+            top_p=0.5,
+            top_k=3,
+            max_tokens=40,
+            stop_sequences=["END", "STOP"],
+            metadata={"user_id": "user-7"},
+            tools=TOOLS,
+            tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+        )
+    )
+    params, options = prepared.generation.params, prepared.generation.options
+    assert (params.temperature, params.top_p, params.top_k, params.max_tokens) == (
+        0.7,
+        0.5,
+        3,
+        40,
+    )
+    assert options.stop_strings == ["END", "STOP"] and options.user == "user-7"
+    assert prepared.generation.parsing.max_calls == 1  # disable_parallel_tool_use
+    assert prepared.generation.parsing.tool_names == {"get_weather", "get_time"}
+
+
 def test_thinking_switches_the_templates_enable_thinking(messages: MessagesEndpoint) -> None:
     def prompt(thinking: dict[str, Any] | None) -> str:
         prepared = messages.prepare(body(thinking=thinking))
