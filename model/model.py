@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import Request
 
 from flashserve.api.endpoints.embeddings import embeddings_unsupported
-from flashserve.api.endpoints.pending import not_yet_implemented
 from flashserve.service import build_service
 
 logging.basicConfig(level=logging.INFO)
@@ -47,7 +46,7 @@ class Model:
 
     async def messages(self, request: Request) -> Any:
         """POST /v1/messages: the Anthropic Messages API."""
-        return not_yet_implemented("/v1/messages")
+        return await self._service.messages.handle(request)
 
     async def responses(self, request: Request) -> Any:
         """POST /v1/responses: the OpenAI Responses API."""

@@ -11,6 +11,7 @@ from typing import Any
 
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.completions import CompletionsEndpoint
+from flashserve.api.endpoints.messages import MessagesEndpoint
 from flashserve.api.endpoints.request_schema import RequestValidator
 from flashserve.api.endpoints.responses import ResponsesEndpoint
 from flashserve.api.frontend.model_frontend import ModelFrontend
@@ -32,6 +33,7 @@ class Service:
     chat: ChatEndpoint
     completions: CompletionsEndpoint
     responses: ResponsesEndpoint
+    messages: MessagesEndpoint
 
     @property
     def engine(self) -> AsyncEngine:
@@ -82,6 +84,7 @@ def build_service(
         chat=ChatEndpoint(frontend, validator),
         completions=CompletionsEndpoint(frontend),
         responses=ResponsesEndpoint(frontend, data_dir),
+        messages=MessagesEndpoint(frontend),
     )
     phases = {"weights located": located, **engine.startup_seconds}
     logger.info(
