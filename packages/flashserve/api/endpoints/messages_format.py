@@ -22,6 +22,7 @@ from flashserve.api.endpoints.base import collect_pieces
 from flashserve.api.endpoints.messages_protocol import MessagesRequest
 from flashserve.api.frontend.generation import GenerationRequest
 from flashserve.api.frontend.output.text_output import Piece
+from flashserve.api.http.sse import sse
 from flashserve.engine.async_engine import EngineDeadError, RequestTimeoutError
 
 logger = logging.getLogger("flashserve.requests")
@@ -43,8 +44,7 @@ class PreparedMessages:
 
 def named_event(payload: dict[str, Any]) -> bytes:
     """One server-sent event named after its payload's type, as Anthropic frames them."""
-    data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    return f"event: {payload['type']}\ndata: {data}\n\n".encode()
+    return sse(payload, event=payload["type"])
 
 
 def thinking_signature(thinking: str) -> str:
