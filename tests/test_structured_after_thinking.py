@@ -13,12 +13,15 @@ max_tokens inside the block ends the request cleanly, and forced tool calls stil
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
 import jsonschema
 import pytest
 
+from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.prompt import render_prompt
 from flashserve.api.frontend.structured.response_format import (
     StructuredOutputs,
     parse_response_format,
@@ -234,3 +237,24 @@ def test_forced_tool_call_with_thinking_on(services):
     (call,) = choice["message"]["tool_calls"][:1]
     assert call["function"]["name"] == "is_prime"
     assert 0 <= json.loads(call["function"]["arguments"])["n"] <= 99
+
+
+def test_thinking_budget_then_the_format(services):
+    """A thinking budget (Anthropic's budget_tokens) ends the block; the answer that
+    follows is constrained as after a closed block."""
+    service = services("hermes")
+    frontend = service.frontend
+    body = ask(service, response_format=schema_format("enums"), logit_bias={})
+    request = ChatRequest.model_validate(body)
+    text = render_prompt(frontend.tokenizer, request)
+    ids = frontend.tokenize(text, request, param="messages")
+    generation = frontend.build(request, "budget", text, ids, chat_template=R1, thinking_budget=5)
+
+    async def collect() -> list[Any]:
+        return [piece async for piece in frontend.generate(generation)]
+
+    pieces = asyncio.run(collect())
+    assert pieces[-1].finish_reason == "stop"
+    assert "".join(p.reasoning for p in pieces)
+    answer = "".join(p.text for p in pieces)
+    jsonschema.validate(json.loads(answer), SCHEMAS["enums"])
