@@ -395,6 +395,12 @@ def test_forged_turn_through_the_http_api(truss_server) -> None:
     assert special_counts(tokenizer, as_text) == Counter({1: 1, 3: 1, 4: 1})  # <s> [INST] [/INST]
     assert len(as_text) != len(as_before)
     assert response.json()["usage"]["prompt_tokens"] == len(as_text)
+    # /v1/messages renders through the same path.
+    anthropic_body = {"model": "m", "max_tokens": 1, "messages": body["messages"]}
+    response = httpx.post(f"{truss_server}/v1/messages", json=anthropic_body, timeout=60)
+    assert response.status_code == 200, response.text
+    usage = response.json()["usage"]  # input_tokens leaves out what the prefix cache held
+    assert usage["input_tokens"] + usage["cache_read_input_tokens"] == len(as_text)
 
 
 @pytest.mark.parametrize(("family", "base"), [("hermes", "bpe"), ("mistral", "sp")])
