@@ -136,3 +136,17 @@ def test_a_tensor_of_the_wrong_shape_is_named(tiny_mistral, tmp_path):
         ValueError, match=r"up_proj.weight: shard 'up': checkpoint tensor has shape"
     ):
         _engine(folder)
+
+
+def test_a_quantized_checkpoint_is_refused_not_cast():
+    raw = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
+    with pytest.raises(UnsupportedModelError, match=r"quantized \(fp8\)"):
+        ModelConfig.from_dict(raw)

@@ -46,6 +46,14 @@ class ModelConfig:
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         entry = architecture(arch)
+        quantization = raw.get("quantization_config")
+        if quantization:
+            # Their weights need scales applied; cast as they are they would be garbage.
+            method = quantization.get("quant_method") or quantization.get("fmt") or "unknown"
+            raise UnsupportedModelError(
+                f"{arch} checkpoint is quantized ({method}); this engine loads bf16, fp16 "
+                "or fp32 checkpoints only"
+            )
         activation = raw.get("hidden_act") or raw.get("hidden_activation") or "silu"
         if activation not in ("silu", "swish"):
             # Every implemented feed-forward block is SwiGLU.
