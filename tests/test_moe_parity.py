@@ -18,6 +18,7 @@ from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
+from flashserve.layers.moe.experts import combine_rows
 from tests.engine_harness import engine_logits, mixed_prompts, run_all
 
 VOCAB = 512
@@ -237,3 +238,18 @@ def test_batch_of_64_mixed_lengths_decodes_as_each_row_alone(tmp_path):
     together = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert together == alone
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_both_ways_of_combining_expert_rows_agree():
+    torch.manual_seed(4)
+    tokens, top_k, hidden = 9, 3, 16
+    ids = torch.stack([torch.randperm(6)[:top_k] for _ in range(tokens)])
+    order = torch.argsort(ids.reshape(-1), stable=True)
+    rows = torch.randn(tokens * top_k, hidden)
+    weights = torch.rand(tokens, top_k)
+    expected = torch.zeros(tokens, hidden)
+    for i, assignment in enumerate(order.tolist()):
+        expected[assignment // top_k] += weights[assignment // top_k, assignment % top_k] * rows[i]
+    for by_slot in (True, False):
+        got = combine_rows(rows, order, weights, top_k, by_slot)
+        torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-6, msg=f"by_slot={by_slot}")

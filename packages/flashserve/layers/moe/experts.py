@@ -10,9 +10,9 @@ expert's tokens are one contiguous run of rows; then either
 Never every expert on every token. The path is chosen when the weights are
 placed on their device (`init_buffers`) and logged once by the model.
 
-Results go back to each (token, slot) row, and each token sums its top-k
-rows in fp32 in slot order: a token's output does not depend on what else
-is in the batch (no atomics, no batch-dependent summation order).
+Each token sums its top-k rows in fp32 in an order fixed by its own expert
+ids (`combine_rows`), so a token's output does not depend on what else is in
+the batch.
 """
 
 from __future__ import annotations
@@ -74,6 +74,27 @@ def grouped_path_problem(
     return None
 
 
+def combine_rows(
+    rows: torch.Tensor, order: torch.Tensor, weights: torch.Tensor, top_k: int, by_slot: bool
+) -> torch.Tensor:
+    """fp32 [T, H]: each token's weighted sum of its top_k expert outputs.
+
+    `rows[i]` is the output for assignment `order[i]` (token order[i] // top_k, slot
+    order[i] % top_k). Either way a token's terms are added in an order fixed by its
+    own experts, whatever else is in the batch: by_slot puts rows back per slot and
+    sums slots in order (no atomics: the CUDA path); otherwise index_add_ adds rows in
+    sorted order (~2x cheaper on the CPU, where it runs sequentially).
+    """
+    num_tokens = weights.shape[0]
+    if by_slot:
+        unsorted = torch.empty_like(rows)
+        unsorted[order] = rows
+        return (unsorted.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(1)
+    scaled = rows.float() * weights.reshape(-1)[order].unsqueeze(1)
+    combined = torch.zeros(num_tokens, rows.shape[-1], device=rows.device)
+    return combined.index_add_(0, order // top_k, scaled)
+
+
 class StackedExperts(nn.Module):
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
@@ -122,7 +143,7 @@ class StackedExperts(nn.Module):
         self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     ) -> torch.Tensor:
         """x [T, H], weights float32 [T, k], expert_ids [T, k] -> [T, H] in x's dtype."""
-        num_tokens, top_k = expert_ids.shape
+        top_k = expert_ids.shape[1]
         flat = expert_ids.reshape(-1)
         # Stable, so within an expert rows keep token order.
         order = torch.argsort(flat, stable=True)
@@ -131,10 +152,9 @@ class StackedExperts(nn.Module):
             out = self._grouped(rows, flat)
         else:
             out = self._per_expert(rows, flat)
-        unsorted = torch.empty_like(out)
-        unsorted[order] = out
-        combined = (unsorted.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(1)
-        return combined.to(x.dtype)
+        # On CUDA index_add_ adds with atomics in a varying order.
+        by_slot = x.device.type != "cpu"
+        return combine_rows(out, order, weights, top_k, by_slot).to(x.dtype)
 
     def _per_expert(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
