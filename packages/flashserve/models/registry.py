@@ -34,6 +34,8 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": Architecture("llama", "LlamaForCausalLM", qkv_bias=True),
     "Qwen3ForCausalLM": Architecture("llama", "LlamaForCausalLM", qk_norm=True),
+    # Multi-head latent attention + MoE: DeepSeek-V3/R1/V3.1 and Kimi K2 checkpoints.
+    "DeepseekV3ForCausalLM": Architecture("deepseek_v3", "DeepseekV3ForCausalLM"),
 }
 
 
