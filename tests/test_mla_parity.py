@@ -10,74 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
+from flashserve.engine.sequence import Sequence
 from flashserve.models.kv_cache_spec import LatentKVCacheSpec
+from tests.deepseek_models import VOCAB, save_random_deepseek
 from tests.engine_harness import engine_logits, run_all
-
-VOCAB = 512
-YARN = {
-    "rope_type": "yarn",
-    "rope_theta": 10000.0,
-    "factor": 4.0,
-    "original_max_position_embeddings": 128,
-    "beta_fast": 32,
-    "beta_slow": 1,
-    "mscale": 0.8,
-    "mscale_all_dim": 0.6,
-}
-
-
-def deepseek_config(**overrides) -> transformers.DeepseekV3Config:
-    settings = dict(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=96,
-        moe_intermediate_size=32,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        q_lora_rank=48,
-        kv_lora_rank=32,
-        qk_nope_head_dim=16,
-        qk_rope_head_dim=8,
-        v_head_dim=24,
-        n_routed_experts=8,
-        num_experts_per_tok=3,
-        n_shared_experts=1,
-        n_group=4,
-        topk_group=2,
-        routed_scaling_factor=2.5,
-        first_k_dense_replace=1,
-        max_position_embeddings=512,
-        rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        rope_parameters=YARN,
-        bos_token_id=0,
-        eos_token_id=1,
-    )
-    settings.update(overrides)
-    return transformers.DeepseekV3Config(**settings)
-
-
-def save_random_deepseek(path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        deepseek_config(**overrides), dtype=torch.float32
-    )
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            # Random norms and router biases too, so every term matters.
-            param.add_(torch.randn_like(param) * 0.05)
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.copy_(torch.randn_like(module.e_score_correction_bias) * 0.05)
-    model.save_pretrained(path, max_shard_size="200KB")
-    return model.eval()
-
 
 CONFIGS = {
     "q-lora-yarn-interleaved": {},
@@ -106,10 +46,32 @@ def test_logits_match_transformers(name, tmp_path):
     with torch.no_grad():
         expected = reference(torch.tensor([token_ids])).logits[0].float()
     # Whole prompt, chunks straddling KV blocks (decompressed over cached latents),
-    # and one token at a time (absorbed decode).
-    for chunk in (200, 37, 1):
+    # and one token at a time (absorbed decode): from the start, and after 150 tokens.
+    for chunk in (200, 37):
         got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}")
+        torch.testing.assert_close(
+            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
+        )
+    got = engine_logits(engine, token_ids[:40], 1)
+    torch.testing.assert_close(got, expected[:40], atol=2e-4, rtol=1e-4, msg=f"{name}, decode")
+    got = decode_logits(engine, token_ids, prefill=150)
+    torch.testing.assert_close(
+        got, expected[149:], atol=2e-4, rtol=1e-4, msg=f"{name}, late decode"
+    )
+
+
+def decode_logits(engine: LLMEngine, token_ids: list[int], prefill: int) -> torch.Tensor:
+    """Logits from position prefill - 1 on: one prefill step, then one token per step."""
+    seq = Sequence("decode", token_ids, SamplingParams())
+    rows = []
+    while seq.num_computed_tokens < seq.num_tokens:
+        n = prefill if seq.num_computed_tokens == 0 else 1
+        assert engine.block_manager.allocate(seq, n)
+        hidden, _, _ = engine.runner.forward([(seq, n)])
+        rows.append(engine.model.compute_logits(hidden[-1:]))
+        seq.num_computed_tokens += n
+    engine.block_manager.release(seq)
+    return torch.cat(rows)
 
 
 def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
@@ -125,7 +87,9 @@ def test_decode_after_preemption_and_prefix_reuse(tmp_path):
     reference = save_random_deepseek(tmp_path, seed=3)
     gen = torch.Generator().manual_seed(2)
     shared = torch.randint(2, VOCAB, (40,), generator=gen).tolist()
-    prompts = [shared + torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 9, 30)]
+    prompts = [
+        shared + torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (5, 23, 9, 30)
+    ]
     steps = 24
     expected = {f"r{i}": _greedy_reference(reference, p, steps) for i, p in enumerate(prompts)}
     params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)

@@ -24,8 +24,12 @@ from torch import nn
 
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.layers.linear import PackedLinear
-from flashserve.layers.mla import LatentAttentionBackend, LatentAttentionOps, causal_attention
-from flashserve.layers.mla import write_latent
+from flashserve.layers.mla import (
+    LatentAttentionBackend,
+    LatentAttentionOps,
+    causal_attention,
+    write_latent,
+)
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
 from flashserve.layers.moe.experts import GROUPED_MM
 from flashserve.layers.norm import RMSNorm
@@ -86,7 +90,9 @@ class LatentAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, heads * self.qk_dim, bias=False)
             self.qkv_a_proj = PackedLinear(hidden, {"kv_a_proj_with_mqa": kv_a}, bias=bias)
         self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, 1e-6)
-        self.kv_b_proj = nn.Linear(self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False)
+        self.kv_b_proj = nn.Linear(
+            self.kv_lora_rank, heads * (self.nope_dim + self.v_dim), bias=False
+        )
         self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias)
         self.rotary = rotary
         scale = self.qk_dim**-0.5 * yarn_softmax_mscale(cfg.rope)
@@ -128,9 +134,7 @@ class LatentAttention(nn.Module):
         out = hidden.new_empty(hidden.shape[0], self.num_heads, self.v_dim)
         num_decode = meta.num_decode_tokens
         if num_decode:
-            out[:num_decode] = self._decode(
-                q_nope[:num_decode], q_rope[:num_decode], cache, meta
-            )
+            out[:num_decode] = self._decode(q_nope[:num_decode], q_rope[:num_decode], cache, meta)
         if num_decode < hidden.shape[0]:
             self._prefill(q, q_rope, latent, rope_key, cache, meta, out)
         return self.o_proj(out.view(hidden.shape[0], -1))
@@ -226,7 +230,9 @@ class DeepseekV3ForCausalLM(CausalLM):
             DeepseekDecoderLayer(
                 cfg,
                 rotary,
-                MLP(cfg.hidden_size, cfg.intermediate_size) if i < dense_layers else _moe_block(cfg),
+                MLP(cfg.hidden_size, cfg.intermediate_size)
+                if i < dense_layers
+                else _moe_block(cfg),
             )
             for i in range(cfg.num_layers)
         )
@@ -241,7 +247,9 @@ class DeepseekV3ForCausalLM(CausalLM):
     def kv_cache_spec(self) -> LatentKVCacheSpec:
         raw = self.config.raw
         return LatentKVCacheSpec.of(
-            int(raw["kv_lora_rank"]), int(raw["qk_rope_head_dim"]), tuple(range(self.config.num_layers))
+            int(raw["kv_lora_rank"]),
+            int(raw["qk_rope_head_dim"]),
+            tuple(range(self.config.num_layers)),
         )
 
     def experts(self) -> list[StackedExperts]:
