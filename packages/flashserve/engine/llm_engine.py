@@ -17,6 +17,7 @@ import torch
 from flashserve.config import EngineConfig
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.cuda_graphs import memory_reserve as graph_memory_reserve
+from flashserve.engine.device_memory import CudaMemory, kv_cache_budget, measure_free_memory
 from flashserve.engine.disaggregation import (
     CONTEXT_ONLY,
     GENERATION_ONLY,
@@ -194,11 +195,21 @@ class LLMEngine:
     def _num_kv_blocks(self) -> int:
         per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
         if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            budget = free * self.config.kv_cache_memory_fraction
-            if self._use_cuda_graphs:  # leave the decode graphs' memory pool room
-                reserve = graph_memory_reserve(self.model.attention_backend)
-                budget = min(budget, free - reserve)
+            free = measure_free_memory(CudaMemory(self.device))
+            # Leave the decode graphs' memory pool room.
+            reserve = (
+                graph_memory_reserve(self.model.attention_backend) if self._use_cuda_graphs else 0
+            )
+            budget = kv_cache_budget(free, self.config.kv_cache_memory_fraction, reserve)
+            logger.info(
+                "device memory after weights: %.2f GiB allocated, %.2f GiB released from "
+                "the allocator cache, %.2f of %.2f GiB free; KV budget %.2f GiB",
+                free.allocated / (1 << 30),
+                free.released / (1 << 30),
+                free.free / (1 << 30),
+                free.total / (1 << 30),
+                budget / (1 << 30),
+            )
         else:
             budget = self.config.kv_cache_memory_gb * (1 << 30)
         return max(1, int(budget // per_block))

@@ -16,7 +16,7 @@ def inverse_frequencies(
     Returns (inv_freq [head_dim/2] float32, attention_factor).
     """
     base = float(rope.get("rope_theta", 10000.0))
-    dim = int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
+    dim = _rotated_dims(rope, head_dim)
     inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
     kind = rope.get("rope_type", "default")
     if kind == "default":
@@ -28,6 +28,10 @@ def inverse_frequencies(
     if kind == "yarn":
         return _yarn(inv_freq, rope, dim, base, max_positions)
     raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+
+
+def _rotated_dims(rope: dict[str, Any], head_dim: int) -> int:
+    return int(head_dim * float(rope.get("partial_rotary_factor", 1.0)))
 
 
 def _llama3(inv_freq: torch.Tensor, rope: dict[str, Any]) -> torch.Tensor:
@@ -84,9 +88,13 @@ class RotaryEmbedding(torch.nn.Module):
     def __init__(self, rope: dict[str, Any], head_dim: int, max_positions: int) -> None:
         super().__init__()
         self.rope, self.head_dim, self.max_positions = rope, head_dim, max_positions
-        # Built on the default device (meta while the loader builds the model).
-        self.register_buffer("cos_sin", self._table(None), persistent=False)
-        self.rotary_dim = self.cos_sin.shape[-1] // 2
+        # Dims rotated per head: one pair per frequency of inverse_frequencies.
+        self.rotary_dim = 2 * -(-_rotated_dims(rope, head_dim) // 2)
+        # On the meta device (the loader building a model) the table waits for
+        # init_buffers: computing it there would pull in torch's reference ops.
+        on_meta = torch.empty(0).device.type == "meta"
+        table = torch.empty(0) if on_meta else self._table(None)
+        self.register_buffer("cos_sin", table, persistent=False)
 
     def init_buffers(self, device: torch.device) -> None:
         """Recompute the table (a model built on the meta device has none)."""

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
+from flashserve.layers.embedding import VocabEmbedding
 from flashserve.layers.linear import PackedLinear
 from flashserve.layers.mla import (
     LatentAttentionBackend,
@@ -225,7 +226,7 @@ class DeepseekV3ForCausalLM(CausalLM):
             cfg.rope, rope_dim, max(max_positions, cfg.max_position_embeddings)
         )
         dense_layers = int(raw.get("first_k_dense_replace") or 0)
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DeepseekDecoderLayer(
                 cfg,

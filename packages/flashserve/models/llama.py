@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
+from flashserve.layers.embedding import VocabEmbedding
 from flashserve.layers.linear import PackedLinear
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
@@ -129,7 +130,7 @@ class DecoderOnlyLM(CausalLM):
             cfg.head_dim,
             max(max_positions, cfg.max_position_embeddings),
         )
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary, backend, make_mlp(i)) for i in range(cfg.num_layers)
         )

@@ -34,6 +34,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     "MistralForCausalLM": Architecture("llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": Architecture("llama", "LlamaForCausalLM", qkv_bias=True),
     "Qwen3ForCausalLM": Architecture("llama", "LlamaForCausalLM", qk_norm=True),
+    "Qwen2MoeForCausalLM": Architecture("qwen3_moe", "Qwen2MoeForCausalLM", qkv_bias=True),
+    "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True),
+    "MixtralForCausalLM": Architecture("mixtral", "MixtralForCausalLM"),
+    "Glm4MoeForCausalLM": Architecture("glm4_moe", "Glm4MoeForCausalLM"),
     # Multi-head latent attention + MoE: DeepSeek-V3/R1/V3.1 and Kimi K2 checkpoints.
     "DeepseekV3ForCausalLM": Architecture("deepseek_v3", "DeepseekV3ForCausalLM"),
 }

@@ -1,0 +1,144 @@
+"""Routed experts stored stacked: gate|up [E, 2I, H] and down [E, H, I].
+
+Compute. The token -> expert assignments are sorted by expert id, so each
+expert's tokens are one contiguous run of rows; then either
+- `grouped_mm`: one grouped matrix product per projection over all runs
+  (torch's grouped GEMM; CUDA, bf16). Every shape depends only on the
+  number of tokens, so decode steps can be captured as CUDA graphs; or
+- `sorted`: one matrix product per expert that received tokens (the run
+  lengths come to the host). Experts with no token cost nothing.
+Never every expert on every token. The path is chosen when the weights are
+placed on their device (`init_buffers`) and logged once by the model.
+
+Results go back to each (token, slot) row, and each token sums its top-k
+rows in fp32 in slot order: a token's output does not depend on what else
+is in the batch (no atomics, no batch-dependent summation order).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashserve.layers.linear import copy_into
+
+logger = logging.getLogger(__name__)
+
+GROUPED_MM = "grouped_mm"
+SORTED = "sorted"
+
+
+def _grouped_mm_function():
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def choose_expert_path(
+    device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int
+) -> tuple[str, str]:
+    """(path, why) for experts of this shape on this device."""
+    if device.type != "cuda":
+        return SORTED, f"grouped GEMM is used on CUDA only (device {device.type})"
+    grouped_mm = _grouped_mm_function()
+    if grouped_mm is None:
+        return SORTED, f"torch {torch.__version__} has no grouped_mm"
+    if dtype != torch.bfloat16:
+        return SORTED, f"torch's grouped_mm takes bfloat16, the model runs {dtype}"
+    if hidden % 8 or intermediate % 8:
+        return SORTED, "grouped_mm needs 16-byte aligned rows (hidden and expert sizes % 8)"
+    try:  # the kernel also depends on the GPU generation: try it once
+        a = torch.ones(4, hidden, dtype=dtype, device=device)
+        b = torch.ones(2, hidden, intermediate, dtype=dtype, device=device)
+        grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+        return SORTED, f"grouped_mm failed on this device: {exc}"
+    return GROUPED_MM, "grouped GEMM over experts sorted by id"
+
+
+class StackedExperts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.intermediate_size = intermediate_size
+        self.gate_up_proj = nn.Parameter(
+            torch.empty(num_experts, 2 * intermediate_size, hidden_size)
+        )
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.gate_up_proj.weight_loader = self.load_gate_up
+        self.down_proj.weight_loader = self.load_down
+        self.path = SORTED
+        self.path_reason = "not placed on a device yet"
+
+    # -- loading: per-expert tensors of hub checkpoints, or already stacked ones --
+
+    def load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> int:
+        if shard_id is None:  # stacked [E, 2I, H] (transformers' in-memory layout)
+            return copy_into(param.data, loaded, "stacked experts gate|up")
+        expert, which = self._expert(shard_id)
+        rows = {"gate": 0, "up": self.intermediate_size}[which]
+        target = param.data[expert].narrow(0, rows, self.intermediate_size)
+        return copy_into(target, loaded, f"expert {expert} {which}_proj")
+
+    def load_down(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> int:
+        if shard_id is None:
+            return copy_into(param.data, loaded, "stacked experts down")
+        expert, _ = self._expert(shard_id)
+        return copy_into(param.data[expert], loaded, f"expert {expert} down_proj")
+
+    def _expert(self, shard_id: Any) -> tuple[int, str]:
+        expert, which = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert {expert} out of range (the model has {self.num_experts})")
+        return expert, which
+
+    def init_buffers(self, device: torch.device) -> None:
+        hidden = self.gate_up_proj.shape[-1]
+        self.path, self.path_reason = choose_expert_path(
+            device, self.gate_up_proj.dtype, hidden, self.intermediate_size
+        )
+
+    # -- compute --
+
+    def forward(
+        self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """x [T, H], weights float32 [T, k], expert_ids [T, k] -> [T, H] in x's dtype."""
+        num_tokens, top_k = expert_ids.shape
+        flat = expert_ids.reshape(-1)
+        # Stable, so within an expert rows keep token order.
+        order = torch.argsort(flat, stable=True)
+        rows = x[order // top_k]
+        if self.path == GROUPED_MM:
+            out = self._grouped(rows, flat)
+        else:
+            out = self._per_expert(rows, flat)
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        combined = (unsorted.view(num_tokens, top_k, -1).float() * weights.unsqueeze(-1)).sum(1)
+        return combined.to(x.dtype)
+
+    def _per_expert(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        out = torch.empty_like(rows)
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            chunk = rows[start : start + count]
+            gate, up = F.linear(chunk, self.gate_up_proj[expert]).chunk(2, dim=-1)
+            out[start : start + count] = F.linear(F.silu(gate) * up, self.down_proj[expert])
+            start += count
+        return out
+
+    def _grouped(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        grouped_mm = _grouped_mm_function()
+        # Counts without a host sync (bincount reads the max on the host).
+        counts = torch.zeros(self.num_experts, dtype=torch.int32, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+        offsets = counts.cumsum(0, dtype=torch.int32)
+        gate_up = grouped_mm(rows, self.gate_up_proj.transpose(1, 2), offs=offsets)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)

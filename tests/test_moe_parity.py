@@ -1,0 +1,239 @@
+"""Mixture-of-experts architectures give the logits of transformers' own implementations.
+
+Tiny random configs in fp32: whole prompt, chunked prefill and token by token
+(a one-token step leaves most experts without a token); router weights that
+tie every expert; checkpoints with per-expert tensors (what save_pretrained
+and the hub store) and with transformers' stacked expert tensors; and a
+batch of 64 mixed lengths decoding greedily exactly as each row does alone.
+"""
+
+from __future__ import annotations
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+
+from flashserve.config import EngineConfig
+from flashserve.engine.llm_engine import LLMEngine
+from flashserve.engine.sampling_params import SamplingParams
+from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
+from tests.engine_harness import engine_logits, mixed_prompts, run_all
+
+VOCAB = 512
+COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+)
+
+ARCHITECTURES = {
+    "qwen3-moe-mlp-only-layer-renorm": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            norm_topk_prob=True,
+            mlp_only_layers=[1],
+            head_dim=32,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen3-moe-sparse-step-2": (
+        transformers.Qwen3MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            norm_topk_prob=False,
+            decoder_sparse_step=2,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "mixtral": (
+        transformers.MixtralConfig,
+        dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
+    ),
+    "glm4-moe": (
+        transformers.Glm4MoeConfig,
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=3,
+            moe_intermediate_size=32,
+            n_shared_experts=1,
+            n_group=4,
+            topk_group=2,
+            routed_scaling_factor=2.5,
+            first_k_dense_replace=1,
+            attention_bias=True,
+            use_qk_norm=False,
+            head_dim=32,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "glm4-moe-qk-norm-one-group": (
+        transformers.Glm4MoeConfig,
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=2,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            first_k_dense_replace=2,
+            attention_bias=False,
+            use_qk_norm=True,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "qwen2-moe-shared-expert": (
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            norm_topk_prob=False,
+            tie_word_embeddings=False,
+        ),
+    ),
+}
+
+
+def _random_reference(name: str, tie_router_layer: int | None = None):
+    config_cls, extra = ARCHITECTURES[name]
+    torch.manual_seed(0)
+    config = config_cls(**COMMON, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():  # random norms and biases too, so they matter
+            param.add_(torch.randn_like(param) * 0.05)
+        for buffer_name, buffer in model.named_buffers():
+            if buffer_name.endswith("e_score_correction_bias"):
+                buffer.copy_(torch.randn_like(buffer) * 0.1)
+        if tie_router_layer is not None:
+            # Every expert scores the same for every token: the choice is all tie-breaking.
+            router = model.model.layers[tie_router_layer].mlp.gate
+            router.weight.zero_()
+            if hasattr(router, "e_score_correction_bias"):
+                router.e_score_correction_bias.zero_()
+    return model.eval()
+
+
+def _engine(path) -> LLMEngine:
+    return LLMEngine(
+        EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512),
+        path,
+    )
+
+
+def _assert_logits_match(reference, engine, name, chunks=(120, 37, 1)):
+    token_ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0].float()
+    # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
+    for chunk in chunks:
+        got = engine_logits(engine, token_ids, chunk)
+        torch.testing.assert_close(
+            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
+        )
+
+
+@pytest.mark.parametrize("name", sorted(ARCHITECTURES))
+def test_logits_match_transformers(name, tmp_path):
+    reference = _random_reference(name)
+    # Small shards: experts of one layer land in several files.
+    reference.save_pretrained(tmp_path, max_shard_size="100KB")
+    assert len(list(tmp_path.glob("*.safetensors"))) > 1
+    _assert_logits_match(reference, _engine(tmp_path), name)
+
+
+@pytest.mark.parametrize("name", ["qwen3-moe-mlp-only-layer-renorm", "glm4-moe"])
+def test_tied_router_scores_choose_as_transformers_does(name, tmp_path):
+    layer = 2
+    reference = _random_reference(name, tie_router_layer=layer)
+    reference.save_pretrained(tmp_path)
+    _assert_logits_match(reference, _engine(tmp_path), f"{name} tied", chunks=(120, 1))
+
+
+def test_stacked_expert_tensors_load_as_transformers_keeps_them(tmp_path):
+    name = "qwen3-moe-mlp-only-layer-renorm"
+    reference = _random_reference(name)
+    reference.config.architectures = [type(reference).__name__]
+    reference.config.save_pretrained(tmp_path)
+    state = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    safetensors.torch.save_file(state, str(tmp_path / "model.safetensors"))
+    _assert_logits_match(reference, _engine(tmp_path), "stacked", chunks=(120,))
+
+
+def test_experts_without_tokens_cost_nothing_and_change_nothing():
+    torch.manual_seed(3)
+    hidden, experts_n, size = 16, 6, 8
+    experts = StackedExperts(experts_n, hidden, size)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_()
+        experts.down_proj.normal_()
+    x = torch.randn(5, hidden)
+    # Only experts 1 and 4 receive tokens; 4 of the 6 get none.
+    ids = torch.tensor([[1, 4], [4, 1], [1, 4], [4, 1], [1, 4]])
+    weights = torch.rand(5, 2)
+    with torch.no_grad():
+        got = experts(x, weights, ids)
+        expected = torch.zeros_like(x)
+        for t in range(5):
+            for slot in range(2):
+                e = int(ids[t, slot])
+                gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+                expected[t] += weights[t, slot] * (
+                    experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+                )
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_router_renormalises_only_when_asked():
+    router = SoftmaxTopKRouter(8, 4, 2, renormalize=True)
+    plain = SoftmaxTopKRouter(8, 4, 2, renormalize=False)
+    with torch.no_grad():
+        router.weight.normal_()
+        plain.weight.copy_(router.weight)
+    x = torch.randn(3, 8)
+    weights, _ = router(x)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    assert (plain(x)[0].sum(-1) < 1).all()
+
+
+def test_batch_of_64_mixed_lengths_decodes_as_each_row_alone(tmp_path):
+    reference = _random_reference("qwen3-moe-mlp-only-layer-renorm")
+    with torch.no_grad():  # peaked distributions, so greedy picks are not near-ties
+        for param in reference.parameters():
+            if param.dim() > 1:
+                param.mul_(6.0)
+    reference.save_pretrained(tmp_path)
+    prompts = [p[:40] for p in mixed_prompts(64, seed=5)]
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    alone_engine = _engine(tmp_path)
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        alone.update(run_all(alone_engine, {f"r{i}": (prompt, params)}))
+    engine = LLMEngine(
+        EngineConfig(
+            device="cpu",
+            dtype="float32",
+            kv_cache_memory_gb=0.01,
+            max_model_len=512,
+            max_num_seqs=64,
+            max_num_batched_tokens=256,
+        ),
+        tmp_path,
+    )
+    together = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    assert together == alone
+    assert engine.block_manager.num_used_blocks == 0
