@@ -66,3 +66,20 @@ def save_random_deepseek(path, seed: int = 0, **overrides) -> transformers.PreTr
                 )
     model.save_pretrained(path, max_shard_size="200KB")
     return model.eval()
+
+
+def save_tiny_deepseek(path, vocab_size: int, seed: int = 0) -> None:
+    """A 2-layer DeepSeek-V3 (one dense layer, one MoE) over a real tokenizer's vocabulary.
+
+    Larger weights than transformers' init give peaked, input-dependent next-token
+    distributions (as tests/tiny_models.py does for Llama).
+    """
+    torch.manual_seed(seed)
+    config = deepseek_config(
+        vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=2048
+    )
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(torch.randn_like(param) * 0.3)
+    model.save_pretrained(path)

@@ -36,6 +36,13 @@ class KVCacheSpec:
     def bytes_per_block(self, block_size: int, dtype: torch.dtype) -> int:
         return self.num_layers * block_size * self.token_bytes(dtype)
 
+    def token_layout(self, dtype: torch.dtype) -> str:
+        """One token's entry in one layer, in words (the start-up log)."""
+        return (
+            f"{self.token_bytes(dtype)} B: K and V, {self.num_kv_heads} heads x {self.head_dim} "
+            f"{str(dtype).removeprefix('torch.')}"
+        )
+
     def allocate(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
     ) -> KVCache:
@@ -73,6 +80,12 @@ class LatentKVCacheSpec(KVCacheSpec):
     def token_bytes(self, dtype: torch.dtype) -> int:
         itemsize = torch.empty((), dtype=dtype).element_size()
         return self.head_dim * itemsize
+
+    def token_layout(self, dtype: torch.dtype) -> str:
+        return (
+            f"{self.token_bytes(dtype)} B: latent {self.latent_dim} + rope key {self.rope_dim} "
+            f"{str(dtype).removeprefix('torch.')}, shared by all heads"
+        )
 
     def allocate(
         self, num_blocks: int, block_size: int, dtype: torch.dtype, device: torch.device
