@@ -101,3 +101,21 @@ def test_decode_after_preemption_and_prefix_reuse(tmp_path):
     assert engine.scheduler.total_preemptions > 0
     assert engine.block_manager.prefix_hits > 0
     assert got == expected
+
+
+def test_decode_through_graph_static_inputs_equals_transformers(tmp_path):
+    """The fixed-shape decode a CUDA graph captures (whole block table, masked), run eagerly."""
+    reference = save_random_deepseek(tmp_path, seed=7, q_lora_rank=None)
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(2, VOCAB, (n,), generator=gen).tolist() for n in (3, 17, 40)]
+    steps = 12
+    expected = {f"r{i}": _greedy_reference(reference, p, steps) for i, p in enumerate(prompts)}
+    engine = make_engine(tmp_path)
+    assert engine.runner.enable_decode_graphs(4, capture=False)
+    graphs = engine.runner.graphs
+    # The latent cache gathers one [latent | rope] row per token for all heads.
+    assert graphs.table_widths[0] * engine.block_size == 256
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    got = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
+    assert graphs.runs >= steps - 1
+    assert got == expected
