@@ -18,7 +18,9 @@ YARN = {
 }
 
 
-def deepseek_config(**overrides) -> transformers.DeepseekV3Config:
+def deepseek_config(
+    config_cls: type = transformers.DeepseekV3Config, **overrides
+) -> transformers.PretrainedConfig:
     settings = dict(
         vocab_size=VOCAB,
         hidden_size=64,
@@ -47,13 +49,15 @@ def deepseek_config(**overrides) -> transformers.DeepseekV3Config:
         eos_token_id=1,
     )
     settings.update(overrides)
-    return transformers.DeepseekV3Config(**settings)
+    return config_cls(**settings)
 
 
-def save_random_deepseek(path, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
+def save_random_deepseek(
+    path, seed: int = 0, config_cls: type = transformers.DeepseekV3Config, **overrides
+) -> transformers.PreTrainedModel:
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(
-        deepseek_config(**overrides), dtype=torch.float32
+        deepseek_config(config_cls, **overrides), dtype=torch.float32
     )
     with torch.no_grad():
         for param in model.parameters():

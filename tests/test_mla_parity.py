@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
@@ -22,6 +23,13 @@ from tests.engine_harness import engine_logits, run_all
 CONFIGS = {
     "q-lora-yarn-interleaved": {},
     "no-q-lora": dict(q_lora_rank=None),
+    # DeepSeek-V2: softmax routing within the best groups, no correction bias.
+    "v2-group-limited-greedy": dict(
+        config_cls=transformers.DeepseekV2Config, topk_method="group_limited_greedy"
+    ),
+    "v2-lite-greedy-no-q-lora": dict(
+        config_cls=transformers.DeepseekV2Config, topk_method="greedy", q_lora_rank=None
+    ),
     "plain-rope-not-interleaved": dict(
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_interleave=False
     ),
@@ -36,7 +44,9 @@ def make_engine(path, **overrides) -> LLMEngine:
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_logits_match_transformers(name, tmp_path):
-    reference = save_random_deepseek(tmp_path, **CONFIGS[name])
+    overrides = dict(CONFIGS[name])
+    config_cls = overrides.pop("config_cls", transformers.DeepseekV3Config)
+    reference = save_random_deepseek(tmp_path, config_cls=config_cls, **overrides)
     engine = make_engine(tmp_path)
     spec = engine.model.kv_cache_spec
     assert isinstance(spec, LatentKVCacheSpec)

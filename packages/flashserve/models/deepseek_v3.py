@@ -33,6 +33,7 @@ from flashserve.layers.mla import (
 )
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
 from flashserve.layers.moe.experts import GROUPED_MM
+from flashserve.layers.moe.softmax_group_router import GroupLimitedSoftmaxRouter
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
 from flashserve.models.base import CausalLM, WeightRule, named_shard
@@ -67,7 +68,7 @@ def yarn_softmax_mscale(rope: dict) -> float:
 
 
 class LatentAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding) -> None:
+    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, interleaved_rope: bool) -> None:
         super().__init__()
         raw = cfg.raw
         self.num_heads = cfg.num_heads
@@ -77,7 +78,7 @@ class LatentAttention(nn.Module):
         self.rope_dim = int(raw["qk_rope_head_dim"])
         self.v_dim = int(raw["v_head_dim"])
         self.qk_dim = self.nope_dim + self.rope_dim
-        self.interleaved_rope = bool(raw.get("rope_interleave", True))
+        self.interleaved_rope = interleaved_rope
         bias = bool(raw.get("attention_bias", False))
         hidden, heads = cfg.hidden_size, cfg.num_heads
         kv_a = self.kv_lora_rank + self.rope_dim
@@ -168,9 +169,11 @@ class LatentAttention(nn.Module):
 
 
 class DeepseekDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, rotary: RotaryEmbedding, mlp: nn.Module) -> None:
+    def __init__(
+        self, cfg: ModelConfig, rotary: RotaryEmbedding, interleaved_rope: bool, mlp: nn.Module
+    ) -> None:
         super().__init__()
-        self.self_attn = LatentAttention(cfg, rotary)
+        self.self_attn = LatentAttention(cfg, rotary, interleaved_rope)
         self.mlp = mlp
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -180,37 +183,12 @@ class DeepseekDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-def _moe_block(cfg: ModelConfig) -> SparseMoeBlock:
-    raw = cfg.raw
-    num_experts = int(raw["n_routed_experts"])
-    expert_size = int(raw["moe_intermediate_size"])
-    shared = int(raw.get("n_shared_experts") or 0)
-    return SparseMoeBlock(
-        GroupedSigmoidRouter(
-            cfg.hidden_size,
-            num_experts,
-            int(raw["num_experts_per_tok"]),
-            num_groups=int(raw.get("n_group") or 1),
-            topk_groups=int(raw.get("topk_group") or 1),
-            renormalize=bool(raw.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
-        ),
-        StackedExperts(num_experts, cfg.hidden_size, expert_size),
-        shared=MLP(cfg.hidden_size, expert_size * shared) if shared else None,
-        shared_name="shared_experts",
-    )
-
-
 class DeepseekV3ForCausalLM(CausalLM):
     weight_rules = DEEPSEEK_WEIGHT_RULES
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
         raw = cfg.raw
-        if raw.get("scoring_func", "sigmoid") != "sigmoid":
-            raise ValueError(
-                f"scoring_func {raw['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid"
-            )
         self.config = cfg
         # MLA runs its own attention on torch ops whatever backend the engine chose
         # (flash_attn's kernels take per-head keys and values, not latents).
@@ -231,9 +209,10 @@ class DeepseekV3ForCausalLM(CausalLM):
             DeepseekDecoderLayer(
                 cfg,
                 rotary,
+                self.interleaved_rope(raw),
                 MLP(cfg.hidden_size, cfg.intermediate_size)
                 if i < dense_layers
-                else _moe_block(cfg),
+                else self._moe_block(cfg),
             )
             for i in range(cfg.num_layers)
         )
@@ -243,6 +222,31 @@ class DeepseekV3ForCausalLM(CausalLM):
             if cfg.tie_word_embeddings
             else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         )
+
+    @staticmethod
+    def _moe_block(cfg: ModelConfig) -> SparseMoeBlock:
+        raw = cfg.raw
+        num_experts = int(raw["n_routed_experts"])
+        expert_size = int(raw["moe_intermediate_size"])
+        shared = int(raw.get("n_shared_experts") or 0)
+        return SparseMoeBlock(
+            GroupedSigmoidRouter(
+                cfg.hidden_size,
+                num_experts,
+                int(raw["num_experts_per_tok"]),
+                num_groups=int(raw.get("n_group") or 1),
+                topk_groups=int(raw.get("topk_group") or 1),
+                renormalize=bool(raw.get("norm_topk_prob", True)),
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            ),
+            StackedExperts(num_experts, cfg.hidden_size, expert_size),
+            shared=MLP(cfg.hidden_size, expert_size * shared) if shared else None,
+            shared_name="shared_experts",
+        )
+
+    @staticmethod
+    def interleaved_rope(raw: dict) -> bool:
+        return bool(raw.get("rope_interleave", True))
 
     @property
     def kv_cache_spec(self) -> LatentKVCacheSpec:
@@ -292,3 +296,33 @@ class DeepseekV3ForCausalLM(CausalLM):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(hidden, weight).float()
+
+
+class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):
+    """DeepSeek-V2 / V2.5 / V2-Lite: the same attention (rope always on interleaved pairs),
+    softmax routing (greedy or group-limited) without a correction bias."""
+
+    @staticmethod
+    def interleaved_rope(raw: dict) -> bool:
+        return True
+
+    @staticmethod
+    def _moe_block(cfg: ModelConfig) -> SparseMoeBlock:
+        raw = cfg.raw
+        num_experts = int(raw["n_routed_experts"])
+        expert_size = int(raw["moe_intermediate_size"])
+        shared = int(raw.get("n_shared_experts") or 0)
+        return SparseMoeBlock(
+            GroupLimitedSoftmaxRouter(
+                cfg.hidden_size,
+                num_experts,
+                int(raw["num_experts_per_tok"]),
+                method=raw.get("topk_method") or "greedy",
+                num_groups=int(raw.get("n_group") or 1),
+                topk_groups=int(raw.get("topk_group") or 1),
+                routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
+            ),
+            StackedExperts(num_experts, cfg.hidden_size, expert_size),
+            shared=MLP(cfg.hidden_size, expert_size * shared) if shared else None,
+            shared_name="shared_experts",
+        )

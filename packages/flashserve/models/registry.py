@@ -40,6 +40,7 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Glm4MoeForCausalLM": Architecture("glm4_moe", "Glm4MoeForCausalLM"),
     # Multi-head latent attention + MoE: DeepSeek-V3/R1/V3.1 and Kimi K2 checkpoints.
     "DeepseekV3ForCausalLM": Architecture("deepseek_v3", "DeepseekV3ForCausalLM"),
+    "DeepseekV2ForCausalLM": Architecture("deepseek_v3", "DeepseekV2ForCausalLM"),
 }
 
 
