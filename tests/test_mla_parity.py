@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from flashserve.config import EngineConfig
+from flashserve.engine.disaggregation import CONTEXT_ONLY, GENERATION_ONLY, DisaggregatedRequest
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
@@ -129,3 +130,30 @@ def test_decode_through_graph_static_inputs_equals_transformers(tmp_path):
     got = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert graphs.runs >= steps - 1
     assert got == expected
+
+
+def test_parked_context_resumes_on_the_latent_cache(tmp_path):
+    """A context_only request parks its latent blocks; generation_only continues from them."""
+    reference = save_random_deepseek(tmp_path, seed=9, num_hidden_layers=2)
+    prompt = torch.randint(2, VOCAB, (45,), generator=torch.Generator().manual_seed(9)).tolist()
+    steps = 10
+    expected = _greedy_reference(reference, prompt, steps)
+    engine = make_engine(tmp_path, enable_prefix_caching=False)
+
+    def run(request_id: str, request: DisaggregatedRequest) -> tuple[list[int], object]:
+        params = SamplingParams(
+            temperature=0.0, max_tokens=steps, ignore_eos=True, disaggregated=request
+        )
+        engine.add_request(request_id, prompt, params)
+        tokens, handle = [], None
+        while engine.has_work():
+            for out in engine.step():
+                tokens.extend(out.new_token_ids)
+                handle = out.context_handle or handle
+        return tokens, handle
+
+    first, handle = run("ctx", DisaggregatedRequest(CONTEXT_ONLY))
+    assert first == expected[:1] and handle is not None
+    assert engine.block_manager.num_used_blocks == 3  # 45 tokens' latents stay parked
+    resumed, _ = run("gen", DisaggregatedRequest(GENERATION_ONLY, handle))
+    assert resumed == expected
