@@ -95,7 +95,9 @@ def write_fp8_pair(source, fp8_dir, dequantized_dir) -> None:
 
 def make_engine(path) -> LLMEngine:
     return LLMEngine(
-        EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=256),
+        EngineConfig(
+            device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=256, cpu_threads=1
+        ),
         path,
     )
 

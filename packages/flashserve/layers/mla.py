@@ -6,7 +6,8 @@ cache keeps exactly [c | k_r] per token and layer (`LatentKVCacheSpec`). Per hea
 kv_b_proj expands c into the non-rotary key W_UK[h] c and the value W_UV[h] c.
 
 - Prefill chunks decompress: the chunk's context latents go through kv_b_proj and
-  standard causal attention runs over per-head keys [W_UK c | k_r] and values W_UV c.
+  standard causal attention runs over per-head keys [W_UK c | k_r] and values W_UV c
+  (a chunk over a context too long to expand at once attends absorbed, as decode does).
 - Decode rows absorb the projections instead: q_nope[h] . W_UK[h] c = (W_UK[h]^T
   q_nope[h]) . c, so each head's query becomes [W_UK[h]^T q_nope[h] | q_r[h]] and
   attends over the cached [c | k_r] directly, the latent doubling as the value; the
@@ -26,6 +27,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 
 _CAPTURABLE_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# Most bytes of per-head keys and values one prefill chunk may decompress (one layer).
+DECOMPRESS_BYTES_LIMIT = 1 << 30
 
 
 class LatentAttentionBackend(AttentionBackend):
@@ -81,6 +84,29 @@ def absorbed_decode(
     return out.view(n, heads, latent_dim).to(q.dtype)
 
 
+def absorbed_causal_attention(
+    q: torch.Tensor, entries: torch.Tensor, latent_dim: int, scale: float
+) -> torch.Tensor:
+    """Absorbed queries [q_len, heads, latent + rope] of a chunk ending its context, over
+    the context's cached rows [ctx, latent + rope]; returns latents [q_len, heads, latent].
+
+    The heads are extra query rows of the one latent "head" (rows in (token, head)
+    order), each token's rows sharing its causal mask.
+    """
+    q_len, heads, width = q.shape
+    ctx = entries.shape[0]
+    rows = torch.arange(ctx - q_len, ctx, device=q.device)[:, None]
+    mask = (torch.arange(ctx, device=q.device)[None, :] <= rows).repeat_interleave(heads, dim=0)
+    out = F.scaled_dot_product_attention(
+        q.reshape(1, 1, q_len * heads, width).to(entries.dtype),
+        entries[None, None],
+        entries[None, None, :, :latent_dim],
+        attn_mask=mask,
+        scale=scale,
+    )
+    return out.view(q_len, heads, latent_dim).to(q.dtype)
+
+
 def causal_attention(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float
 ) -> torch.Tensor:
@@ -127,6 +153,15 @@ class LatentAttentionOps:
         return absorbed_decode(
             q_absorbed, cache, tables, meta.context_lens[:n], self.latent_dim, self.scale
         )
+
+    def decompress_chunk(self, ctx: int, heads: int, per_head: int, itemsize: int) -> bool:
+        """Whether a prefill chunk over ctx tokens should expand its context's keys and values.
+
+        Decompressing costs ctx x heads x (qk + v) values at once; past
+        DECOMPRESS_BYTES_LIMIT (long cached contexts) the chunk attends absorbed, over
+        the latents, as decode does: more FLOPs, no per-head copy of the context.
+        """
+        return ctx * heads * per_head * itemsize <= DECOMPRESS_BYTES_LIMIT
 
     def prefill_context(
         self,

@@ -28,7 +28,9 @@ from flashserve.layers.linear import PackedLinear
 from flashserve.layers.mla import (
     LatentAttentionBackend,
     LatentAttentionOps,
+    absorbed_causal_attention,
     causal_attention,
+    gather_context,
     write_latent,
 )
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
@@ -150,11 +152,17 @@ class LatentAttention(nn.Module):
         return torch.bmm(latent_out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
     def _prefill(self, q, q_rope, latent, rope_key, cache, meta, out) -> None:
-        q = torch.cat([q[..., : self.nope_dim], q_rope], dim=-1)
+        q_nope = q[..., : self.nope_dim]
+        q = torch.cat([q_nope, q_rope], dim=-1)
+        per_head = self.qk_dim + self.v_dim
         start = meta.num_decode_tokens
         for i in range(meta.num_decode_tokens, len(meta.query_lens_host)):
-            q_len = meta.query_lens_host[i]
+            q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
             rows = slice(start, start + q_len)
+            start += q_len
+            if not self.ops.decompress_chunk(ctx, self.num_heads, per_head, q.element_size()):
+                out[rows] = self._absorbed_prefill(q_nope[rows], q_rope[rows], cache, meta, i)
+                continue
             ctx_latent, ctx_rope = self.ops.prefill_context(
                 cache, meta, i, latent[rows], rope_key[rows]
             )
@@ -165,7 +173,15 @@ class LatentAttention(nn.Module):
                 dim=-1,
             )
             out[rows] = causal_attention(q[rows], keys, values, self.ops.scale)
-            start += q_len
+
+    def _absorbed_prefill(self, q_nope, q_rope, cache, meta, index) -> torch.Tensor:
+        w_uk, w_uv = self._absorbed_weights()
+        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
+        entries = gather_context(cache, meta.block_tables[index], meta.context_lens_host[index])
+        latent_out = absorbed_causal_attention(
+            torch.cat([q_latent, q_rope], dim=-1), entries, self.kv_lora_rank, self.ops.scale
+        )
+        return torch.bmm(latent_out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
 
 
 class DeepseekDecoderLayer(nn.Module):
