@@ -1,7 +1,7 @@
 """Multi-head latent attention: KV capacity against GQA, and decode speed against transformers.
 
     python bench/mla_bench.py [--kv-gb 1.0] [--context 4096] [--batch 16]
-        [--prompt-len 64] [--new-tokens 32] [--device cpu] [--dtype float32]
+        [--prompt-len 64] [--new-tokens 32] [--device cpu] [--dtype float32] [--threads 1]
 
 1. Capacity. A tiny random DeepSeek-V3 (MLA: kv_lora_rank 512 + rope 64 per token
    and layer) and a Llama of similar size (GQA, 8 KV heads x 128) get engines with
@@ -15,6 +15,8 @@
    dtype and threads. Reported: decode tokens per second of each and their ratio
    (prefill is timed apart and left out of both rates).
 
+--threads sets torch's CPU threads for both engines (default 1: on a CPU shared with
+other work, OpenMP threads waiting for a busy core make timings meaningless).
 Prints Markdown tables for bench/RESULTS.md.
 """
 
@@ -99,6 +101,7 @@ def engine(path: Path, args, **overrides) -> LLMEngine:
         max_num_seqs=max(args.batch, 1),
         cuda_graphs=args.device == "cuda",
         warmup=False,
+        cpu_threads=args.threads,
     )
     settings.update(overrides)
     return LLMEngine(EngineConfig(**settings), path)
@@ -192,8 +195,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip", choices=["capacity", "decode"], default=None)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     print(f"{platform.processor() or platform.machine()}, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         if args.skip != "capacity":
