@@ -8,6 +8,8 @@ preemption and with its prompts' prefixes reused from the cache.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -156,3 +158,14 @@ def test_long_context_prefill_attends_absorbed(tmp_path, monkeypatch):
     for chunk in (120, 37):
         got = engine_logits(engine, token_ids, chunk)
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=f"chunk {chunk}")
+
+
+def test_config_without_mla_keys_is_a_load_error(tmp_path):
+    save_random_deepseek(tmp_path, num_hidden_layers=1)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["kv_lora_rank"], config["v_head_dim"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match="DeepseekV3ForCausalLM config.json lacks kv_lora_rank, v_head_dim"
+    ):
+        make_engine(tmp_path)

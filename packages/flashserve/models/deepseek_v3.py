@@ -58,6 +58,18 @@ DEEPSEEK_WEIGHT_RULES = PER_EXPERT_RULES + (
 )
 
 
+# config.json keys MLA and the MoE layers cannot do without (q_lora_rank may be null).
+REQUIRED_KEYS = (
+    "kv_lora_rank",
+    "qk_nope_head_dim",
+    "qk_rope_head_dim",
+    "v_head_dim",
+    "n_routed_experts",
+    "moe_intermediate_size",
+    "num_experts_per_tok",
+)
+
+
 def yarn_softmax_mscale(rope: dict) -> float:
     """The softmax scale's factor under yarn with `mscale_all_dim` (1 otherwise)."""
     factor, mscale_all_dim = rope.get("factor"), rope.get("mscale_all_dim")
@@ -205,6 +217,9 @@ class DeepseekV3ForCausalLM(CausalLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
         raw = cfg.raw
+        missing = [key for key in REQUIRED_KEYS if raw.get(key) is None]
+        if missing:
+            raise ValueError(f"{cfg.architecture} config.json lacks {', '.join(missing)}")
         self.config = cfg
         # MLA runs its own attention on torch ops whatever backend the engine chose
         # (flash_attn's kernels take per-head keys and values, not latents).
@@ -242,6 +257,10 @@ class DeepseekV3ForCausalLM(CausalLM):
     @staticmethod
     def _moe_block(cfg: ModelConfig) -> SparseMoeBlock:
         raw = cfg.raw
+        if raw.get("scoring_func", "sigmoid") != "sigmoid":
+            raise ValueError(
+                f"scoring_func {raw['scoring_func']!r}: DeepseekV3ForCausalLM routes with sigmoid"
+            )
         num_experts = int(raw["n_routed_experts"])
         expert_size = int(raw["moe_intermediate_size"])
         shared = int(raw.get("n_shared_experts") or 0)
