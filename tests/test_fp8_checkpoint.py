@@ -3,8 +3,9 @@
 The test quantizes a tiny random DeepSeek-V3 itself: every projection weight becomes
 float8_e4m3fn with a float32 `weight_scale_inv` per block (blocks that do not divide
 the shapes, so edge blocks are partial), as the official checkpoints store them;
-router, norms, embeddings and lm_head stay unquantized, as there. The engine on the
-FP8 folder must equal transformers and the engine on the same weights dequantized.
+router, norms, embeddings and lm_head stay unquantized, as there, and a quantized
+multi-token-prediction layer follows the decoder's. The engine on the FP8 folder must
+equal transformers and the engine on the same weights dequantized.
 """
 
 from __future__ import annotations
@@ -59,7 +60,22 @@ def write_fp8_pair(source, fp8_dir, dequantized_dir) -> None:
     tensors = {}
     for path in sorted(source.glob("*.safetensors")):
         tensors.update(safetensors.torch.load_file(path))
+    # DeepSeek-V3's multi-token-prediction layer sits past num_hidden_layers (2 here),
+    # quantized like the rest; the engine skips it, scales included.
+    layers = json.loads((source / "config.json").read_text())["num_hidden_layers"]
+    mtp = {
+        name.replace("model.layers.1.", f"model.layers.{layers}."): tensor.clone()
+        for name, tensor in tensors.items()
+        if name.startswith("model.layers.1.")
+    }
+    mtp[f"model.layers.{layers}.eh_proj.weight"] = torch.randn(64, 128)
+    mtp[f"model.layers.{layers}.enorm.weight"] = torch.ones(64)
     fp8, plain = {}, {}
+    for name, tensor in mtp.items():
+        if QUANTIZED.search(name):
+            fp8[name], fp8[name + "_scale_inv"] = quantize_blocks(tensor, BLOCK)
+        else:
+            fp8[name] = tensor
     for name, tensor in tensors.items():
         if QUANTIZED.search(name):
             q, s = quantize_blocks(tensor, BLOCK)
@@ -162,8 +178,8 @@ def test_scale_shape_and_missing_scale_are_load_errors(fp8_pair, tmp_path):
     shutil.copytree(fp8_pair[0], folder)
     for path in folder.glob("*.safetensors"):
         tensors = safetensors.torch.load_file(path)
-        name = next((n for n in tensors if n.endswith("o_proj.weight_scale_inv")), None)
-        if name:
+        name = "model.layers.0.self_attn.o_proj.weight_scale_inv"
+        if name in tensors:
             del tensors[name]
             safetensors.torch.save_file(tensors, path)
             break
