@@ -155,13 +155,19 @@ class LatentAttention(nn.Module):
             self._prefill(q, q_rope, latent, rope_key, cache, meta, out)
         return self.o_proj(out.view(hidden.shape[0], -1))
 
-    def _decode(self, q_nope, q_rope, cache, meta) -> torch.Tensor:
-        w_uk, w_uv = self._absorbed_weights()
-        # [heads, n, nope] x [heads, nope, latent] -> each head's query in latent space.
+    def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
+        """Queries in latent space: [W_UK[h]^T q_nope[h] | q_rope[h]] per head, [n, heads, latent + rope]."""
+        w_uk, _ = self._absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
-        latent_out = self.ops.decode(torch.cat([q_latent, q_rope], dim=-1), cache, meta)
-        # [heads, n, latent] x [heads, latent, v] -> per-head values.
+        return torch.cat([q_latent, q_rope], dim=-1)
+
+    def _values(self, latent_out: torch.Tensor) -> torch.Tensor:
+        """Attention-weighted latents [n, heads, latent] -> each head's values W_UV[h] c."""
+        _, w_uv = self._absorbed_weights()
         return torch.bmm(latent_out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+
+    def _decode(self, q_nope, q_rope, cache, meta) -> torch.Tensor:
+        return self._values(self.ops.decode(self._absorb(q_nope, q_rope), cache, meta))
 
     def _prefill(self, q, q_rope, latent, rope_key, cache, meta, out) -> None:
         q_nope = q[..., : self.nope_dim]
@@ -187,13 +193,11 @@ class LatentAttention(nn.Module):
             out[rows] = causal_attention(q[rows], keys, values, self.ops.scale)
 
     def _absorbed_prefill(self, q_nope, q_rope, cache, meta, index) -> torch.Tensor:
-        w_uk, w_uv = self._absorbed_weights()
-        q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         entries = gather_context(cache, meta.block_tables[index], meta.context_lens_host[index])
         latent_out = absorbed_causal_attention(
-            torch.cat([q_latent, q_rope], dim=-1), entries, self.kv_lora_rank, self.ops.scale
+            self._absorb(q_nope, q_rope), entries, self.kv_lora_rank, self.ops.scale
         )
-        return torch.bmm(latent_out.transpose(0, 1), w_uv.transpose(1, 2)).transpose(0, 1)
+        return self._values(latent_out)
 
 
 class DeepseekDecoderLayer(nn.Module):
