@@ -156,7 +156,7 @@ class LatentAttention(nn.Module):
         return self.o_proj(out.view(hidden.shape[0], -1))
 
     def _absorb(self, q_nope: torch.Tensor, q_rope: torch.Tensor) -> torch.Tensor:
-        """Queries in latent space: [W_UK[h]^T q_nope[h] | q_rope[h]] per head, [n, heads, latent + rope]."""
+        """Per-head queries in latent space: [W_UK[h]^T q_nope[h] | q_rope[h]]."""
         w_uk, _ = self._absorbed_weights()
         q_latent = torch.bmm(q_nope.transpose(0, 1), w_uk).transpose(0, 1)
         return torch.cat([q_latent, q_rope], dim=-1)
