@@ -11,7 +11,6 @@ from typing import Any
 from fastapi import Request
 
 from flashserve.api.endpoints.embeddings import embeddings_unsupported
-from flashserve.api.endpoints.pending import not_yet_implemented
 from flashserve.service import build_service
 
 logging.basicConfig(level=logging.INFO)
@@ -43,15 +42,15 @@ class Model:
 
     async def completions(self, request: Request) -> Any:
         """POST /v1/completions: OpenAI legacy completions."""
-        return not_yet_implemented("/v1/completions")
+        return await self._service.completions.handle(request)
 
     async def messages(self, request: Request) -> Any:
         """POST /v1/messages: the Anthropic Messages API."""
-        return not_yet_implemented("/v1/messages")
+        return await self._service.messages.handle(request)
 
     async def responses(self, request: Request) -> Any:
         """POST /v1/responses: the OpenAI Responses API."""
-        return not_yet_implemented("/v1/responses")
+        return await self._service.responses.handle(request)
 
     async def embeddings(self, request: Request) -> Any:
         """POST /v1/embeddings: refused, this deployment serves a generative model."""

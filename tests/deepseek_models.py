@@ -72,7 +72,7 @@ def save_random_deepseek(
     return model.eval()
 
 
-def save_tiny_deepseek(path, vocab_size: int, seed: int = 0) -> None:
+def save_tiny_deepseek(path, vocab_size: int, seed: int = 0):
     """A 2-layer DeepSeek-V3 (one dense layer, one MoE) over a real tokenizer's vocabulary.
 
     Larger weights than transformers' init give peaked, input-dependent next-token
@@ -87,3 +87,4 @@ def save_tiny_deepseek(path, vocab_size: int, seed: int = 0) -> None:
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.3)
     model.save_pretrained(path)
+    return path

@@ -1,8 +1,8 @@
 """A tiny DeepSeek-V3 (MLA + MoE) served by the real Truss server, through the openai client.
 
 The model folder is the DeepSeek-V3.1 tool family of tests/tool_models.py (a real
-byte-level BPE tokenizer with DeepSeek's tokens and V3.1's chat template) with its
-tiny Llama replaced by a tiny random DeepseekV3ForCausalLM. The server must pick the
+byte-level BPE tokenizer with DeepSeek's tokens and V3.1's chat template), its
+model a tiny random DeepseekV3ForCausalLM. The server must pick the
 V3.1 tool parser from the template, stream what it answers whole, make forced calls
 that validate, give the output of an opened thinking block as reasoning, and log the
 latent KV cache's bytes per token.
@@ -42,11 +42,12 @@ THINKING_ON = {"chat_template_args": {"thinking": True}}
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory) -> Iterator[tuple[PrivateServer, openai.OpenAI]]:
     base_dir: Path = request.getfixturevalue(f"{FAMILIES['deepseek_v31'].base}_tokenizer_dir")
-    folder = build_family("deepseek_v31", base_dir, tmp_path_factory.mktemp(NAME) / "model")
-    vocab_size = json.loads((folder / "config.json").read_text())["vocab_size"]
-    for stale in [*folder.glob("*.safetensors"), folder / "config.json"]:
-        stale.unlink()
-    save_tiny_deepseek(folder, vocab_size)
+    folder = build_family(
+        "deepseek_v31",
+        base_dir,
+        tmp_path_factory.mktemp(NAME) / "model",
+        save_model=save_tiny_deepseek,
+    )
     assert json.loads((folder / "config.json").read_text())["architectures"] == [
         "DeepseekV3ForCausalLM"
     ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -125,12 +126,11 @@ def template(name: str) -> str:
     return (TEMPLATES / name).read_text()
 
 
-def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Path:
-    """Write tokenizer + tiny model of family `name` to `out_dir`; returns it."""
+def family_tokenizer(name: str, base_dir: Path) -> Any:
+    """The tokenizer of family `name`, built on the tokenizer in `base_dir`."""
     from transformers import AddedToken, AutoTokenizer
 
     family = FAMILIES[name]
-    out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if family.special:
         tokens = [AddedToken(t, special=True, normalized=False) for t in family.special]
@@ -142,8 +142,25 @@ def build_family(name: str, base_dir: Path, out_dir: Path, seed: int = 0) -> Pat
     if family.eos:
         tokenizer.eos_token = family.eos
     tokenizer.chat_template = template(family.template)
+    return tokenizer
+
+
+def build_family(
+    name: str,
+    base_dir: Path,
+    out_dir: Path,
+    seed: int = 0,
+    save_model: Callable[..., Path] = save_tiny_llama,
+) -> Path:
+    """Write tokenizer + tiny model of family `name` to `out_dir`; returns it.
+
+    `save_model(out_dir, vocab_size=, seed=)` writes the model (a tiny Llama by default).
+    """
+    family = FAMILIES[name]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer = family_tokenizer(name, base_dir)
     tokenizer.save_pretrained(str(out_dir))
-    save_tiny_llama(out_dir, vocab_size=len(tokenizer), seed=seed)
+    save_model(out_dir, vocab_size=len(tokenizer), seed=seed)
     eos = [tokenizer.convert_tokens_to_ids(t) for t in (tokenizer.eos_token, *family.more_eos)]
     (out_dir / "generation_config.json").write_text(
         json.dumps({"eos_token_id": eos[0] if len(eos) == 1 else eos})

@@ -10,7 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from flashserve.api.endpoints.chat import ChatEndpoint
+from flashserve.api.endpoints.completions import CompletionsEndpoint
+from flashserve.api.endpoints.messages import MessagesEndpoint
 from flashserve.api.endpoints.request_schema import RequestValidator
+from flashserve.api.endpoints.responses import ResponsesEndpoint
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
 from flashserve.config import EngineConfig
@@ -28,6 +31,9 @@ class Service:
 
     frontend: ModelFrontend
     chat: ChatEndpoint
+    completions: CompletionsEndpoint
+    responses: ResponsesEndpoint
+    messages: MessagesEndpoint
 
     @property
     def engine(self) -> AsyncEngine:
@@ -73,7 +79,13 @@ def build_service(
         served_model_name=config.served_model_name or config.model,
         defaults=ModelDefaults.from_generation_config(generation),
     )
-    service = Service(frontend=frontend, chat=ChatEndpoint(frontend, validator))
+    service = Service(
+        frontend=frontend,
+        chat=ChatEndpoint(frontend, validator),
+        completions=CompletionsEndpoint(frontend),
+        responses=ResponsesEndpoint(frontend, data_dir),
+        messages=MessagesEndpoint(frontend),
+    )
     phases = {"weights located": located, **engine.startup_seconds}
     logger.info(
         "startup: ready in %.1f s (%s)",

@@ -139,6 +139,11 @@ def download_from_hub(repo_id: str, revision: str | None, token: str | None) -> 
     for i, sibling in enumerate(sorted(files, key=lambda s: s.size or 0), 1):
         path = Path(hf_hub_download(repo_id, sibling.rfilename, revision=info.sha, token=token))
         folder = path.parents[len(Path(sibling.rfilename).parts) - 1]
+        if sibling.rfilename == "config.json":
+            # An architecture the engine cannot run fails here, before the shards download.
+            from flashserve.models.model_config import ModelConfig
+
+            ModelConfig.from_pretrained(folder)
         done += sibling.size or 0
         elapsed = max(time.monotonic() - started, 1e-6)
         if sibling.rfilename.endswith(".safetensors") or i == len(files):

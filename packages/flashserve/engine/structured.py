@@ -174,7 +174,7 @@ class GrammarCompilerCache:
     def _allowed_for(self, spec: GrammarSpec) -> torch.Tensor | None:
         if spec.kind in (JSON_OBJECT, JSON_SCHEMA):
             return self._json_safe
-        if spec.kind == STRUCTURAL_TAG and _TOKEN_LEVEL_FORMATS.search(spec.source):
+        if spec.kind == STRUCTURAL_TAG and token_level(spec.source):
             return None
         return self._no_special
 
@@ -218,6 +218,11 @@ def _bit(positions: torch.Tensor) -> torch.Tensor:
     # int32 bitmask words: bit 31 is the sign bit, so build the value in int64 and wrap.
     values = torch.ones_like(positions) << positions
     return torch.where(values >= 2**31, values - 2**32, values).to(torch.int32)
+
+
+def token_level(tag_source: str) -> bool:
+    """Whether a structural tag names tokens directly (then it may emit special ones)."""
+    return _TOKEN_LEVEL_FORMATS.search(tag_source) is not None
 
 
 def clean_xgrammar_message(message: str) -> str:

@@ -31,9 +31,10 @@ class WeightRule:
     pattern: str
     target: str
     shard: Callable[[re.Match[str]], Any] = field(default=lambda match: None)
+    compiled: re.Pattern[str] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "compiled", re.compile(self.pattern))
+        object.__setattr__(self, "compiled", re.compile(self.pattern))  # frozen dataclass
 
 
 def named_shard(group: int) -> Callable[[re.Match[str]], Any]:
@@ -86,10 +87,10 @@ class CausalLM(nn.Module):
         layer = _LAYER_INDEX.match(local)
         if layer and int(layer.group(1)) >= self.config.num_layers:
             # Layers past the decoder's (GLM-4.5's and DeepSeek-V3's multi-token
-            # prediction layer) serve speculative decoding, which reads them itself.
+            # prediction layer) are not part of the model served here.
             return None
         for rule in self.weight_rules:
-            match = rule.compiled.search(local)  # type: ignore[attr-defined]
+            match = rule.compiled.search(local)
             if match:
                 target = local[: match.start()] + match.expand(rule.target) + local[match.end() :]
                 return target, rule.shard(match)

@@ -33,6 +33,7 @@ from flashserve.layers.mla import (
     gather_context,
     write_latent,
 )
+from flashserve.layers.mlp import MLP
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
 from flashserve.layers.moe.experts import GROUPED_MM
 from flashserve.layers.moe.softmax_group_router import GroupLimitedSoftmaxRouter
@@ -40,7 +41,6 @@ from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
 from flashserve.models.base import CausalLM, WeightRule, named_shard
 from flashserve.models.kv_cache_spec import KVCache, LatentKVCacheSpec
-from flashserve.models.llama import MLP
 from flashserve.models.model_config import ModelConfig
 from flashserve.models.moe import PER_EXPERT_RULES
 

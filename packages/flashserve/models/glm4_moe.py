@@ -6,8 +6,8 @@ from __future__ import annotations
 from torch import nn
 
 from flashserve.layers.attention import AttentionBackend
+from flashserve.layers.mlp import MLP
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
-from flashserve.models.llama import MLP
 from flashserve.models.model_config import ModelConfig
 from flashserve.models.moe import MoeDecoderLM
 

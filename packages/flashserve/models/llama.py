@@ -16,6 +16,7 @@ from torch import nn
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.layers.embedding import VocabEmbedding
 from flashserve.layers.linear import PackedLinear
+from flashserve.layers.mlp import MLP
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
 from flashserve.models.base import CausalLM, WeightRule, named_shard
@@ -65,21 +66,6 @@ class Attention(nn.Module):
         q, k = self.rotary(positions, q, k)
         out = self.backend.forward(q, k, v, k_cache, v_cache, meta, self.scale)
         return self.o_proj(out.reshape(-1, self.q_size))
-
-
-class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
-
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
-        super().__init__()
-        self.gate_up_proj = PackedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False
-        )
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(x)
-        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flashserve.models.quantization import checkpoint_quantization
 from flashserve.models.registry import UnsupportedModelError, architecture
 
 __all__ = ["ModelConfig", "UnsupportedModelError"]
@@ -46,6 +47,15 @@ class ModelConfig:
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         entry = architecture(arch)
+        # A quantization method the loader cannot dequantize fails here, before any
+        # download: cast as they are, its weights would be garbage.
+        checkpoint_quantization(raw)
+        activation = raw.get("hidden_act") or raw.get("hidden_activation") or "silu"
+        if activation not in ("silu", "swish"):
+            # Every implemented feed-forward block is SwiGLU.
+            raise UnsupportedModelError(
+                f"{arch} with hidden_act {activation!r} is not supported (only silu)"
+            )
         # Llama and GLM checkpoints may switch the bias and the q/k norm on explicitly.
         qkv_bias = entry.qkv_bias or bool(raw.get("attention_bias", False))
         qk_norm = entry.qk_norm or bool(raw.get("use_qk_norm", False))

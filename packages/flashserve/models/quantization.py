@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from flashserve.models.registry import UnsupportedModelError
+
 logger = logging.getLogger(__name__)
 
 SUPPORTED_METHODS = ("fp8 (block-wise, weight_scale_inv)",)
@@ -29,7 +31,7 @@ _SCALE_SUFFIX = "_scale_inv"
 NamedTensors = Iterator[tuple[Path, str, torch.Tensor]]
 
 
-class UnsupportedQuantizationError(ValueError):
+class UnsupportedQuantizationError(UnsupportedModelError):
     """The checkpoint's quantization_config names a method this engine cannot load."""
 
 

@@ -72,6 +72,11 @@ class Endpoint:
         """The response: a JSON body (collect_pieces gathers them) or an event stream."""
         raise NotImplementedError
 
+    def generate(self, prepared: Prepared) -> AsyncIterator[Any]:
+        """The request's output: the pieces of its one generation. An endpoint that runs
+        several at once (completions' list of prompts) merges them here."""
+        return self.frontend.generate(prepared.generation)
+
     def uses_own_template(self, body: Any) -> bool:
         """Whether preparing `body` renders a template the request brought (jailed, slow)."""
         return False
@@ -122,7 +127,7 @@ class Endpoint:
             raise http_error(
                 503, "The engine has failed; this replica is restarting.", "engine_dead"
             )
-        pieces = frontend.generate(prepared.generation)
+        pieces = self.generate(prepared)
         first = await first_or_error(pieces)
         return await self.respond(prepared, first, pieces, http_request)
 

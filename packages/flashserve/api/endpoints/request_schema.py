@@ -17,7 +17,7 @@ import functools
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -51,19 +51,22 @@ DEFAULT_MAX_VALUES = 100_000
 # --------------------------------------------------------------------------- loading
 
 
-def find_schema_path(path: str | os.PathLike[str] | None = None) -> Path:
-    """Where the schema is: `path`, else $FLASHSERVE_SCHEMA_PATH, else the repo or Truss copy."""
+def find_schema_path(
+    path: str | os.PathLike[str] | None = None, filename: str = SCHEMA_FILENAME
+) -> Path:
+    """Where the schema is: `path`, else (chat's) $FLASHSERVE_SCHEMA_PATH, else the repo
+    or Truss copy of `filename` (another endpoint's schema lives beside chat's in data/)."""
     if path is not None:
         return Path(path)
     from_env = os.environ.get(SCHEMA_PATH_ENV)
-    if from_env:
+    if from_env and filename == SCHEMA_FILENAME:
         return Path(from_env)
-    for candidate in (REPO_SCHEMA_PATH, TRUSS_SCHEMA_PATH):
+    candidates = (REPO_SCHEMA_PATH.with_name(filename), TRUSS_SCHEMA_PATH.with_name(filename))
+    for candidate in candidates:
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(
-        f"{SCHEMA_FILENAME} not found at {REPO_SCHEMA_PATH} or {TRUSS_SCHEMA_PATH}; "
-        f"set {SCHEMA_PATH_ENV}"
+        f"{filename} not found at {candidates[0]} or {candidates[1]}; set {SCHEMA_PATH_ENV}"
     )
 
 
@@ -72,9 +75,11 @@ def _read_schema(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def load_schema(path: str | os.PathLike[str] | None = None) -> dict[str, Any]:
+def load_schema(
+    path: str | os.PathLike[str] | None = None, filename: str = SCHEMA_FILENAME
+) -> dict[str, Any]:
     """The request schema, read once per file. Shared between callers: do not mutate it."""
-    return _read_schema(find_schema_path(path).resolve())
+    return _read_schema(find_schema_path(path, filename).resolve())
 
 
 def default_max_bytes() -> int:
@@ -340,7 +345,11 @@ def explain(error: ValidationError, root: Mapping[str, Any]) -> RequestError:
 
 
 class RequestValidator:
-    """Compiles the request schema once; `validate` is then safe to call per request."""
+    """Compiles the request schema once; `validate` is then safe to call per request.
+
+    Chat's by default; another endpoint passes its schema's `schema_filename` and its
+    own `semantics` (the rules its schema cannot express).
+    """
 
     def __init__(
         self,
@@ -350,14 +359,17 @@ class RequestValidator:
         max_depth: int = DEFAULT_MAX_DEPTH,
         max_bytes: int | None = None,
         max_values: int = DEFAULT_MAX_VALUES,
+        schema_filename: str = SCHEMA_FILENAME,
+        semantics: Callable[[dict[str, Any]], None] | None = None,
     ) -> None:
-        self.schema = load_schema(schema_path)
+        self.schema = load_schema(schema_path, schema_filename)
         Draft202012Validator.check_schema(self.schema)
         self._validator = Draft202012Validator(self.schema)
         self.multimodal = multimodal
         self.max_depth = max_depth
         self.max_bytes = default_max_bytes() if max_bytes is None else max_bytes
         self.max_values = max_values
+        self.semantics = semantics or functools.partial(check_semantics, multimodal=multimodal)
 
     def validate(self, body: object) -> dict:
         """Raise RequestError (400) unless `body` is an acceptable chat completion request.
@@ -379,5 +391,5 @@ class RequestValidator:
         error = best_match(self._validator.iter_errors(body))
         if error is not None:
             raise explain(error, self.schema)
-        check_semantics(body, multimodal=self.multimodal)
+        self.semantics(body)
         return body

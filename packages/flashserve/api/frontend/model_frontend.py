@@ -14,16 +14,19 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from flashserve.api.frontend.control_tokens import control_tokens
 from flashserve.api.frontend.disaggregated_params import unknown_context_error
 from flashserve.api.frontend.generation import GenerationRequest, Generator
 from flashserve.api.frontend.options import GenerationOptions
-from flashserve.api.frontend.output.output_plan import OutputFormats
+from flashserve.api.frontend.output.output_plan import OutputFormats, ParsingPlan
+from flashserve.api.frontend.output.reasoning import END as THINK_END
 from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.params import ModelDefaults, to_sampling_params
 from flashserve.api.frontend.prompt import encode_prompt
 from flashserve.api.frontend.structured.response_format import StructuredOutputs
 from flashserve.api.frontend.structured.tool_grammar import ToolGrammars
 from flashserve.api.frontend.template_jail import render_isolated
+from flashserve.api.frontend.thinking_budget import ThinkingBudget
 from flashserve.api.http.errors import RequestError
 from flashserve.engine.async_engine import AsyncEngine
 
@@ -50,6 +53,8 @@ class ModelFrontend:
         self.tool_grammars = ToolGrammars(tokenizer, self.structured)
         self.request_timeout_s = getattr(config, "request_timeout_s", None)
         self.generator = Generator(engine, tokenizer)
+        # Built now, so that a request template's forked render finds it ready.
+        control_tokens(tokenizer)
         # No token spans more characters than the longest vocabulary entry, so a prompt
         # longer than this cannot fit the context: refused before tokenizing (which
         # costs about a second per megabyte).
@@ -96,16 +101,24 @@ class ModelFrontend:
         prompt_ids: list[int],
         chat_template: str | None = None,
         prompt_param: str = "messages",
+        raw_text: bool = False,
+        thinking_budget: int | None = None,
     ) -> GenerationRequest:
         """The request's output plan, grammar and SamplingParams (built here, once).
 
         `prompt` is the rendered text (its open or closed thinking block decides how the
         output is parsed); `chat_template` is the request's own template, if any;
-        `prompt_param` names the field holding the prompt (for errors). Blocking
-        (grammars compile here): call it off the event loop.
+        `prompt_param` names the field holding the prompt (for errors); `raw_text` keeps
+        the output as generated, with no reasoning or tool-call split (completions);
+        `thinking_budget` caps the tokens spent thinking (frontend/thinking_budget.py; no
+        effect on a model whose reasoning is not split). Blocking (grammars compile here):
+        call it off the event loop.
         """
         tools, parsing, banned = self.formats.prepare(options, prompt, chat_template)
-        grammar = self.structured.grammar_for(options.response_format)
+        if raw_text:
+            parsing = ParsingPlan()
+        # With thinking on, response_format constrains the answer after the thinking block.
+        grammar = self.structured.grammar_for(options.response_format, parsing.thinking)
         if tools.constrained:  # tool_choice required or named: forced calls
             grammar = self.tool_grammars.compile(
                 parsing.tool_parser, tools, parsing.thinking, parsing.keep_special_ids
@@ -124,13 +137,59 @@ class ModelFrontend:
         handle = params.disaggregated.handle if params.disaggregated else None
         if handle is not None and not self.engine.engine.contexts.contains(handle):
             raise unknown_context_error(handle)
-        return GenerationRequest(
+        request = GenerationRequest(
             request_id=request_id,
             options=options,
             prompt_ids=prompt_ids,
             params=params,
             parsing=parsing,
         )
+        if thinking_budget is not None and parsing.thinking is not None:
+            resume = functools.partial(
+                self._answer_after_thinking, request, prompt, chat_template, prompt_param
+            )
+            request.thinking_budget = ThinkingBudget(thinking_budget, self._think_end_ids(), resume)
+        return request
+
+    async def _answer_after_thinking(
+        self,
+        request: GenerationRequest,
+        prompt: str,
+        chat_template: str | None,
+        prompt_param: str,
+        output_ids: list[int],
+        max_tokens: int,
+    ) -> GenerationRequest | None:
+        """The request that continues `request` once its thinking was ended for it: the
+        prompt followed by the output so far, at most `max_tokens` more, parsed and
+        constrained as a prompt whose thinking is closed. None when no context is left."""
+        prompt_ids = request.prompt_ids + output_ids
+        if len(prompt_ids) >= self.max_model_len:
+            return None
+        options = request.options.model_copy(
+            update={
+                "max_tokens": max_tokens,
+                "min_tokens": max(0, request.options.min_tokens - len(output_ids)),
+            }
+        )
+        text = prompt + self.tokenizer.decode(output_ids, skip_special_tokens=False)
+        return await self.off_loop(
+            functools.partial(
+                self.build,
+                options,
+                f"{request.request_id}-answer",
+                text,
+                prompt_ids,
+                chat_template=chat_template,
+                prompt_param=prompt_param,
+            )
+        )
+
+    def _think_end_ids(self) -> tuple[int, ...]:
+        single = self.formats.single_tokens((THINK_END,))
+        if single:
+            return tuple(single)
+        return tuple(self.tokenizer.encode(THINK_END, add_special_tokens=False))
 
     def generate(self, request: GenerationRequest) -> AsyncIterator[Piece]:
         return self.generator.generate(request)

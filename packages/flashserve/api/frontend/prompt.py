@@ -11,6 +11,7 @@ from jinja2 import nodes
 from jinja2.ext import Extension
 
 from flashserve.api.endpoints.chat_protocol import ChatRequest
+from flashserve.api.frontend.control_tokens import PromptText, control_tokens
 from flashserve.api.http.errors import RequestError
 
 
@@ -65,11 +66,14 @@ def echo_prefix(request: ChatRequest) -> str | None:
     return text if isinstance(text, str) and text else None
 
 
-def render_prompt(tokenizer: Any, request: ChatRequest) -> str:
+def render_prompt(tokenizer: Any, request: ChatRequest) -> PromptText:
     """Render the conversation with the chat template; template faults are the caller's 400.
 
     With `echo` and a final assistant message, the prompt ends inside that
     message (no end-of-turn, no generation prompt) so the model continues it.
+    Special-token strings in the request's values render as themselves but are marked
+    as text in the returned PromptText (frontend/control_tokens.py): only the
+    template's own markup becomes control tokens.
     """
     kwargs: dict[str, Any] = dict(request.chat_template_args or {})
     reserved = sorted(_RESERVED_TEMPLATE_ARGS.intersection(kwargs))
@@ -82,18 +86,20 @@ def render_prompt(tokenizer: Any, request: ChatRequest) -> str:
     if request.chat_template:
         check_template_source(request.chat_template)
     continuing = echo_prefix(request) is not None
+    guard = control_tokens(tokenizer)
+    shielded: list[str] = []
     try:
-        return tokenizer.apply_chat_template(
-            template_messages(request.messages),
+        rendered = tokenizer.apply_chat_template(
+            guard.shield(template_messages(request.messages), shielded),
             # tool_choice "none": the model is not shown the tools, so it has no call to
             # make (docs/tools-and-reasoning.md); calls already in the history still render.
-            tools=request.tools if request.tool_choice != "none" else None,
-            documents=request.documents,
+            tools=guard.shield(request.tools, shielded) if request.tool_choice != "none" else None,
+            documents=guard.shield(request.documents, shielded),
             chat_template=request.chat_template,
             add_generation_prompt=request.add_generation_prompt and not continuing,
             continue_final_message=continuing,
             tokenize=False,
-            **kwargs,
+            **{name: guard.shield(value, shielded) for name, value in kwargs.items()},
         )
     except Exception as exc:  # noqa: BLE001 - the template and its inputs are the request's
         # Sandbox violations, syntax errors, raise_exception(), oversized
@@ -104,6 +110,7 @@ def render_prompt(tokenizer: Any, request: ChatRequest) -> str:
         raise RequestError(
             f"The chat template could not render this conversation: {exc}", param=param
         ) from exc
+    return guard.resolve(rendered, shielded)
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,4 +181,6 @@ _RESERVED_TEMPLATE_ARGS = frozenset(
 
 
 def encode_prompt(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
-    return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    """The prompt's ids; in a rendered PromptText, the request's special-token strings
+    are text. A plain str (a raw completion prompt) is tokenized as it is."""
+    return control_tokens(tokenizer).encode(text, add_special_tokens)

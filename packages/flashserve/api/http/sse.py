@@ -11,9 +11,12 @@ from starlette.responses import StreamingResponse
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def sse(payload: dict[str, Any]) -> bytes:
+def sse(payload: dict[str, Any], event: str | None = None) -> bytes:
+    """One event; `event` names it (the `event:` line, which some APIs' clients read)."""
+    head = f"event: {event}\n".encode() if event else b""
     return (
-        b"data: "
+        head
+        + b"data: "
         + json.dumps(payload, ensure_ascii=False, separators=(",", ":")).encode()
         + b"\n\n"
     )

@@ -49,13 +49,29 @@ def choose_expert_path(
         return SORTED, f"torch's grouped_mm takes bfloat16, the model runs {dtype}"
     if hidden % 8 or intermediate % 8:
         return SORTED, "grouped_mm needs 16-byte aligned rows (hidden and expert sizes % 8)"
-    try:  # the kernel also depends on the GPU generation: try it once
-        a = torch.ones(4, hidden, dtype=dtype, device=device)
-        b = torch.ones(2, hidden, intermediate, dtype=dtype, device=device)
-        grouped_mm(a, b, offs=torch.tensor([2, 4], dtype=torch.int32, device=device))
-    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
-        return SORTED, f"grouped_mm failed on this device: {exc}"
+    # The kernel also depends on the GPU generation: run the forward pass once.
+    problem = grouped_path_problem(device, dtype, hidden, intermediate)
+    if problem is not None:
+        return SORTED, problem
     return GROUPED_MM, "grouped GEMM over experts sorted by id"
+
+
+def grouped_path_problem(
+    device: torch.device, dtype: torch.dtype, hidden: int, intermediate: int
+) -> str | None:
+    """Why the grouped-GEMM forward pass fails for experts of this shape here (None: it runs)."""
+    try:
+        experts = StackedExperts(2, hidden, intermediate).to(device=device, dtype=dtype)
+        experts.path = GROUPED_MM
+        with torch.no_grad():
+            experts.gate_up_proj.zero_()
+            experts.down_proj.zero_()
+            ids = torch.tensor([[1], [1], [1]], device=device)  # expert 0 gets no row
+            weights = torch.ones(3, 1, device=device)
+            experts(torch.ones(3, hidden, dtype=dtype, device=device), weights, ids)
+    except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
+        return f"grouped_mm failed on this device: {exc}"
+    return None
 
 
 class StackedExperts(nn.Module):

@@ -8,24 +8,31 @@ request reaches the engine. docs/structured-outputs.md describes what each type 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
+import torch
 
 from flashserve.api.frontend.output.detokenizer import special_token_ids
+from flashserve.api.frontend.output.reasoning import END as THINK_END
+from flashserve.api.frontend.structured.json_grammar import json_ebnf
 from flashserve.api.frontend.structured.subschemas import child_schemas
+from flashserve.api.frontend.structured.thinking import FREE, OPEN, ThinkingFormats
 from flashserve.api.http.errors import RequestError
 from flashserve.engine.structured import (
     EBNF,
     JSON_OBJECT,
+    JSON_SCHEMA,
     STRUCTURAL_TAG,
     GrammarCompilerCache,
     GrammarSpec,
     InvalidGrammarError,
     StructuredGrammar,
+    token_level,
 )
 
 SCHEMA_PARAM = "response_format.json_schema.schema"
@@ -75,28 +82,66 @@ class StructuredOutputs:
         self.stop_token_ids = stop_token_ids
         self.capacity = capacity
         self._compiler: GrammarCompilerCache | None = None
-        self._lock = threading.Lock()
+        self._compiler_lock = threading.Lock()
+        self._row_lock = threading.Lock()
+        self.thinking = ThinkingFormats(tokenizer)
+        self._row_after_thinking: torch.Tensor | None | bool = False  # False: not built yet
 
-    def grammar_for(self, response_format: dict[str, Any] | None) -> StructuredGrammar | None:
+    def grammar_for(
+        self, response_format: dict[str, Any] | None, thinking: str | None = None
+    ) -> StructuredGrammar | None:
         """The compiled grammar response_format asks for (None: unconstrained), or a
-        RequestError (400) naming what is wrong. Blocking: call it off the event loop."""
-        spec = parse_response_format(response_format)
-        return self.compile(spec) if spec is not None else None
+        RequestError (400) naming what is wrong. Blocking: call it off the event loop.
 
-    def compile(self, spec: GrammarSpec) -> StructuredGrammar:
+        `thinking` is the prompt's reasoning state (frontend/output/reasoning.py). With
+        "open" or "free" the grammar constrains the answer after the thinking block, which
+        stays free text; a grammar or structural tag that spells "</think>" itself
+        describes the whole output and applies from the first token.
+        """
+        spec = parse_response_format(response_format)
+        if spec is None:
+            return None
+        if thinking in (OPEN, FREE) and not describes_thinking(spec):
+            return self._after_thinking(spec, thinking)
+        return self.compile(spec)
+
+    def compile(self, spec: GrammarSpec, kind: str | None = None) -> StructuredGrammar:
+        """`spec` compiled; errors name the response_format field of `kind` (spec's own)."""
+        param = _PARAM_BY_KIND[kind or spec.kind]
         try:
             return self.compiler().compile(spec)
         except InvalidGrammarError as exc:
             raise RequestError(
-                f"{_PARAM_BY_KIND[spec.kind]} cannot be compiled: {exc}",
-                param=_PARAM_BY_KIND[spec.kind],
-                code="invalid_response_format",
+                f"{param} cannot be compiled: {exc}", param=param, code="invalid_response_format"
             ) from exc
+
+    def _after_thinking(self, spec: GrammarSpec, thinking: str) -> StructuredGrammar:
+        try:
+            answer = answer_format(spec)
+        except InvalidGrammarError as exc:
+            param = _PARAM_BY_KIND[spec.kind]
+            raise RequestError(
+                f"{param} cannot be compiled: {exc}", param=param, code="invalid_response_format"
+            ) from exc
+        tag = {"type": _TAG_WRAPPER, "format": self.thinking.after_thinking(answer, thinking)}
+        wrapped = GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
+        grammar = self.compile(wrapped, kind=spec.kind)
+        if spec.kind == STRUCTURAL_TAG and token_level(spec.source):
+            return dataclasses.replace(grammar, allowed=None)  # the tag places tokens itself
+        return dataclasses.replace(grammar, allowed=self._thinking_row())
+
+    def _thinking_row(self) -> torch.Tensor | None:
+        """Special tokens banned (as for every grammar) but the think tags, where special."""
+        with self._row_lock:
+            if self._row_after_thinking is False:
+                banned = set(special_token_ids(self.tokenizer) - self.thinking.special_tags())
+                self._row_after_thinking = self.compiler().allowed_row(banned)
+            return self._row_after_thinking  # type: ignore[return-value]
 
     def compiler(self) -> GrammarCompilerCache:
         # Built on first use, not at load: replicas that never see a structured request
         # skip xgrammar's import and vocabulary scan.
-        with self._lock:
+        with self._compiler_lock:
             if self._compiler is None:
                 self._compiler = GrammarCompilerCache(
                     self.tokenizer,
@@ -106,6 +151,25 @@ class StructuredOutputs:
                     capacity=self.capacity,
                 )
             return self._compiler
+
+
+def describes_thinking(spec: GrammarSpec) -> bool:
+    """A grammar or structural tag that spells the think end tag places the block itself."""
+    return spec.kind in (EBNF, STRUCTURAL_TAG) and THINK_END in spec.source
+
+
+def answer_format(spec: GrammarSpec) -> dict[str, Any]:
+    """The structural-tag format of the answer `spec` asks for (compact JSON for the
+    JSON kinds, as when they compile on their own)."""
+    if spec.kind == JSON_OBJECT:
+        return {"type": "grammar", "grammar": json_ebnf('{"type":"object"}', strict=False)}
+    if spec.kind == JSON_SCHEMA:
+        return {"type": "grammar", "grammar": json_ebnf(spec.source, strict=spec.strict)}
+    if spec.kind == EBNF:
+        return {"type": "grammar", "grammar": spec.source}
+    if spec.kind == STRUCTURAL_TAG:
+        return json.loads(spec.source)["format"]
+    raise ValueError(f"unknown grammar kind {spec.kind!r}")
 
 
 def parse_response_format(response_format: dict[str, Any] | None) -> GrammarSpec | None:

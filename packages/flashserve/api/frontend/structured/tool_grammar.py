@@ -19,12 +19,12 @@ from typing import Any
 import torch
 
 from flashserve.api.frontend.output.detokenizer import special_token_ids
-from flashserve.api.frontend.output.reasoning import END as THINK_END
 from flashserve.api.frontend.output.reasoning import START as THINK_START
+from flashserve.api.frontend.structured.json_grammar import bound_strings
 from flashserve.api.frontend.structured.response_format import StructuredOutputs
-from flashserve.api.frontend.structured.subschemas import child_schemas
+from flashserve.api.frontend.structured.thinking import FREE, OPEN, ThinkingFormats, layout
 from flashserve.api.frontend.tool_parsers import ToolParser
-from flashserve.api.frontend.tool_parsers.base import const, sequence
+from flashserve.api.frontend.tool_parsers.base import sequence
 from flashserve.api.frontend.tools import ToolPlan
 from flashserve.api.http.errors import RequestError
 from flashserve.engine.structured import (
@@ -35,12 +35,6 @@ from flashserve.engine.structured import (
     clean_xgrammar_message,
 )
 
-# Keys of a string schema that already pin its characters; a length bound alongside
-# them is left as it is.
-_STRING_SHAPERS = ("pattern", "format", "enum", "const")
-# JSON string characters without escapes: anything but '"', '\' and control characters.
-_PLAIN_CHAR = r'[^"\\\x00-\x1f]'
-
 
 class ToolGrammars:
     """Builds and compiles forced-call grammars for one model and tokenizer."""
@@ -49,6 +43,7 @@ class ToolGrammars:
         self.tokenizer = tokenizer
         self.structured = structured
         self._special = special_token_ids(tokenizer)
+        self.thinking = ThinkingFormats(tokenizer)
         self._rows: dict[frozenset[int], torch.Tensor | None] = {}
         self._lock = threading.Lock()
 
@@ -68,39 +63,22 @@ class ToolGrammars:
                 ) from exc
         parallel = plan.parallel and plan.forced is None
         body = parser.call_format(tools, parallel, self.literal)
-        if thinking == "open":  # the prompt opened the block: finish it first
-            body = sequence(self._thinking(""), _layout(), body)
-        elif thinking == "free":  # the model may think first
+        if thinking == OPEN:  # the prompt opened the block: finish it first
+            body = sequence(self.thinking.block(""), layout(), body)
+        elif thinking == FREE:  # the model may think first
             # GLM puts a newline before "<think>" (its prompt ends "<|assistant|>").
             body = sequence(
-                _layout(),
-                {"type": "optional", "content": self._thinking(THINK_START)},
-                _layout(),
+                layout(),
+                {"type": "optional", "content": self.thinking.block(THINK_START)},
+                layout(),
                 body,
             )
         tag = {"type": "structural_tag", "format": body}
         return GrammarSpec(STRUCTURAL_TAG, json.dumps(tag, separators=(",", ":")))
 
-    def _thinking(self, begin: str) -> dict[str, Any]:
-        """`begin`, free text, then "</think>" (tags as tokens where they are special)."""
-        return {
-            "type": "tag",
-            "begin": self._tag_edge(begin),
-            "content": {"type": "any_text"},
-            "end": self._tag_edge(THINK_END),
-        }
-
-    def _tag_edge(self, text: str) -> str | dict[str, Any]:
-        edge = self.literal(text) if text else const(text)
-        return text if edge["type"] == "const_string" else edge
-
     def literal(self, text: str) -> dict[str, Any]:
-        """Fixed markup: its special token where the tokenizer has one (a model writes
-        "[TOOL_CALLS]" as that token, never as text), else the text."""
-        token = self._single_token(text)
-        if token is not None and token in self._special:
-            return {"type": "token", "token": token}
-        return const(text)
+        """Fixed markup: its special token where the tokenizer has one, else the text."""
+        return self.thinking.literal(text)
 
     def compile(
         self,
@@ -131,10 +109,6 @@ class ToolGrammars:
                 self._rows[kept_special] = compiler.allowed_row(set(self._special - kept_special))
             return self._rows[kept_special]
 
-    def _single_token(self, text: str) -> int | None:
-        ids = self.tokenizer.encode(text, add_special_tokens=False)
-        return ids[0] if len(ids) == 1 else None
-
 
 def arguments_format(parameters: dict[str, Any]) -> dict[str, Any]:
     """A structural-tag format for arguments that validate against `parameters`."""
@@ -159,7 +133,7 @@ def _json_grammar(schema_json: str, arguments: bool) -> str:
     if arguments:
         schema = grammar_schema(schema)
     else:
-        _bound_strings(schema)
+        bound_strings(schema)
     try:
         # Compact JSON (no free whitespace): a weak model could otherwise write spaces
         # until max_tokens; strict: no properties beyond the schema's.
@@ -181,23 +155,5 @@ def grammar_schema(parameters: dict[str, Any]) -> dict[str, Any]:
     schema.setdefault("type", "object")
     if schema["type"] == "object":
         schema.setdefault("properties", {})
-    _bound_strings(schema)
+    bound_strings(schema)
     return schema
-
-
-def _bound_strings(schema: Any) -> None:
-    if not isinstance(schema, dict):
-        return
-    bounded = "minLength" in schema or "maxLength" in schema
-    if schema.get("type") == "string" and bounded and not any(k in schema for k in _STRING_SHAPERS):
-        low, high = int(schema.get("minLength", 0)), schema.get("maxLength")
-        schema["pattern"] = f"^{_PLAIN_CHAR}{{{low},{'' if high is None else int(high)}}}$"
-        schema.pop("minLength", None)
-        schema.pop("maxLength", None)
-    for _, sub in child_schemas(schema):
-        _bound_strings(sub)
-
-
-def _layout() -> dict[str, Any]:
-    # Qwen3 and R1 put a blank line between "</think>" and the answer.
-    return {"type": "regex", "pattern": r"[ \n]{0,2}"}
