@@ -141,12 +141,19 @@ def test_a_tensor_of_the_wrong_shape_is_named(tiny_mistral, tmp_path):
 def test_a_quantized_checkpoint_is_refused_not_cast():
     raw = {
         "architectures": ["Qwen3MoeForCausalLM"],
-        "quantization_config": {"quant_method": "fp8", "weight_block_size": [128, 128]},
+        "quantization_config": {"quant_method": "gptq", "bits": 4},
         "vocab_size": 8,
         "hidden_size": 8,
         "intermediate_size": 8,
         "num_hidden_layers": 1,
         "num_attention_heads": 2,
     }
-    with pytest.raises(UnsupportedModelError, match=r"quantized \(fp8\)"):
+    with pytest.raises(UnsupportedModelError, match=r"quant_method 'gptq' is not supported"):
         ModelConfig.from_dict(raw)
+    # FP8 with per-tensor scales has no block scales to apply: refused too.
+    raw["quantization_config"] = {"quant_method": "fp8"}
+    with pytest.raises(UnsupportedModelError, match="fp8 without weight_block_size"):
+        ModelConfig.from_dict(raw)
+    # Block-wise FP8 (DeepSeek-V3's format) is dequantized at load (test_fp8_checkpoint.py).
+    raw["quantization_config"] = {"quant_method": "fp8", "weight_block_size": [128, 128]}
+    assert ModelConfig.from_dict(raw).architecture == "Qwen3MoeForCausalLM"

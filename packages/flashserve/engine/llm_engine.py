@@ -118,13 +118,18 @@ class LLMEngine:
             self.max_model_len,
         )
         per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
+        spec = self.model.kv_cache_spec
         logger.info(
-            "startup: KV cache sized in %.1f s: %d blocks x %d tokens = %d tokens, %.2f GiB",
+            "startup: KV cache sized in %.1f s: %d blocks x %d tokens = %d tokens, %.2f GiB; "
+            "%d KV bytes per token (%s per layer x %d layers)",
             self._phase_done("KV cache sized", started),
             num_blocks,
             self.block_size,
             num_blocks * self.block_size,
             num_blocks * per_block / (1 << 30),
+            per_block // self.block_size,
+            spec.token_layout(self.dtype),
+            spec.num_layers,
         )
         graph_problem = self.model.decode_graph_problem if self._use_cuda_graphs else None
         if graph_problem is not None:

@@ -23,6 +23,7 @@ from flashserve.layers.attention import AttentionBackend
 from flashserve.layers.linear import weight_loader_of
 from flashserve.models.base import CausalLM
 from flashserve.models.model_config import ModelConfig
+from flashserve.models.quantization import NamedTensors, checkpoint_quantization
 from flashserve.models.registry import model_class
 from flashserve.models.safetensors_stream import iter_tensors
 
@@ -90,29 +91,44 @@ def load_model(
     files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise FileNotFoundError(f"no *.safetensors files in {model_dir}")
+    # Before building: an unsupported quantization method fails the load at once.
+    quantization = checkpoint_quantization(cfg.raw)
     model = build_model(cfg, backend, dtype, device, max_positions)
+    if quantization is not None:
+        logger.info("weights: %s", quantization.describe(dtype, device))
     load_weights(model, files)
     return model
+
+
+def _checkpoint_tensors(model: CausalLM, files: list[Path]) -> NamedTensors:
+    """(file, name, tensor) of every checkpoint tensor, quantized weights dequantized."""
+    stream = ((path, name, tensor) for path in files for name, tensor in iter_tensors(path))
+    quantization = checkpoint_quantization(model.config.raw)
+    if quantization is None:
+        return stream
+    device = next(model.parameters()).device
+    return quantization.dequantized(
+        stream, lambda name: model.checkpoint_target(name) is not None, device
+    )
 
 
 @torch.no_grad()
 def load_weights(model: CausalLM, files: list[Path]) -> None:
     params = dict(model.named_parameters())
     written: dict[str, int] = defaultdict(int)
-    for path in files:
-        for name, tensor in iter_tensors(path):
-            target = model.checkpoint_target(name)
-            if target is None:
-                continue
-            param_name, shard = target
-            param = params.get(param_name)
-            if param is None:
-                logger.warning("ignoring checkpoint tensor %s", name)
-                continue
-            try:
-                written[param_name] += weight_loader_of(param)(param, tensor, shard)
-            except ValueError as exc:
-                raise ValueError(f"{path.name}: tensor {name}: {exc}") from None
+    for path, name, tensor in _checkpoint_tensors(model, files):
+        target = model.checkpoint_target(name)
+        if target is None:
+            continue
+        param_name, shard = target
+        param = params.get(param_name)
+        if param is None:
+            logger.warning("ignoring checkpoint tensor %s", name)
+            continue
+        try:
+            written[param_name] += weight_loader_of(param)(param, tensor, shard)
+        except ValueError as exc:
+            raise ValueError(f"{path.name}: tensor {name}: {exc}") from None
     missing = sorted(name for name, p in params.items() if written[name] < p.numel())
     if missing:
         folder = files[0].parent

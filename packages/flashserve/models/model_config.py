@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flashserve.models.quantization import checkpoint_quantization
 from flashserve.models.registry import UnsupportedModelError, architecture
 
 __all__ = ["ModelConfig", "UnsupportedModelError"]
@@ -46,14 +47,9 @@ class ModelConfig:
         archs = raw.get("architectures") or ["LlamaForCausalLM"]
         arch = archs[0]
         entry = architecture(arch)
-        quantization = raw.get("quantization_config")
-        if quantization:
-            # Their weights need scales applied; cast as they are they would be garbage.
-            method = quantization.get("quant_method") or quantization.get("fmt") or "unknown"
-            raise UnsupportedModelError(
-                f"{arch} checkpoint is quantized ({method}); this engine loads bf16, fp16 "
-                "or fp32 checkpoints only"
-            )
+        # A quantization method the loader cannot dequantize fails here, before any
+        # download: cast as they are, its weights would be garbage.
+        checkpoint_quantization(raw)
         activation = raw.get("hidden_act") or raw.get("hidden_activation") or "silu"
         if activation not in ("silu", "swish"):
             # Every implemented feed-forward block is SwiGLU.

@@ -38,6 +38,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "Qwen3MoeForCausalLM": Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True),
     "MixtralForCausalLM": Architecture("mixtral", "MixtralForCausalLM"),
     "Glm4MoeForCausalLM": Architecture("glm4_moe", "Glm4MoeForCausalLM"),
+    # Multi-head latent attention + MoE: DeepSeek-V3/R1/V3.1 and Kimi K2 checkpoints.
+    "DeepseekV3ForCausalLM": Architecture("deepseek_v3", "DeepseekV3ForCausalLM"),
+    "DeepseekV2ForCausalLM": Architecture("deepseek_v3", "DeepseekV2ForCausalLM"),
 }
 
 
