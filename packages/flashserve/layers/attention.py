@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from flashserve.layers import cpu_decode_attention
+
 logger = logging.getLogger(__name__)
 
 _CAPTURABLE_SDPA = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
@@ -97,7 +99,8 @@ class TorchAttention(AttentionBackend):
         if meta.fixed_shape_decode:
             args = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
             if not q.is_cuda:
-                return _paged_decode(*args)
+                max_context = meta.block_tables.shape[1] * k_cache.shape[1]
+                return _cpu_decode(*args, max_context)
             # This runs once, while a CUDA graph captures it: keep SDPA to kernels
             # that capture cleanly (torch may otherwise pick cuDNN for a masked call).
             with sdpa_kernel(_CAPTURABLE_SDPA):
@@ -122,7 +125,18 @@ class TorchAttention(AttentionBackend):
         n = q.shape[0]
         blocks_needed = -(-meta.max_context_len // k_cache.shape[1])
         tables = meta.block_tables[:n, :blocks_needed]
-        return _paged_decode(q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
+        args = (q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
+        if q.is_cuda:
+            return _paged_decode(*args)
+        return _cpu_decode(*args, meta.max_context_len)
+
+
+def _cpu_decode(q, k_cache, v_cache, tables, context_lens, scale, max_context):
+    """The paged kernel reading the cache in place (cpu_decode_attention), else _paged_decode."""
+    out = cpu_decode_attention.paged_decode(
+        q, k_cache, v_cache, tables, context_lens, scale, max_context
+    )
+    return _paged_decode(q, k_cache, v_cache, tables, context_lens, scale) if out is None else out
 
 
 def _paged_decode(q, k_cache, v_cache, tables, context_lens, scale):
