@@ -168,7 +168,7 @@ def _build() -> Path:
     """The compiled library, built unless the cache already holds this source's build."""
     compiler = shutil.which(os.environ.get("CC", "cc"))
     if compiler is None:
-        raise RuntimeError("no C compiler (cc) on PATH")
+        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
     source = SOURCE.read_bytes()
     # -march=native: a library built on one CPU must not be loaded on another.
     key = hashlib.sha256(
