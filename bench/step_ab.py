@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
           "| before ms (CPU) | after ms (CPU) | CPU ratio |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for phase, by_label in times.items():
+        if not by_label["after"]:
+            continue
         med = {
             label: [statistics.median(t[k] for t in runs) * 1e3 for k in (0, 1)]
             for label, runs in by_label.items()

@@ -55,11 +55,13 @@ def test_matches_gather_and_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(dtype):
-    contexts = [33, 5, 130, 64]
+    # Nine rows on two threads run a row per task; one row alone, a KV head per task.
+    contexts = [33, 5, 130, 64, 1, 16, 17, 90, 48]
     q, k_cache, v_cache, tables, lens = _case(dtype, 8, 2, 64, contexts, seed=3)
-    batch = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, 130)
     threads = torch.get_num_threads()
     try:
+        torch.set_num_threads(2)
+        batch = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, 130)
         torch.set_num_threads(1)
         for row in range(len(contexts)):
             alone = cpu_decode_attention.paged_decode(
