@@ -10,14 +10,16 @@ apart). Decode: the W1 batch (64 rows, top_p 0.95 alone, T 0.8) after its
 prefill, the variants taking turns for --steps steps each. Prefill: --prefills
 fresh W1 batches per variant, alternating, each aborted after its prefill step.
 Reported: medians of wall and of CPU time (this process) per step, and their
-ratios. Each change is a context manager that switches the engine back to what
-it did before.
+ratios. With --w1 N, also whole W1 runs (64 fresh prompts of 128 tokens, 128
+output tokens each, top_p 0.95 alone), N per variant, alternating. Each change
+is a context manager that switches the engine back to what it did before.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -28,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import DEFAULT_MODEL, machine, make_engine, today  # noqa: E402
-from w1 import Workload  # noqa: E402
+from w1 import Workload, run_engine  # noqa: E402
 
 
 @contextlib.contextmanager
@@ -72,11 +74,11 @@ def _variant(change: str, before: bool) -> contextlib.AbstractContextManager[Non
     return CHANGES[change]() if before else contextlib.nullcontext()
 
 
-def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, float]]]]:
+def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]]]:
     engine = make_engine(args.model, dtype=args.dtype, cpu_threads=args.threads)
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     work = Workload(args.prompt_len, vocab, 0, 0.8, 0.95, -1)
-    times: dict[str, dict[str, list[tuple[float, float]]]] = {
+    times: dict[str, dict[str, list[tuple[float, ...]]]] = {
         "prefill": {"before": [], "after": []},
         "decode": {"before": [], "after": []},
     }
@@ -103,6 +105,15 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, float
             for rid in ids:
                 engine.abort(rid)
 
+    times["W1"] = {"before": [], "after": []}
+    w1 = dataclasses.replace(work, output_len=128)
+    for rep in range(args.w1):
+        for label in ("before", "after") if rep % 2 == 0 else ("after", "before"):
+            with _variant(args.change, label == "before"):
+                cpu = time.process_time()
+                tokens, wall = run_engine(engine, w1, args.requests)
+                times["W1"][label].append((wall, time.process_time() - cpu, tokens))
+
     add_batch("decode", 10**6)
     engine.step()  # the prefill
     for i in range(2 * args.steps):
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--steps", type=int, default=40, help="decode steps per variant")
     parser.add_argument("--prefills", type=int, default=3, help="prefill steps per variant")
+    parser.add_argument("--w1", type=int, default=0, help="whole W1 runs per variant")
     args = parser.parse_args(argv)
 
     times = run(args)
@@ -133,6 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     for phase, by_label in times.items():
         if not by_label["after"]:
             continue
+        if phase == "W1":
+            continue
         med = {
             label: [statistics.median(t[k] for t in runs) * 1e3 for k in (0, 1)]
             for label, runs in by_label.items()
@@ -141,6 +155,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"| {phase} | {len(by_label['after'])} | {bw:.1f} | {aw:.1f} | {bw / aw:.2f}x "
             f"| {bc:.1f} | {ac:.1f} | {bc / ac:.2f}x |"
+        )
+    w1 = times["W1"]
+    if w1["after"]:
+        rates = {label: statistics.median(t[2] / t[0] for t in runs) for label, runs in w1.items()}
+        print(
+            f"\nW1 (64 x 128 in, 128 out; median of {len(w1['after'])} per variant): "
+            f"before {rates['before']:.0f} tok/s, after {rates['after']:.0f} tok/s, "
+            f"{rates['after'] / rates['before']:.2f}x"
         )
     return 0
 

@@ -7,7 +7,9 @@ holds for the sequence (`block_tables`, `context_lens`).
 
 Two backends compute the same thing:
 - `flash_attn`: varlen kernel reading the paged cache directly (CUDA only).
-- `torch`: scaled_dot_product_attention; runs everywhere, including CPU.
+- `torch`: scaled_dot_product_attention; runs everywhere, including CPU. On
+  the CPU its decode rows go to cpu_decode_attention's kernel, which reads the
+  paged cache in place (SDPA over gathered blocks where that cannot run).
 
 A decode step replayed from a CUDA graph (engine/cuda_graphs.py) passes
 metadata with `fixed_shape_decode` set: one token per row, every tensor of a
@@ -331,6 +333,8 @@ def select_backend(
         logger.warning("attention backend: torch (SDPA), not flash_attn: %s", "; ".join(problems))
     else:
         logger.info("attention backend: torch (scaled_dot_product_attention) on %s", device.type)
+    if device.type == "cpu":
+        cpu_decode_attention.available()  # built now, at load, not in the first decode step
     return TorchAttention()
 
 
