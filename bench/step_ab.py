@@ -113,6 +113,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
                 cpu = time.process_time()
                 tokens, wall = run_engine(engine, w1, args.requests)
                 times["W1"][label].append((wall, time.process_time() - cpu, tokens))
+            print(
+                f"  W1 {label}: {tokens} tokens in {wall:.1f} s, {tokens / wall:.0f} tok/s",
+                flush=True,
+            )
 
     add_batch("decode", 10**6)
     engine.step()  # the prefill
