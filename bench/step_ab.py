@@ -163,10 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     w1 = times["W1"]
     if w1["after"]:
         rates = {label: statistics.median(t[2] / t[0] for t in runs) for label, runs in w1.items()}
+        cpu = {label: statistics.median(t[1] for t in runs) for label, runs in w1.items()}
         print(
             f"\nW1 (64 x 128 in, 128 out; median of {len(w1['after'])} per variant): "
             f"before {rates['before']:.0f} tok/s, after {rates['after']:.0f} tok/s, "
-            f"{rates['after'] / rates['before']:.2f}x"
+            f"{rates['after'] / rates['before']:.2f}x; CPU s before {cpu['before']:.1f}, "
+            f"after {cpu['after']:.1f}, {cpu['before'] / cpu['after']:.2f}x"
         )
     return 0
 
