@@ -7,7 +7,9 @@ holds for the sequence (`block_tables`, `context_lens`).
 
 Two backends compute the same thing:
 - `flash_attn`: varlen kernel reading the paged cache directly (CUDA only).
-- `torch`: scaled_dot_product_attention; runs everywhere, including CPU.
+- `torch`: scaled_dot_product_attention; runs everywhere, including CPU. On
+  the CPU its decode rows go to cpu_decode_attention's kernel, which reads the
+  paged cache in place (SDPA over gathered blocks where that cannot run).
 
 A decode step replayed from a CUDA graph (engine/cuda_graphs.py) passes
 metadata with `fixed_shape_decode` set: one token per row, every tensor of a
@@ -24,6 +26,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from flashserve.layers import cpu_decode_attention
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +101,8 @@ class TorchAttention(AttentionBackend):
         if meta.fixed_shape_decode:
             args = (q, k_cache, v_cache, meta.block_tables, meta.context_lens, scale)
             if not q.is_cuda:
-                return _paged_decode(*args)
+                max_context = meta.block_tables.shape[1] * k_cache.shape[1]
+                return _cpu_decode(*args, max_context)
             # This runs once, while a CUDA graph captures it: keep SDPA to kernels
             # that capture cleanly (torch may otherwise pick cuDNN for a masked call).
             with sdpa_kernel(_CAPTURABLE_SDPA):
@@ -122,7 +127,18 @@ class TorchAttention(AttentionBackend):
         n = q.shape[0]
         blocks_needed = -(-meta.max_context_len // k_cache.shape[1])
         tables = meta.block_tables[:n, :blocks_needed]
-        return _paged_decode(q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
+        args = (q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
+        if q.is_cuda:
+            return _paged_decode(*args)
+        return _cpu_decode(*args, meta.max_context_len)
+
+
+def _cpu_decode(q, k_cache, v_cache, tables, context_lens, scale, max_context):
+    """The paged kernel reading the cache in place (cpu_decode_attention), else _paged_decode."""
+    out = cpu_decode_attention.paged_decode(
+        q, k_cache, v_cache, tables, context_lens, scale, max_context
+    )
+    return _paged_decode(q, k_cache, v_cache, tables, context_lens, scale) if out is None else out
 
 
 def _paged_decode(q, k_cache, v_cache, tables, context_lens, scale):
@@ -317,6 +333,8 @@ def select_backend(
         logger.warning("attention backend: torch (SDPA), not flash_attn: %s", "; ".join(problems))
     else:
         logger.info("attention backend: torch (scaled_dot_product_attention) on %s", device.type)
+    if device.type == "cpu":
+        cpu_decode_attention.available()  # built now, at load, not in the first decode step
     return TorchAttention()
 
 

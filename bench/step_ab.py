@@ -1,0 +1,177 @@
+"""A/B of one engine change at a time, step by step, in one process and one engine.
+
+    python bench/step_ab.py [--change decode_kernel] [--dtype auto] [--threads 2]
+                            [--requests 64] [--prompt-len 128] [--steps 40] [--prefills 3]
+
+Made for a shared machine: "before" and "after" alternate step by step on the
+same engine, so both see the same load and nearly the same state (a decode step
+adds one token to every row, so neighbouring steps read contexts one token
+apart). Decode: the W1 batch (64 rows, top_p 0.95 alone, T 0.8) after its
+prefill, the variants taking turns for --steps steps each. Prefill: --prefills
+fresh W1 batches per variant, alternating, each aborted after its prefill step.
+Reported: medians of wall and of CPU time (this process) per step, and their
+ratios. With --w1 N, also whole W1 runs (64 fresh prompts of 128 tokens, 128
+output tokens each, top_p 0.95 alone), N per variant, alternating. Each change
+is a context manager that switches the engine back to what it did before.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import DEFAULT_MODEL, machine, make_engine, today  # noqa: E402
+from w1 import Workload, run_engine  # noqa: E402
+
+
+@contextlib.contextmanager
+def _decode_kernel_off() -> Iterator[None]:
+    """Decode attention as before: gather the blocks (index_select), then SDPA."""
+    from flashserve.layers import cpu_decode_attention
+
+    saved = cpu_decode_attention.enabled
+    cpu_decode_attention.enabled = False
+    try:
+        yield
+    finally:
+        cpu_decode_attention.enabled = saved
+
+
+# change name -> what switches it off (the "before")
+CHANGES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+    "decode_kernel": _decode_kernel_off,
+}
+
+
+def _params(work: Workload, max_tokens: int):
+    from flashserve.engine.sampling_params import SamplingParams
+
+    return SamplingParams(
+        max_tokens=max_tokens,
+        temperature=work.temperature,
+        top_p=work.top_p,
+        top_k=work.top_k,
+        ignore_eos=True,
+    )
+
+
+def _timed(step: Callable[[], object]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def _variant(change: str, before: bool) -> contextlib.AbstractContextManager[None]:
+    return CHANGES[change]() if before else contextlib.nullcontext()
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]]]:
+    engine = make_engine(args.model, dtype=args.dtype, cpu_threads=args.threads)
+    vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
+    work = Workload(args.prompt_len, vocab, 0, 0.8, 0.95, -1)
+    times: dict[str, dict[str, list[tuple[float, ...]]]] = {
+        "prefill": {"before": [], "after": []},
+        "decode": {"before": [], "after": []},
+    }
+
+    def add_batch(tag: str, max_tokens: int) -> list[str]:
+        ids = []
+        for i, prompt in enumerate(work.fresh_prompts(args.requests)):
+            ids.append(f"{tag}-{i}")
+            engine.add_request(ids[-1], prompt, _params(work, max_tokens))
+        return ids
+
+    # Warm-up: both variants once (first calls build kernels, allocate buffers).
+    for before in (True, False):
+        with _variant(args.change, before):
+            add_batch(f"warm-{before}", 4)
+            while engine.has_work():
+                engine.step()
+
+    for rep in range(args.prefills):
+        for label in ("before", "after") if rep % 2 == 0 else ("after", "before"):
+            ids = add_batch(f"prefill-{rep}-{label}", 2)
+            with _variant(args.change, label == "before"):
+                times["prefill"][label].append(_timed(engine.step))
+            for rid in ids:
+                engine.abort(rid)
+
+    times["W1"] = {"before": [], "after": []}
+    w1 = dataclasses.replace(work, output_len=128)
+    for rep in range(args.w1):
+        for label in ("before", "after") if rep % 2 == 0 else ("after", "before"):
+            with _variant(args.change, label == "before"):
+                cpu = time.process_time()
+                tokens, wall = run_engine(engine, w1, args.requests)
+                times["W1"][label].append((wall, time.process_time() - cpu, tokens))
+            print(
+                f"  W1 {label}: {tokens} tokens in {wall:.1f} s, {tokens / wall:.0f} tok/s",
+                flush=True,
+            )
+
+    add_batch("decode", 10**6)
+    engine.step()  # the prefill
+    for i in range(2 * args.steps):
+        label = ("before", "after")[(i + i // 2) % 2]  # ABBA order: neither always goes first
+        with _variant(args.change, label == "before"):
+            times["decode"][label].append(_timed(engine.step))
+    return times
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    parser.add_argument("--change", choices=sorted(CHANGES), default="decode_kernel")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--requests", type=int, default=64)
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=40, help="decode steps per variant")
+    parser.add_argument("--prefills", type=int, default=3, help="prefill steps per variant")
+    parser.add_argument("--w1", type=int, default=0, help="whole W1 runs per variant")
+    args = parser.parse_args(argv)
+
+    times = run(args)
+    print(f"{today()}  {machine()}  change: {args.change}  dtype {args.dtype}, ", end="")
+    print(f"{args.threads} threads, {args.requests} x {args.prompt_len}-token prompts")
+    print("| phase | steps each | before ms (wall) | after ms (wall) | wall ratio "
+          "| before ms (CPU) | after ms (CPU) | CPU ratio |")  # fmt: skip
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for phase, by_label in times.items():
+        if not by_label["after"]:
+            continue
+        if phase == "W1":
+            continue
+        med = {
+            label: [statistics.median(t[k] for t in runs) * 1e3 for k in (0, 1)]
+            for label, runs in by_label.items()
+        }
+        (bw, bc), (aw, ac) = med["before"], med["after"]
+        print(
+            f"| {phase} | {len(by_label['after'])} | {bw:.1f} | {aw:.1f} | {bw / aw:.2f}x "
+            f"| {bc:.1f} | {ac:.1f} | {bc / ac:.2f}x |"
+        )
+    w1 = times["W1"]
+    if w1["after"]:
+        rates = {label: statistics.median(t[2] / t[0] for t in runs) for label, runs in w1.items()}
+        cpu = {label: statistics.median(t[1] for t in runs) for label, runs in w1.items()}
+        print(
+            f"\nW1 (64 x 128 in, 128 out; median of {len(w1['after'])} per variant): "
+            f"before {rates['before']:.0f} tok/s, after {rates['after']:.0f} tok/s, "
+            f"{rates['after'] / rates['before']:.2f}x; CPU s before {cpu['before']:.1f}, "
+            f"after {cpu['after']:.1f}, {cpu['before'] / cpu['after']:.2f}x"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+/* Decode attention over the paged KV cache, read where it lies (CPU).
+ *
+ * One query token per row. Each (row, KV head) is one task: the G query heads
+ * that share the KV head read each key and value row of the sequence's blocks
+ * once, straight from the cache ([blocks, block_size, kv_heads, head_dim]),
+ * with no gathered copy. Scores go to a per-thread buffer, then an exact
+ * softmax (max first), then the weighted sum of the values, all in fp32.
+ *
+ * A task's arithmetic depends only on its own row (fixed lane order, no
+ * dependence on the batch, the thread count or the memory alignment), so a
+ * request's output is the same bits alone or in any batch.
+ *
+ * Built at first use by layers/cpu_decode_attention.py (cc -O3 -march=native
+ * -fopenmp); OpenMP shares the thread pool torch already loaded (same soname).
+ */
+#define _POSIX_C_SOURCE 200112L
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 8
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
+
+static inline vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
+
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof(h));
+    vu u = __builtin_convertvector(h, vu) << 16;
+    vf v;
+    memcpy(&v, &u, sizeof(v));
+    return v;
+}
+
+static inline float lane_sum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
+
+/* Vector arrays need their own alignment (32 bytes); malloc promises 16. */
+static vf *vectors(size_t count) {
+    void *p = NULL;
+    return posix_memalign(&p, sizeof(vf), count * sizeof(vf)) ? NULL : (vf *)p;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
+    return (uint16_t)(u >> 16);
+}
+
+static inline void store_bf16(uint16_t *p, vf v) {
+    for (int i = 0; i < LANES; i++) p[i] = f32_to_bf16(v[i]);
+}
+
+/* One task: KV heads [h0, h1) of one row. bf16 is a compile-time constant in
+ * each caller, so the compiler specialises the loads and stores. Blocks are
+ * walked in order and, within a token, the task's heads side by side (they
+ * are contiguous in the cache); each key or value row is converted to fp32
+ * once, for all G query heads of its group. Query head q of the task is
+ * (h - h0) * group + g; scores hold one context-long row per query head. */
+static inline void attend(int bf16, const void *q, const void *k_cache, const void *v_cache,
+                          const int32_t *table, int64_t ctx, void *out, int64_t h0, int64_t h1,
+                          int64_t group, int64_t chunks, int64_t head_dim, int64_t block_size,
+                          int64_t token_stride, float scale, float *scores, vf *qv, vf *row,
+                          vf *acc) {
+#define AT(base, index) \
+    (bf16 ? (const void *)((const uint16_t *)(base) + (index)) \
+          : (const void *)((const float *)(base) + (index)))
+#define LOAD(ptr) (bf16 ? load_bf16((const uint16_t *)(ptr)) : load_f32((const float *)(ptr)))
+    const int64_t block_stride = block_size * token_stride, heads = (h1 - h0) * group;
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t c = 0; c < chunks; c++)
+            qv[i * chunks + c] = LOAD(AT(q, (h0 * group + i) * head_dim + c * LANES)) * scale;
+    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, b++) {
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            for (int64_t h = h0; h < h1; h++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    row[c] = LOAD(AT(k_cache, token + h * head_dim + c * LANES));
+                for (int64_t i = (h - h0) * group; i < (h - h0 + 1) * group; i++) {
+                    vf dot = {0};
+                    for (int64_t c = 0; c < chunks; c++) dot += qv[i * chunks + c] * row[c];
+                    scores[i * ctx + t0 + j] = lane_sum(dot);
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < heads; i++) {
+        float *s = scores + i * ctx, best = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) best = s[t] > best ? s[t] : best;
+        for (int64_t t = 0; t < ctx; t++) {
+            s[t] = expf(s[t] - best);
+            total += s[t];
+        }
+        for (int64_t t = 0; t < ctx; t++) s[t] /= total; /* ctx 0: nothing to divide */
+    }
+    memset(acc, 0, sizeof(vf) * (size_t)(heads * chunks));
+    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, b++) {
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            for (int64_t h = h0; h < h1; h++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    row[c] = LOAD(AT(v_cache, token + h * head_dim + c * LANES));
+                for (int64_t i = (h - h0) * group; i < (h - h0 + 1) * group; i++) {
+                    const float p = scores[i * ctx + t0 + j];
+                    for (int64_t c = 0; c < chunks; c++) acc[i * chunks + c] += p * row[c];
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t at = (h0 * group + i) * head_dim + c * LANES;
+            if (bf16)
+                store_bf16((uint16_t *)out + at, acc[i * chunks + c]);
+            else
+                store_f32((float *)out + at, acc[i * chunks + c]);
+        }
+#undef LOAD
+#undef AT
+}
+
+/* q, out: [rows, q_heads, head_dim] with the given row strides (elements);
+ * head_dim contiguous, heads head_dim apart. Caches contiguous. tables: int32
+ * [rows, table_stride]. A task is a whole row when there are enough rows to
+ * keep every thread busy, else one KV head of a row (a single sequence still
+ * spreads over the threads). Which split runs changes no bits: each query
+ * head's arithmetic is the same either way. Returns nonzero when scratch
+ * memory ran out. */
+static inline int paged_decode(int bf16, const void *q, int64_t q_row_stride,
+                               const void *k_cache, const void *v_cache, const int32_t *tables,
+                               int64_t table_stride, const int32_t *context_lens, void *out,
+                               int64_t out_row_stride, int64_t rows, int64_t q_heads,
+                               int64_t kv_heads, int64_t head_dim, int64_t block_size,
+                               float scale, int64_t max_context, int threads) {
+    const int64_t group = q_heads / kv_heads, chunks = head_dim / LANES;
+    const int64_t size = bf16 ? 2 : 4;
+    const int64_t span = rows >= 4 * (int64_t)threads ? kv_heads : 1; /* KV heads per task */
+    const int64_t parts = kv_heads / span;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *scores = malloc(sizeof(float) * (size_t)(max_context * span * group));
+        vf *qv = vectors((size_t)(span * group * chunks));
+        vf *acc = vectors((size_t)(span * group * chunks));
+        vf *row = vectors((size_t)chunks);
+        if (!scores || !qv || !acc || !row) {
+#pragma omp atomic write
+            failed = 1;
+        } else {
+#pragma omp for schedule(static)
+            for (int64_t task = 0; task < rows * parts; task++) {
+                const int64_t r = task / parts, h0 = (task % parts) * span;
+                const int64_t ctx = context_lens[r] < max_context ? context_lens[r] : max_context;
+                attend(bf16, (const char *)q + r * q_row_stride * size, k_cache, v_cache,
+                       tables + r * table_stride, ctx, (char *)out + r * out_row_stride * size,
+                       h0, h0 + span, group, chunks, head_dim, block_size, kv_heads * head_dim,
+                       scale, scores, qv, row, acc);
+            }
+        }
+        free(scores);
+        free(qv);
+        free(acc);
+        free(row);
+    }
+    return failed;
+}
+
+#define ENTRY(NAME, BF16)                                                                        \
+    int NAME(const void *q, int64_t q_row_stride, const void *k_cache, const void *v_cache,     \
+             const int32_t *tables, int64_t table_stride, const int32_t *context_lens,          \
+             void *out, int64_t out_row_stride, int64_t rows, int64_t q_heads,                  \
+             int64_t kv_heads, int64_t head_dim, int64_t block_size, float scale,               \
+             int64_t max_context, int threads) {                                                 \
+        return paged_decode(BF16, q, q_row_stride, k_cache, v_cache, tables, table_stride,      \
+                            context_lens, out, out_row_stride, rows, q_heads, kv_heads,         \
+                            head_dim, block_size, scale, max_context, threads);                 \
+    }
+
+ENTRY(paged_decode_f32, 0)
+ENTRY(paged_decode_bf16, 1)

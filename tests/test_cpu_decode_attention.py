@@ -1,0 +1,119 @@
+"""The CPU paged decode kernel computes what gather + SDPA computes, reading the cache in place."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from flashserve.layers import cpu_decode_attention
+from flashserve.layers.attention import _cpu_decode, _paged_decode
+
+BLOCK = 16
+NUM_BLOCKS = 64
+
+
+def _case(dtype, q_heads, kv_heads, head_dim, contexts, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (NUM_BLOCKS, BLOCK, kv_heads, head_dim)
+    k_cache = torch.randn(shape, generator=gen).to(dtype)
+    v_cache = torch.randn(shape, generator=gen).to(dtype)
+    width = max(-(-c // BLOCK) for c in contexts)
+    # Each row owns scattered blocks, as the block manager hands them out; the
+    # columns past a row's context point at block 0, as padded tables do.
+    order = torch.randperm(NUM_BLOCKS, generator=gen)
+    tables = torch.zeros((len(contexts), width), dtype=torch.int32)
+    used = 0
+    for row, ctx in enumerate(contexts):
+        need = -(-ctx // BLOCK)
+        tables[row, :need] = order[used : used + need]
+        used += need
+    q = torch.randn((len(contexts), q_heads, head_dim), generator=gen).to(dtype)
+    lens = torch.tensor(contexts, dtype=torch.int32)
+    return q, k_cache, v_cache, tables, lens
+
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_builds():
+    if not cpu_decode_attention.available():
+        pytest.fail("the kernel does not build here (a C compiler is part of the dev setup)")
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 32)])
+def test_matches_gather_and_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
+    # Contexts of one token, exactly one block, one past a block, several blocks.
+    contexts = [1, 16, 17, 40, 200, 7]
+    q, k_cache, v_cache, tables, lens = _case(dtype, q_heads, kv_heads, head_dim, contexts)
+    scale = head_dim**-0.5
+    got = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, scale, max(contexts))
+    assert got is not None and got.dtype == dtype and got.shape == q.shape
+    want = _paged_decode(q, k_cache, v_cache, tables, lens, scale)
+    torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(dtype):
+    # Nine rows on two threads run a row per task; one row alone, a KV head per task.
+    contexts = [33, 5, 130, 64, 1, 16, 17, 90, 48]
+    q, k_cache, v_cache, tables, lens = _case(dtype, 8, 2, 64, contexts, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        batch = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, 130)
+        torch.set_num_threads(1)
+        for row in range(len(contexts)):
+            alone = cpu_decode_attention.paged_decode(
+                q[row : row + 1], k_cache, v_cache, tables[row : row + 1], lens[row : row + 1],
+                0.125, contexts[row],
+            )  # fmt: skip
+            assert torch.equal(alone[0], batch[row])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reads_queries_from_a_strided_view():
+    """q arrives as a view into the fused qkv projection's output."""
+    q, k_cache, v_cache, tables, lens = _case(torch.float32, 4, 2, 16, [20, 3])
+    fused = torch.cat([q.reshape(2, -1), torch.randn(2, 2 * 2 * 16)], dim=1)
+    view = fused[:, : 4 * 16].view(2, 4, 16)
+    assert not view.is_contiguous()
+    got = cpu_decode_attention.paged_decode(view, k_cache, v_cache, tables, lens, 0.25, 20)
+    want = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.25, 20)
+    assert torch.equal(got, want)
+
+
+def test_shapes_it_cannot_take_fall_back_to_the_torch_path():
+    q, k_cache, v_cache, tables, lens = _case(torch.float32, 4, 2, 12, [20, 9])
+    assert cpu_decode_attention.unsupported(q, k_cache) == "head_dim 12 is not a multiple of 8"
+    assert cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.3, 20) is None
+    got = _cpu_decode(q, k_cache, v_cache, tables, lens, 0.3, 20)
+    torch.testing.assert_close(got, _paged_decode(q, k_cache, v_cache, tables, lens, 0.3))
+    half = q.to(torch.float16)
+    assert "dtype" in cpu_decode_attention.unsupported(half, k_cache.to(torch.float16))
+
+
+def test_without_a_compiler_the_torch_path_serves_and_says_why(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(cpu_decode_attention, "_library", None)
+    monkeypatch.setattr(cpu_decode_attention, "_load_failed", None)
+    monkeypatch.setenv("CC", "no-such-compiler-here")
+    monkeypatch.setenv("FLASHSERVE_KERNEL_CACHE", str(tmp_path))
+    q, k_cache, v_cache, tables, lens = _case(torch.float32, 4, 2, 16, [20, 9])
+    with caplog.at_level(logging.WARNING, logger=cpu_decode_attention.__name__):
+        assert (
+            cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.25, 20) is None
+        )
+    assert "no C compiler" in caplog.text
+    got = _cpu_decode(q, k_cache, v_cache, tables, lens, 0.25, 20)
+    torch.testing.assert_close(got, _paged_decode(q, k_cache, v_cache, tables, lens, 0.25))
+
+
+def test_a_fresh_cache_directory_gets_its_own_build(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_decode_attention, "_library", None)
+    monkeypatch.setattr(cpu_decode_attention, "_load_failed", None)
+    monkeypatch.setenv("FLASHSERVE_KERNEL_CACHE", str(tmp_path))
+    assert cpu_decode_attention.available()
+    # One library, and no partial file left beside it.
+    (built,) = tmp_path.iterdir()
+    assert built.name.startswith("paged_decode-") and built.suffix == ".so"
