@@ -348,6 +348,21 @@ def test_truncation_auto_keeps_the_longest_tail_that_fits(responses: ResponsesEn
     assert reply["truncation"] == "auto" and reply["status"] in ("completed", "incomplete")
 
 
+def test_context_refusal_names_the_responses_remedy(responses: ResponsesEndpoint) -> None:
+    """Too long an input points at this API's `truncation`, not chat's truncate_prompt_tokens
+    (a field this endpoint refuses); with truncation "auto" already on, it says the last
+    turn alone is too long."""
+    body = {"input": "word " * 1500, "max_output_tokens": 5}
+    error = refusal(responses, body)
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+    assert "truncate_prompt_tokens" not in error["message"]
+    assert "truncation" in error["message"] and '"auto"' in error["message"]
+    error = refusal(responses, {**body, "truncation": "auto"})
+    assert error["code"] == "context_length_exceeded"
+    assert "truncate_prompt_tokens" not in error["message"]
+    assert "last user turn" in error["message"]
+
+
 def test_json_schema_and_json_object(responses: ResponsesEndpoint) -> None:
     schema = {
         "type": "object",
