@@ -143,6 +143,16 @@ RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}
             "tools[0].type",
             '"custom"',
         ),
+        (  # a server tool as Anthropic's docs write it: no input_schema
+            {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
+            "tools[0].type",
+            '"custom"',
+        ),
+        (
+            {"tools": [TOOLS[0], {"type": "bash_20250124", "name": "bash"}]},
+            "tools[1].type",
+            "server tools",
+        ),
         ({"metadata": {"user_id": 7}}, "metadata.user_id", "expected a string or null"),
         ({"output_config": {"effort": "high"}}, "output_config.effort", "Unknown field"),
         (

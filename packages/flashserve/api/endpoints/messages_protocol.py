@@ -100,6 +100,7 @@ class MessagesValidator:
         check_depth(
             body, DEFAULT_MAX_DEPTH, max_bytes=self.max_bytes, max_values=DEFAULT_MAX_VALUES
         )
+        _check_tool_types(body)
         error = best_match(self._validator.iter_errors(body))
         if error is not None:
             raise explain(error, self.schema)
@@ -108,6 +109,22 @@ class MessagesValidator:
 
 
 # --------------------------------------------------------------------------- rules
+
+
+def _check_tool_types(body: dict[str, Any]) -> None:
+    """Server tools (web search, bash, ...) carry a versioned `type` and no input_schema;
+    said before the schema check, which would only miss their input_schema."""
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        kind = tool.get("type", "custom") if isinstance(tool, dict) else "custom"
+        if isinstance(kind, str) and kind != "custom":
+            raise invalid_field(
+                f"'tools[{i}].type' is {json.dumps(kind[:80])}: this server runs client tools "
+                'only (type "custom" or left out, with name, description and input_schema); '
+                "Anthropic's server tools (web search, code execution, bash, text editor, "
+                "computer use, ...) are not available",
+                f"tools[{i}].type",
+            )
 
 
 def _check_semantics(body: dict[str, Any]) -> None:
