@@ -91,7 +91,12 @@ RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}
         ({"max_tokens": 0}, "max_tokens", "at least 1"),
         ({"messages": []}, "messages", "at least 1 item"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role", '"user"'),
-        ({"messages": [USER_IMAGE]}, "messages[0].content[0]", "text-only"),
+        ({"messages": [USER_IMAGE]}, "messages[0].content[0]", "is an image block"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+            "messages[0].content[0]",
+            "is a document block",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "txt", "text": "x"}]}]},
             "messages[0].content[0]",

@@ -136,7 +136,7 @@ def _check_semantics(body: dict[str, Any]) -> None:
             kind, param = block["type"], f"messages[{i}].content[{j}]"
             if kind in MEDIA_BLOCKS:
                 raise invalid_field(
-                    f"'{param}' is an {kind} block, but this model is text-only: send text "
+                    f"'{param}' is {_article(kind)} {kind} block, but this model is text-only: send text "
                     "blocks only",
                     param,
                 )
@@ -164,6 +164,10 @@ def _check_semantics(body: dict[str, Any]) -> None:
     _check_tools(body)
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _check_tool_result(block: dict[str, Any], calls: set[str], param: str) -> None:
     if block["tool_use_id"] not in calls:
         raise invalid_field(
@@ -176,7 +180,7 @@ def _check_tool_result(block: dict[str, Any], calls: set[str], param: str) -> No
         if part["type"] in MEDIA_BLOCKS:
             where = f"{param}.content[{k}]"
             raise invalid_field(
-                f"'{where}' is an {part['type']} block, but this model is text-only: send "
+                f"'{where}' is {_article(part['type'])} {part['type']} block, but this model is text-only: send "
                 "text blocks only",
                 where,
             )
