@@ -263,12 +263,6 @@ def test_logprobs_have_the_legacy_shape(endpoint):
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known defect: text_offset counts only the text emitted at each token's step, so "
-    "tokens whose text the detokenizer holds back (quotes before a JSON key, UTF-8 bytes) "
-    "get the offset of the last emitted character instead of their own",
-)
 def test_text_offsets_point_at_each_tokens_text_when_text_is_held_back(endpoint):
     schema = {
         "type": "object",
