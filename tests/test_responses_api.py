@@ -600,6 +600,22 @@ def test_refusals_name_the_field(responses: ResponsesEndpoint, body: dict, param
     assert param.split("[")[0].split(".")[0] in error["message"]
 
 
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"type": ["message"], "role": "user", "content": "x"}],
+        [{"type": {"type": "x"}, "call_id": "c", "output": "1"}],
+        [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}],
+        [{"role": "user", "content": [{"type": {}, "text": "x"}]}],
+    ],
+)
+def test_a_type_that_is_not_a_string_is_a_400(responses: ResponsesEndpoint, items: list) -> None:
+    """An item's or a part's `type` of the wrong JSON type is refused, never a 500 (it was
+    looked up in a set of names before the schema check)."""
+    error = refusal(responses, {"input": items})
+    assert error["param"].startswith("input[0]"), error
+
+
 def test_a_body_that_is_not_an_object(responses: ResponsesEndpoint) -> None:
     error = refusal(responses, ["input"])
     assert error["param"] is None and "JSON object" in error["message"]

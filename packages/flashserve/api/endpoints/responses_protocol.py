@@ -117,6 +117,8 @@ def check_supported(body: Any) -> None:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
+        if not isinstance(kind, str):
+            continue  # the schema names the bad type; a list or object cannot be looked up
         if kind in _HOSTED_ITEM_TYPES:
             raise invalid_field(
                 f"'input[{i}]' is a {kind} item: this server runs function tools only, "
@@ -140,7 +142,7 @@ def check_supported(body: Any) -> None:
         parts = item.get(field)
         for j, part in enumerate(parts if isinstance(parts, list) else ()):
             part_kind = part.get("type") if isinstance(part, dict) else None
-            if part_kind in _MEDIA_PART_TYPES:
+            if isinstance(part_kind, str) and part_kind in _MEDIA_PART_TYPES:
                 raise invalid_field(
                     f"'input[{i}].{field}[{j}]' is an {part_kind} part, but this model is "
                     "text-only: send input_text parts only",
