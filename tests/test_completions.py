@@ -263,6 +263,30 @@ def test_logprobs_have_the_legacy_shape(endpoint):
     assert logprobs["text_offset"] == sorted(logprobs["text_offset"])
 
 
+def test_text_offsets_point_at_each_tokens_text_when_text_is_held_back(endpoint):
+    schema = {
+        "type": "object",
+        "properties": {"w": {"type": "string", "enum": ["sea 🌊 ünï"]}},
+        "required": ["w"],
+        "additionalProperties": False,
+    }
+    request = body(
+        max_tokens=40,
+        temperature=0,
+        logprobs=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "w", "schema": schema}},
+    )
+    (choice,) = call(endpoint, request)["choices"]
+    text, logprobs = choice["text"], choice["logprobs"]
+    assert json.loads(text) == {"w": "sea 🌊 ünï"}
+    pairs = list(zip(logprobs["tokens"], logprobs["text_offset"]))
+    if choice["finish_reason"] == "stop":
+        pairs = pairs[:-1]  # the EOS token has no text
+    for token, offset in pairs:
+        if not token.startswith("bytes:"):
+            assert text[offset : offset + len(token)] == token, (token, offset, text)
+
+
 def test_logprobs_zero_lists_the_sampled_token_only(endpoint):
     response = call(endpoint, body(logprobs=0, seed=1, **SAMPLED))
     logprobs = response["choices"][0]["logprobs"]

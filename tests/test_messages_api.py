@@ -91,7 +91,12 @@ RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}
         ({"max_tokens": 0}, "max_tokens", "at least 1"),
         ({"messages": []}, "messages", "at least 1 item"),
         ({"messages": [{"role": "system", "content": "x"}]}, "messages[0].role", '"user"'),
-        ({"messages": [USER_IMAGE]}, "messages[0].content[0]", "text-only"),
+        ({"messages": [USER_IMAGE]}, "messages[0].content[0]", "is an image block"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},
+            "messages[0].content[0]",
+            "is a document block",
+        ),
         (
             {"messages": [{"role": "user", "content": [{"type": "txt", "text": "x"}]}]},
             "messages[0].content[0]",
@@ -142,6 +147,16 @@ RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}
             {"tools": [{**TOOLS[0], "type": "web_search_20250305"}]},
             "tools[0].type",
             '"custom"',
+        ),
+        (  # a server tool as Anthropic's docs write it: no input_schema
+            {"tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 3}]},
+            "tools[0].type",
+            '"custom"',
+        ),
+        (
+            {"tools": [TOOLS[0], {"type": "bash_20250124", "name": "bash"}]},
+            "tools[1].type",
+            "server tools",
         ),
         ({"metadata": {"user_id": 7}}, "metadata.user_id", "expected a string or null"),
         ({"output_config": {"effort": "high"}}, "output_config.effort", "Unknown field"),

@@ -348,6 +348,21 @@ def test_truncation_auto_keeps_the_longest_tail_that_fits(responses: ResponsesEn
     assert reply["truncation"] == "auto" and reply["status"] in ("completed", "incomplete")
 
 
+def test_context_refusal_names_the_responses_remedy(responses: ResponsesEndpoint) -> None:
+    """Too long an input points at this API's `truncation`, not chat's truncate_prompt_tokens
+    (a field this endpoint refuses); with truncation "auto" already on, it says the last
+    turn alone is too long."""
+    body = {"input": "word " * 1500, "max_output_tokens": 5}
+    error = refusal(responses, body)
+    assert error["param"] == "input" and error["code"] == "context_length_exceeded"
+    assert "truncate_prompt_tokens" not in error["message"]
+    assert "truncation" in error["message"] and '"auto"' in error["message"]
+    error = refusal(responses, {**body, "truncation": "auto"})
+    assert error["code"] == "context_length_exceeded"
+    assert "truncate_prompt_tokens" not in error["message"]
+    assert "last user turn" in error["message"]
+
+
 def test_json_schema_and_json_object(responses: ResponsesEndpoint) -> None:
     schema = {
         "type": "object",
@@ -583,6 +598,22 @@ def test_refusals_name_the_field(responses: ResponsesEndpoint, body: dict, param
     assert error["param"] == param
     assert error["type"] == "invalid_request_error"
     assert param.split("[")[0].split(".")[0] in error["message"]
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        [{"type": ["message"], "role": "user", "content": "x"}],
+        [{"type": {"type": "x"}, "call_id": "c", "output": "1"}],
+        [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}],
+        [{"role": "user", "content": [{"type": {}, "text": "x"}]}],
+    ],
+)
+def test_a_type_that_is_not_a_string_is_a_400(responses: ResponsesEndpoint, items: list) -> None:
+    """An item's or a part's `type` of the wrong JSON type is refused, never a 500 (it was
+    looked up in a set of names before the schema check)."""
+    error = refusal(responses, {"input": items})
+    assert error["param"].startswith("input[0]"), error
 
 
 def test_a_body_that_is_not_an_object(responses: ResponsesEndpoint) -> None:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import codecs
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -50,6 +51,8 @@ class Choice:
     stop_reason: int | str | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
+    echo_chars: int = 0
+    token_bytes: list[bytes] = field(default_factory=list)  # each generated token's bytes
 
     def add_text(self, text: str) -> None:
         self.text.append(text)
@@ -91,6 +94,34 @@ def logprobs_block(entries: list[dict], text_start: int, text: str) -> dict[str,
         block["text_offset"].append(text_start + min(consumed, len(text)))
         consumed += len(bytes(entry["bytes"]).decode("utf-8", errors="ignore"))
     return block
+
+
+def aligned_offsets(token_bytes: list[bytes], text: str, start: int) -> list[int]:
+    """Where each token's text begins in the finished `text`, its first token's at `start`.
+
+    Each token's text (its bytes, decoded with those before it, so that a character split
+    over byte tokens counts once, at its last byte) is looked for at the cursor, as the
+    detokenizer wrote it: as it is, without the leading space SentencePiece drops at a
+    segment start, or after the space that separates a shown special token. A token whose
+    text is not there (a skipped special token, an end token, the cut-off part of a stop
+    string) takes the cursor without moving it. Per step offsets cannot do this: the
+    detokenizer holds text back until later tokens settle it.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, cursor = [], start
+    for raw in token_bytes:
+        offsets.append(cursor)
+        piece = decoder.decode(raw)
+        if not piece:
+            continue
+        if text.startswith(piece, cursor):
+            cursor += len(piece)
+        elif piece[0] == " " and text.startswith(piece[1:], cursor):
+            cursor += len(piece) - 1
+        elif text.startswith(" " + piece, cursor):
+            offsets[-1] = cursor + 1
+            cursor += 1 + len(piece)
+    return offsets
 
 
 def _extend(into: dict[str, list] | None, block: dict[str, list]) -> dict[str, list]:
@@ -146,6 +177,7 @@ class Choices:
         self.with_logprobs = prepared.request.logprobs is not None
         for choice, echo in zip(self.choices, prepared.echoes):
             choice.add_text(echo)
+            choice.echo_chars = len(echo)
 
     def add(self, item: ChoicePiece) -> dict[str, Any] | None:
         """Record a piece; its chunk's choice body, or None when it carries nothing."""
@@ -154,6 +186,7 @@ class Choices:
         if self.with_logprobs and piece.logprobs:
             block = logprobs_block(piece.logprobs, choice.text_chars, piece.text)
             choice.logprobs = _extend(choice.logprobs, block)
+            choice.token_bytes.extend(bytes(entry["bytes"]) for entry in piece.logprobs)
         choice.add_text(piece.text)
         choice.completion_tokens = piece.completion_tokens
         choice.cached_tokens = piece.cached_tokens
@@ -181,6 +214,14 @@ async def collect_body(
     state = Choices(prepared)
     for item in await collect_pieces(first, pieces, http_request):
         state.add(item)
+    for choice in state.choices:
+        if choice.logprobs is not None:
+            # The whole text is known now: each token's own place in it (a stream can
+            # only say where the text stood when the token came).
+            text = "".join(choice.text)
+            choice.logprobs["text_offset"] = aligned_offsets(
+                choice.token_bytes, text, choice.echo_chars
+            )
     choices = [
         choice_body(
             c.index,

@@ -100,6 +100,7 @@ class MessagesValidator:
         check_depth(
             body, DEFAULT_MAX_DEPTH, max_bytes=self.max_bytes, max_values=DEFAULT_MAX_VALUES
         )
+        _check_tool_types(body)
         error = best_match(self._validator.iter_errors(body))
         if error is not None:
             raise explain(error, self.schema)
@@ -108,6 +109,22 @@ class MessagesValidator:
 
 
 # --------------------------------------------------------------------------- rules
+
+
+def _check_tool_types(body: dict[str, Any]) -> None:
+    """Server tools (web search, bash, ...) carry a versioned `type` and no input_schema;
+    said before the schema check, which would only miss their input_schema."""
+    tools = body.get("tools")
+    for i, tool in enumerate(tools if isinstance(tools, list) else ()):
+        kind = tool.get("type", "custom") if isinstance(tool, dict) else "custom"
+        if isinstance(kind, str) and kind != "custom":
+            raise invalid_field(
+                f"'tools[{i}].type' is {json.dumps(kind[:80])}: this server runs client tools "
+                'only (type "custom" or left out, with name, description and input_schema); '
+                "Anthropic's server tools (web search, code execution, bash, text editor, "
+                "computer use, ...) are not available",
+                f"tools[{i}].type",
+            )
 
 
 def _check_semantics(body: dict[str, Any]) -> None:
@@ -119,7 +136,7 @@ def _check_semantics(body: dict[str, Any]) -> None:
             kind, param = block["type"], f"messages[{i}].content[{j}]"
             if kind in MEDIA_BLOCKS:
                 raise invalid_field(
-                    f"'{param}' is an {kind} block, but this model is text-only: send text "
+                    f"'{param}' is {_article(kind)} {kind} block, but this model is text-only: send text "
                     "blocks only",
                     param,
                 )
@@ -147,6 +164,10 @@ def _check_semantics(body: dict[str, Any]) -> None:
     _check_tools(body)
 
 
+def _article(word: str) -> str:
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def _check_tool_result(block: dict[str, Any], calls: set[str], param: str) -> None:
     if block["tool_use_id"] not in calls:
         raise invalid_field(
@@ -159,7 +180,7 @@ def _check_tool_result(block: dict[str, Any], calls: set[str], param: str) -> No
         if part["type"] in MEDIA_BLOCKS:
             where = f"{param}.content[{k}]"
             raise invalid_field(
-                f"'{where}' is an {part['type']} block, but this model is text-only: send "
+                f"'{where}' is {_article(part['type'])} {part['type']} block, but this model is text-only: send "
                 "text blocks only",
                 where,
             )

@@ -73,7 +73,8 @@ class ResponsesEndpoint(Endpoint):
         try:
             return self._prepare(body, http_request)
         except RequestError as exc:
-            raise renamed(exc) from exc
+            truncating = isinstance(body, dict) and body.get("truncation") == "auto"
+            raise renamed(exc, truncating) from exc
 
     def _prepare(self, body: Any, http_request: Any) -> PreparedResponse:
         frontend, validator = self.frontend, self.validator

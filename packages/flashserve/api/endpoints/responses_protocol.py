@@ -82,6 +82,13 @@ _TEXT_RENAMES = (
     (re.compile(r"\bresponse_format\.json_schema\.schema\b"), "text.format.schema"),
     (re.compile(r"\bresponse_format\b"), "text.format"),
 )
+# The shared path's context-length remedy names chat's field; this API's is `truncation`.
+_PROMPT_REMEDY = re.compile(r"Shorten the input or set truncate_prompt_tokens\.")
+_TRUNCATION_REMEDY = 'Shorten the input or set "truncation": "auto" to drop the oldest turns.'
+_TRUNCATED_REMEDY = (
+    'Shorten the input: "truncation": "auto" keeps at least the last user turn, and that '
+    "alone is too long."
+)
 
 
 # --------------------------------------------------------------------------- checks
@@ -110,6 +117,8 @@ def check_supported(body: Any) -> None:
         if not isinstance(item, dict):
             continue
         kind = item.get("type")
+        if not isinstance(kind, str):
+            continue  # the schema names the bad type; a list or object cannot be looked up
         if kind in _HOSTED_ITEM_TYPES:
             raise invalid_field(
                 f"'input[{i}]' is a {kind} item: this server runs function tools only, "
@@ -133,7 +142,7 @@ def check_supported(body: Any) -> None:
         parts = item.get(field)
         for j, part in enumerate(parts if isinstance(parts, list) else ()):
             part_kind = part.get("type") if isinstance(part, dict) else None
-            if part_kind in _MEDIA_PART_TYPES:
+            if isinstance(part_kind, str) and part_kind in _MEDIA_PART_TYPES:
                 raise invalid_field(
                     f"'input[{i}].{field}[{j}]' is an {part_kind} part, but this model is "
                     "text-only: send input_text parts only",
@@ -209,14 +218,18 @@ def check_rules(body: dict[str, Any], *, multimodal: bool = False) -> None:
         )
 
 
-def renamed(exc: RequestError) -> RequestError:
-    """A refusal from the shared path with its fields named as the Responses request has them."""
+def renamed(exc: RequestError, truncating: bool = False) -> RequestError:
+    """A refusal from the shared path with its fields named as the Responses request has them.
+
+    `truncating`: the request has truncation "auto", so a prompt still too long is its
+    last user turn alone (the shared path's remedy, truncate_prompt_tokens, is chat's)."""
     param = exc.param
     for pattern, replacement in _PARAM_RENAMES if param else ():
         param = pattern.sub(replacement, param)
     message = exc.message
     for pattern, replacement in _TEXT_RENAMES:
         message = pattern.sub(replacement, message)
+    message = _PROMPT_REMEDY.sub(_TRUNCATED_REMEDY if truncating else _TRUNCATION_REMEDY, message)
     if param == exc.param and message == exc.message:
         return exc
     return RequestError(message, param, exc.code, exc.status, exc.err_type, exc.headers)
