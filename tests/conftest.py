@@ -9,6 +9,7 @@ import pytest
 
 pytest.register_assert_rewrite(
     "tests.structured_catalogue",
+    "tests.served_checkpoint",
     "tests.structured_harness",
     "tests.tool_calling_cases",
 )
