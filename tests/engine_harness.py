@@ -53,3 +53,20 @@ def engine_logits(engine: LLMEngine, token_ids: list[int], chunk: int) -> torch.
         seq.num_computed_tokens += n
     engine.block_manager.release(seq)
     return torch.cat(rows)
+
+
+def assert_logits_match(
+    engine: LLMEngine,
+    reference: torch.nn.Module,
+    token_ids: list[int],
+    chunks: tuple[int, ...],
+    label: str | None = None,
+) -> None:
+    """The engine's logits over `token_ids`, computed `chunk` tokens per step for each of
+    `chunks`, equal the fp32 `reference` model's (transformers' own implementation)."""
+    with torch.no_grad():
+        expected = reference(torch.tensor([token_ids])).logits[0].float()
+    for chunk in chunks:
+        got = engine_logits(engine, token_ids, chunk)
+        where = f"{label}, chunk {chunk}" if label else f"chunk {chunk}"
+        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=where)

@@ -14,12 +14,11 @@ import safetensors.torch
 import torch
 import transformers
 
-from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
 from flashserve.layers.moe.experts import combine_rows
-from tests.engine_harness import engine_logits, mixed_prompts, run_all
+from tests.engine_harness import assert_logits_match, make_engine, mixed_prompts, run_all
 
 VOCAB = 512
 COMMON = dict(
@@ -128,23 +127,14 @@ def _random_reference(name: str, tie_router_layer: int | None = None):
     return model.eval()
 
 
-def _engine(path) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512),
-        path,
-    )
+def _engine(path, **overrides) -> LLMEngine:
+    return make_engine(path, kv_cache_memory_gb=0.01, max_model_len=512, **overrides)
 
 
 def _assert_logits_match(reference, engine, name, chunks=(120, 37, 1)):
     token_ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        expected = reference(torch.tensor([token_ids])).logits[0].float()
     # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
-    for chunk in chunks:
-        got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(
-            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
-        )
+    assert_logits_match(engine, reference, token_ids, chunks, name)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -224,17 +214,7 @@ def test_batch_of_64_mixed_lengths_decodes_as_each_row_alone(tmp_path):
     alone = {}
     for i, prompt in enumerate(prompts):
         alone.update(run_all(alone_engine, {f"r{i}": (prompt, params)}))
-    engine = LLMEngine(
-        EngineConfig(
-            device="cpu",
-            dtype="float32",
-            kv_cache_memory_gb=0.01,
-            max_model_len=512,
-            max_num_seqs=64,
-            max_num_batched_tokens=256,
-        ),
-        tmp_path,
-    )
+    engine = _engine(tmp_path, max_num_seqs=64, max_num_batched_tokens=256)
     together = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert together == alone
     assert engine.block_manager.num_used_blocks == 0
