@@ -8,8 +8,9 @@ which is what this does for the helpers listed here.
 import pytest
 
 pytest.register_assert_rewrite(
-    "tests.structured_catalogue",
+    "tests.engine_harness",
     "tests.served_checkpoint",
+    "tests.structured_catalogue",
     "tests.structured_harness",
     "tests.tool_calling_cases",
 )

@@ -21,6 +21,20 @@ def make_engine(model_dir, **overrides) -> LLMEngine:
     return LLMEngine(EngineConfig(**settings), model_dir)
 
 
+def make_cuda_engine(model_dir, **overrides) -> LLMEngine:
+    """A bf16 engine on the GPU with CUDA graphs up to batch 32 (the device tests' default)."""
+    settings = dict(
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend="torch",
+        kv_cache_memory_fraction=0.05,
+        max_model_len=1024,
+        cuda_graph_max_batch=32,
+    )
+    settings.update(overrides)
+    return LLMEngine(EngineConfig(**settings), model_dir)
+
+
 def run_all(
     engine: LLMEngine, requests: dict[str, tuple[list[int], SamplingParams]]
 ) -> dict[str, list[int]]:
@@ -70,3 +84,28 @@ def assert_logits_match(
         got = engine_logits(engine, token_ids, chunk)
         where = f"{label}, chunk {chunk}" if label else f"chunk {chunk}"
         torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=where)
+
+
+def decode_batch(
+    engine: LLMEngine,
+    rng: random.Random,
+    rows: int,
+    lengths: list[int],
+    vocab: int,
+    prefix: str,
+) -> list[Sequence]:
+    """`rows` sequences of random prompts (lengths drawn from `lengths`, tokens below
+    `vocab`), each computed eagerly but for its last token: one forward of them all is
+    a decode step."""
+    seqs = []
+    for i in range(rows):
+        n = rng.choice(lengths)
+        seq = Sequence(
+            f"{prefix}{i}", [rng.randrange(3, vocab) for _ in range(n)], SamplingParams()
+        )
+        assert engine.block_manager.allocate(seq, n)
+        if n > 1:
+            engine.runner._forward_eager([(seq, n - 1)])
+        seq.num_computed_tokens = n - 1
+        seqs.append(seq)
+    return seqs
