@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from tests.engine_harness import assert_logits_match, make_engine
+from tests.tiny_models import random_model
 
 COMMON = dict(
     vocab_size=512,
@@ -60,12 +61,8 @@ ARCHITECTURES = {
 
 
 def _save_random_model(config_cls, extra, path):
-    torch.manual_seed(0)
-    config = config_cls(**COMMON, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():  # random norms and biases too, so they matter
-            param.add_(torch.randn_like(param) * 0.05)
+    # Random norms and biases too, so they matter.
+    model = random_model(config_cls(**COMMON, **extra), 0, 0.05, perturb=True)
     # Small shards: the loader must assemble tensors across files.
     model.save_pretrained(path, max_shard_size="200KB")
     return model.eval()

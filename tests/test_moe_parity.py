@@ -19,6 +19,7 @@ from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
 from flashserve.layers.moe.experts import combine_rows
 from tests.engine_harness import assert_logits_match, make_engine, mixed_prompts, run_all
+from tests.tiny_models import random_model
 
 VOCAB = 512
 COMMON = dict(
@@ -109,15 +110,11 @@ ARCHITECTURES = {
 
 def _random_reference(name: str, tie_router_layer: int | None = None):
     config_cls, extra = ARCHITECTURES[name]
-    torch.manual_seed(0)
-    config = config_cls(**COMMON, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random norms, biases and router biases too, so they matter.
+    model = random_model(
+        config_cls(**COMMON, **extra), 0, 0.05, perturb=True, router_bias_scale=0.1
+    )
     with torch.no_grad():
-        for param in model.parameters():  # random norms and biases too, so they matter
-            param.add_(torch.randn_like(param) * 0.05)
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
         if tie_router_layer is not None:
             # Every expert scores the same for every token: the choice is all tie-breaking.
             router = model.model.layers[tie_router_layer].mlp.gate
