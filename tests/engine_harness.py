@@ -103,9 +103,29 @@ def decode_batch(
         seq = Sequence(
             f"{prefix}{i}", [rng.randrange(3, vocab) for _ in range(n)], SamplingParams()
         )
-        assert engine.block_manager.allocate(seq, n)
-        if n > 1:
-            engine.runner._forward_eager([(seq, n - 1)])
-        seq.num_computed_tokens = n - 1
-        seqs.append(seq)
+        seqs.append(computed_but_last(engine, seq))
     return seqs
+
+
+def computed_but_last(engine: LLMEngine, seq: Sequence) -> Sequence:
+    """`seq` with KV blocks for all its tokens, every token but the last computed eagerly."""
+    n = seq.num_tokens
+    assert engine.block_manager.allocate(seq, n)
+    if n > 1:
+        engine.runner._forward_eager([(seq, n - 1)])
+    seq.num_computed_tokens = n - 1
+    return seq
+
+
+def run_greedy(
+    engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]
+) -> dict[str, list[int]]:
+    """Greedy outputs by request id str(i); unequal max_tokens make the decode batch
+    shrink step by step."""
+    return run_all(
+        engine,
+        {
+            str(i): (prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True))
+            for i, (prompt, n) in enumerate(zip(prompts, max_tokens))
+        },
+    )

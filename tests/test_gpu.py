@@ -9,7 +9,7 @@ import torch
 
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
-from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine
+from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine, run_greedy
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = [
@@ -50,18 +50,6 @@ def mixed_requests(count: int, seed: int = 0) -> tuple[list[list[int]], list[int
         for _ in range(count)
     ]
     return prompts, [4 + i for i in range(count)]
-
-
-def run_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(
-            str(i), prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        )
-    produced: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for out in engine.step():
-            produced[out.request_id].extend(out.new_token_ids)
-    return produced
 
 
 def test_flash_attn_backend_is_picked_on_cuda(model_dir):
