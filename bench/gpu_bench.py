@@ -68,7 +68,7 @@ def sync(device: torch.device) -> None:
 def check_logits(device: torch.device) -> list[dict[str, Any]]:
     import transformers
 
-    from tests.test_model_parity import engine_logits
+    from tests.engine_harness import engine_logits
     from tests.tiny_models import save_tiny_llama
 
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -8,6 +8,8 @@ which is what this does for the helpers listed here.
 import pytest
 
 pytest.register_assert_rewrite(
+    "tests.engine_harness",
+    "tests.served_checkpoint",
     "tests.structured_catalogue",
     "tests.structured_harness",
     "tests.tool_calling_cases",

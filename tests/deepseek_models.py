@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import torch
 import transformers
+
+from tests.tiny_models import random_model
 
 VOCAB = 512
 YARN = {
@@ -55,19 +56,10 @@ def deepseek_config(
 def save_random_deepseek(
     path, seed: int = 0, config_cls: type = transformers.DeepseekV3Config, **overrides
 ) -> transformers.PreTrainedModel:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(
-        deepseek_config(config_cls, **overrides), dtype=torch.float32
+    # Random norms and router biases too, so every term matters.
+    model = random_model(
+        deepseek_config(config_cls, **overrides), seed, 0.05, perturb=True, router_bias_scale=0.05
     )
-    with torch.no_grad():
-        for param in model.parameters():
-            # Random norms and router biases too, so every term matters.
-            param.add_(torch.randn_like(param) * 0.05)
-        for module in model.modules():
-            if hasattr(module, "e_score_correction_bias"):
-                module.e_score_correction_bias.copy_(
-                    torch.randn_like(module.e_score_correction_bias) * 0.05
-                )
     model.save_pretrained(path, max_shard_size="200KB")
     return model.eval()
 
@@ -78,13 +70,8 @@ def save_tiny_deepseek(path, vocab_size: int, seed: int = 0):
     Larger weights than transformers' init give peaked, input-dependent next-token
     distributions (as tests/tiny_models.py does for Llama).
     """
-    torch.manual_seed(seed)
     config = deepseek_config(
         vocab_size=vocab_size, num_hidden_layers=2, max_position_embeddings=2048
     )
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(path)
+    random_model(config, seed, 0.3).save_pretrained(path)
     return path

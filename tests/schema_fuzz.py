@@ -15,14 +15,34 @@ is cheap to serve: a fuzz run is about coverage of shapes, not of lengths.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping
 from functools import cache
 from typing import Any
 
+from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 from flashserve.api.endpoints.request_schema import load_schema
+
+
+def fuzz_examples(default: int) -> int:
+    """Examples per property: FLASHSERVE_FUZZ_EXAMPLES, else the module's `default`."""
+    return int(os.environ.get("FLASHSERVE_FUZZ_EXAMPLES", str(default)))
+
+
+def fuzz_settings(examples: int, *health_checks: HealthCheck) -> settings:
+    """Derandomized (FLASHSERVE_FUZZ_RANDOM=1 draws fresh examples), no example database,
+    and no complaint about slow or large draws (nor about `health_checks`)."""
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=os.environ.get("FLASHSERVE_FUZZ_RANDOM") != "1",
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, *health_checks],
+    )
+
 
 MAX_ITEMS = 3
 MAX_TEXT = 24

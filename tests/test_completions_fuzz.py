@@ -9,28 +9,29 @@ and FLASHSERVE_FUZZ_RANDOM=1 for a longer run by hand).
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
 import pytest
 from fastapi import HTTPException
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given
 from hypothesis import strategies as st
 
 from flashserve.api.endpoints.completions import SCHEMA_FILENAME, CompletionsEndpoint
 from flashserve.api.endpoints.request_schema import load_schema
 from tests.chat_harness import call, make_service
-from tests.schema_fuzz import ACCEPTED, JSON_VALUES, MAX_ITEMS, MAX_TEXT, OVERRIDES, from_schema
-
-EXAMPLES = int(os.environ.get("FLASHSERVE_FUZZ_EXAMPLES", "40"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=os.environ.get("FLASHSERVE_FUZZ_RANDOM") != "1",
-    database=None,
-    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+from tests.schema_fuzz import (
+    ACCEPTED,
+    JSON_VALUES,
+    MAX_ITEMS,
+    MAX_TEXT,
+    OVERRIDES,
+    from_schema,
+    fuzz_examples,
+    fuzz_settings,
 )
+
+FUZZ = fuzz_settings(fuzz_examples(40))
 SCHEMA = load_schema(filename=SCHEMA_FILENAME)
 ERROR_KEYS = {"message", "type", "param", "code"}
 

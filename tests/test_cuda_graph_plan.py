@@ -24,6 +24,7 @@ from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionMetadata, TorchAttention
+from tests.engine_harness import computed_but_last, run_greedy
 from tests.tiny_models import save_tiny_llama
 
 VOCAB = 512
@@ -47,27 +48,13 @@ def make_engine(model_dir, graphs: int | None = None, **overrides) -> LLMEngine:
 def decoding(engine: LLMEngine, lengths: list[int], seed: int = 0) -> list[Sequence]:
     """Sequences whose prompts sit in the KV cache, each with one token left to compute."""
     rng = random.Random(seed)
-    seqs = []
-    for i, n in enumerate(lengths):
-        seq = Sequence(f"s{i}", [rng.randrange(3, VOCAB) for _ in range(n)], SamplingParams())
-        assert engine.block_manager.allocate(seq, n)
-        if n > 1:
-            engine.runner._forward_eager([(seq, n - 1)])
-        seq.num_computed_tokens = n - 1
-        seqs.append(seq)
-    return seqs
-
-
-def run_all(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-    """Greedy outputs; unequal max_tokens make the decode batch shrink step by step."""
-    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
-        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        engine.add_request(f"r{i}", prompt, params)
-    produced: dict[str, list[int]] = {f"r{i}": [] for i in range(len(prompts))}
-    while engine.has_work():
-        for out in engine.step():
-            produced[out.request_id].extend(out.new_token_ids)
-    return produced
+    return [
+        computed_but_last(
+            engine,
+            Sequence(f"s{i}", [rng.randrange(3, VOCAB) for _ in range(n)], SamplingParams()),
+        )
+        for i, n in enumerate(lengths)
+    ]
 
 
 # -- buckets -------------------------------------------------------------------
@@ -279,11 +266,11 @@ def test_generation_through_static_inputs_equals_eager(model_dir, max_batch):
     rng = random.Random(5)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (3, 17, 64, 130, 301, 9, 40)]
     max_tokens = [4, 14, 6, 12, 8, 10, 16]
-    eager = run_all(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
+    eager = run_greedy(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
     # 15 decode steps of 7, 7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1 rows. max_batch 8:
     # all through the static inputs (7 -> 8, 3 -> 4 ...); max_batch 4: the first 7 eagerly.
     engine = make_engine(model_dir, graphs=max_batch)
-    assert run_all(engine, prompts, max_tokens) == eager
+    assert run_greedy(engine, prompts, max_tokens) == eager
     assert engine.runner.graphs.runs == (15 if max_batch == 8 else 8)
     assert engine.block_manager.num_used_blocks == 0
 
@@ -295,10 +282,10 @@ def test_generation_with_a_gather_limit_equals_eager(model_dir, monkeypatch):
     rng = random.Random(6)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (20, 500, 250)]
     max_tokens = [4, 12, 8]
-    eager = run_all(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
+    eager = run_greedy(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
     engine = make_engine(model_dir, graphs=4)
     assert (4, 32) not in engine.runner.graphs.keys and (2, 32) in engine.runner.graphs.keys
-    assert run_all(engine, prompts, max_tokens) == eager
+    assert run_greedy(engine, prompts, max_tokens) == eager
     assert engine.runner.graphs.runs == 12 - 4
 
 
@@ -348,7 +335,7 @@ def test_capture_and_replay_with_a_fake_graph(model_dir, monkeypatch):
     rng = random.Random(7)
     prompts = [[rng.randrange(3, VOCAB) for _ in range(n)] for n in (5, 260, 33)]
     max_tokens = [3, 9, 6]
-    eager = run_all(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
+    eager = run_greedy(make_engine(model_dir, cuda_graphs=False), prompts, max_tokens)
 
     engine = make_engine(model_dir)
     caches = [(k.clone(), v.clone()) for k, v in engine.runner.kv_caches]
@@ -360,5 +347,5 @@ def test_capture_and_replay_with_a_fake_graph(model_dir, monkeypatch):
         # Capturing (and its warm-up runs) wrote into the scratch block only.
         assert torch.equal(k[:scratch], k0[:scratch]) and torch.equal(v[:scratch], v0[:scratch])
         assert not torch.equal(k[scratch], k0[scratch])
-    assert run_all(engine, prompts, max_tokens) == eager
+    assert run_greedy(engine, prompts, max_tokens) == eager
     assert graphs.replays == graphs.runs == 8

@@ -10,19 +10,21 @@ latent KV cache's bytes per token.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
-import jsonschema
 import openai
 import pytest
 
 from tests.deepseek_models import save_tiny_deepseek
-from tests.private_server import PrivateServer, private_server
-from tests.tool_calling_cases import ASK, SCHEMAS
+from tests.private_server import PrivateServer
+from tests.served_checkpoint import (
+    check_forced_tool_calls_validate_streamed_and_not,
+    check_output_is_reasoning_streamed_and_not,
+    check_streamed_chat_equals_the_whole_answer,
+    serve_family,
+)
+from tests.tool_calling_cases import ASK
 from tests.tool_calling_cases import TOOLS as PLAIN_TOOLS
-from tests.tool_models import FAMILIES, build_family
 
 pytest_plugins = ["tests.tokenizer_fixtures", "tests.server_fixture"]
 
@@ -41,22 +43,11 @@ THINKING_ON = {"chat_template_args": {"thinking": True}}
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory) -> Iterator[tuple[PrivateServer, openai.OpenAI]]:
-    base_dir: Path = request.getfixturevalue(f"{FAMILIES['deepseek_v31'].base}_tokenizer_dir")
-    folder = build_family(
-        "deepseek_v31",
-        base_dir,
-        tmp_path_factory.mktemp(NAME) / "model",
-        save_model=save_tiny_deepseek,
-    )
-    assert json.loads((folder / "config.json").read_text())["architectures"] == [
-        "DeepseekV3ForCausalLM"
-    ]
-    overrides = {"model": str(folder), "served_model_name": NAME, "kv_cache_memory_gb": 0.05}
-    with private_server(request, tmp_path_factory, overrides, "deepseek-server") as server:
-        client = openai.OpenAI(
-            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120
-        )
-        yield server, client
+    with serve_family(
+        request, tmp_path_factory, "deepseek_v31", NAME, save_tiny_deepseek,
+        "DeepseekV3ForCausalLM", kv_cache_memory_gb=0.05,
+    ) as served:  # fmt: skip
+        yield served
 
 
 @pytest.mark.slow
@@ -72,18 +63,7 @@ def test_load_log_reports_the_latent_kv_cache(served) -> None:
 def test_streamed_chat_equals_the_whole_answer(served) -> None:
     _, client = served
     kwargs = dict(model=NAME, messages=ASK, max_tokens=8, temperature=0, extra_body=THINKING_OFF)
-    whole = client.chat.completions.create(**kwargs)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "length" and choice.message.content
-    assert whole.usage.completion_tokens == 8
-    text, finishes = "", []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-            if chunk.choices[0].finish_reason:
-                finishes.append(chunk.choices[0].finish_reason)
-    assert text == choice.message.content
-    assert finishes == ["length"]
+    check_streamed_chat_equals_the_whole_answer(client, kwargs)
 
 
 @pytest.mark.slow
@@ -93,41 +73,11 @@ def test_forced_v31_tool_calls_validate_streamed_and_not(served) -> None:
         model=NAME, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1,
         seed=5, max_tokens=300, extra_body=THINKING_OFF,
     )  # fmt: skip
-    whole = client.chat.completions.create(**kwargs)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
-    assert calls
-    for call_name, arguments in calls:
-        jsonschema.validate(json.loads(arguments), SCHEMAS[call_name])
-    streamed: dict[int, list[str]] = {}
-    finishes = []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        assert not delta.content
-        for piece in delta.tool_calls or []:
-            entry = streamed.setdefault(piece.index, [piece.function.name, ""])
-            entry[1] += piece.function.arguments or ""
-        if chunk.choices[0].finish_reason:
-            finishes.append(chunk.choices[0].finish_reason)
-    assert [tuple(entry) for _, entry in sorted(streamed.items())] == calls
-    assert finishes == ["tool_calls"]
+    check_forced_tool_calls_validate_streamed_and_not(client, kwargs)
 
 
 @pytest.mark.slow
 def test_thinking_output_is_reasoning_streamed_and_not(served) -> None:
     _, client = served
     kwargs = dict(model=NAME, messages=ASK, max_tokens=6, temperature=0, extra_body=THINKING_ON)
-    whole = client.chat.completions.create(**kwargs)
-    message = whole.choices[0].message.model_dump()
-    assert message.get("reasoning_content"), message
-    assert not message["content"]
-    reasoning = ""
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if chunk.choices:
-            delta = chunk.choices[0].delta.model_dump()
-            assert not delta.get("content")
-            reasoning += delta.get("reasoning_content") or ""
-    assert reasoning == message["reasoning_content"]
+    check_output_is_reasoning_streamed_and_not(client, kwargs)

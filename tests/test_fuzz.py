@@ -13,7 +13,6 @@ longer, exploring run by hand.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,23 +21,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 
 from tests.ops_client import CHAT, seeded
-from tests.schema_fuzz import corrupt_bytes, invalid_bodies, is_valid, valid_bodies
+from tests.schema_fuzz import (
+    corrupt_bytes,
+    fuzz_examples,
+    fuzz_settings,
+    invalid_bodies,
+    is_valid,
+    valid_bodies,
+)
 
 pytest_plugins = ["tests.server_fixture"]
 pytestmark = pytest.mark.slow
 
-EXAMPLES = int(os.environ.get("FLASHSERVE_FUZZ_EXAMPLES", "60"))
-FUZZ = settings(
-    max_examples=EXAMPLES,
-    deadline=None,
-    derandomize=os.environ.get("FLASHSERVE_FUZZ_RANDOM") != "1",
-    database=None,
-    suppress_health_check=[
-        HealthCheck.too_slow,
-        HealthCheck.data_too_large,
-        HealthCheck.filter_too_much,
-    ],
-)
+EXAMPLES = fuzz_examples(60)
+FUZZ = fuzz_settings(EXAMPLES, HealthCheck.filter_too_much)
 ERROR_KEYS = {"message", "type", "param", "code"}
 
 

@@ -7,11 +7,9 @@ import random
 import pytest
 import torch
 
-from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
-from flashserve.engine.sequence import Sequence
-from tests.engine_harness import engine_logits
+from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine, run_greedy
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = [
@@ -34,16 +32,7 @@ def model_dir(tmp_path_factory):
 
 
 def make(model_dir, backend: str, **overrides) -> LLMEngine:
-    settings = dict(
-        device="cuda",
-        dtype="bfloat16",
-        attention_backend=backend,
-        kv_cache_memory_fraction=0.05,
-        max_model_len=1024,
-        cuda_graph_max_batch=32,
-    )
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), model_dir)
+    return make_cuda_engine(model_dir, attention_backend=backend, **overrides)
 
 
 def backend_or_skip(name: str) -> str:
@@ -61,18 +50,6 @@ def mixed_requests(count: int, seed: int = 0) -> tuple[list[list[int]], list[int
         for _ in range(count)
     ]
     return prompts, [4 + i for i in range(count)]
-
-
-def run_greedy(engine: LLMEngine, prompts: list[list[int]], max_tokens: list[int]) -> dict:
-    for i, (prompt, n) in enumerate(zip(prompts, max_tokens)):
-        engine.add_request(
-            str(i), prompt, SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        )
-    produced: dict[str, list[int]] = {str(i): [] for i in range(len(prompts))}
-    while engine.has_work():
-        for out in engine.step():
-            produced[out.request_id].extend(out.new_token_ids)
-    return produced
 
 
 def test_flash_attn_backend_is_picked_on_cuda(model_dir):
@@ -151,17 +128,8 @@ def test_replayed_decode_logits_match_eager_bf16(model_dir, backend):
     runner = engine.runner
     rng = random.Random(1)
     for rows in (1, 3, 17, 32):
-        seqs = []
-        for i in range(rows):
-            n = rng.choice([1, 2, 15, 16, 17, 255, 256, 257, 900])
-            seq = Sequence(
-                f"{rows}-{i}", [rng.randrange(3, VOCAB) for _ in range(n)], SamplingParams()
-            )
-            assert engine.block_manager.allocate(seq, n)
-            if n > 1:
-                runner._forward_eager([(seq, n - 1)])
-            seq.num_computed_tokens = n - 1
-            seqs.append(seq)
+        lengths = [1, 2, 15, 16, 17, 255, 256, 257, 900]
+        seqs = decode_batch(engine, rng, rows, lengths, VOCAB, f"{rows}-")
         items = [(s, 1) for s in seqs]
         replays = runner.graphs.replays
         hidden, sample_rows, _ = runner.forward(items)

@@ -12,12 +12,10 @@ import random
 import pytest
 import torch
 
-from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
-from flashserve.engine.sequence import Sequence
 from flashserve.layers.moe.experts import GROUPED_MM, SORTED
-from tests.engine_harness import engine_logits
+from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine
 from tests.tiny_models import save_tiny_qwen3_moe
 
 pytestmark = [
@@ -41,21 +39,8 @@ def model_dir(tmp_path_factory):
     )
 
 
-def make(model_dir, **overrides) -> LLMEngine:
-    settings = dict(
-        device="cuda",
-        dtype="bfloat16",
-        attention_backend="torch",
-        kv_cache_memory_fraction=0.05,
-        max_model_len=1024,
-        cuda_graph_max_batch=32,
-    )
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), model_dir)
-
-
 def grouped_engine(model_dir) -> LLMEngine:
-    engine = make(model_dir)
+    engine = make_cuda_engine(model_dir)
     paths = {(e.path, e.path_reason) for e in engine.model.experts()}
     if {path for path, _ in paths} != {GROUPED_MM}:
         pytest.skip(f"experts run {paths}")
@@ -80,15 +65,7 @@ def test_replayed_moe_decode_matches_eager(model_dir):
     engine = grouped_engine(model_dir)
     runner = engine.runner
     rng = random.Random(2)
-    seqs = []
-    for i in range(13):
-        n = rng.choice([1, 16, 17, 200, 513])
-        seq = Sequence(f"s{i}", [rng.randrange(3, VOCAB) for _ in range(n)], SamplingParams())
-        assert engine.block_manager.allocate(seq, n)
-        if n > 1:
-            runner._forward_eager([(seq, n - 1)])
-        seq.num_computed_tokens = n - 1
-        seqs.append(seq)
+    seqs = decode_batch(engine, rng, 13, [1, 16, 17, 200, 513], VOCAB, "s")
     items = [(s, 1) for s in seqs]
     hidden, _, _ = runner.forward(items)
     replayed = runner.model.compute_logits(hidden)

@@ -14,13 +14,13 @@ import pytest
 import torch
 import transformers
 
-from flashserve.config import EngineConfig
 from flashserve.engine.disaggregation import CONTEXT_ONLY, GENERATION_ONLY, DisaggregatedRequest
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.models.kv_cache_spec import LatentKVCacheSpec
 from tests.deepseek_models import VOCAB, save_random_deepseek
-from tests.engine_harness import engine_logits, run_all
+from tests.engine_harness import assert_logits_match, run_all
+from tests.engine_harness import make_engine as harness_engine
 
 CONFIGS = {
     "q-lora-yarn-interleaved": {},
@@ -41,11 +41,8 @@ CONFIGS = {
 def make_engine(path, **overrides) -> LLMEngine:
     # One thread: on the shared 2-core CPU, OpenMP threads waiting for a busy core
     # make a tiny step ~50x slower.
-    settings = dict(
-        device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512, cpu_threads=1
-    )
-    settings.update(overrides)
-    return LLMEngine(EngineConfig(**settings), path)
+    settings = dict(kv_cache_memory_gb=0.01, max_model_len=512, cpu_threads=1)
+    return harness_engine(path, **{**settings, **overrides})
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -59,15 +56,9 @@ def test_logits_match_transformers(name, tmp_path):
     # One latent (32) + one rope key (8) per token and layer, whatever the head count.
     assert spec.token_bytes(torch.float32) == (32 + 8) * 4
     token_ids = torch.randint(0, VOCAB, (200,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        expected = reference(torch.tensor([token_ids])).logits[0].float()
     # Whole prompt, chunks straddling KV blocks (decompressed over cached latents),
     # and one token at a time (absorbed decode over the latent cache).
-    for chunk in (200, 37, 1):
-        got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(
-            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
-        )
+    assert_logits_match(engine, reference, token_ids, (200, 37, 1), name)
 
 
 def _greedy_reference(model, prompt: list[int], steps: int) -> list[int]:
@@ -153,11 +144,7 @@ def test_long_context_prefill_attends_absorbed(tmp_path, monkeypatch):
     monkeypatch.setattr(mla, "DECOMPRESS_BYTES_LIMIT", 0)
     engine = make_engine(tmp_path)
     token_ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(3)).tolist()
-    with torch.no_grad():
-        expected = reference(torch.tensor([token_ids])).logits[0].float()
-    for chunk in (120, 37):
-        got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(got, expected, atol=2e-4, rtol=1e-4, msg=f"chunk {chunk}")
+    assert_logits_match(engine, reference, token_ids, (120, 37))
 
 
 def test_config_without_mla_keys_is_a_load_error(tmp_path):

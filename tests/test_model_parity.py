@@ -6,9 +6,8 @@ import pytest
 import torch
 import transformers
 
-from flashserve.config import EngineConfig
-from flashserve.engine.llm_engine import LLMEngine
-from tests.engine_harness import engine_logits
+from tests.engine_harness import assert_logits_match, make_engine
+from tests.tiny_models import random_model
 
 COMMON = dict(
     vocab_size=512,
@@ -62,12 +61,8 @@ ARCHITECTURES = {
 
 
 def _save_random_model(config_cls, extra, path):
-    torch.manual_seed(0)
-    config = config_cls(**COMMON, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():  # random norms and biases too, so they matter
-            param.add_(torch.randn_like(param) * 0.05)
+    # Random norms and biases too, so they matter.
+    model = random_model(config_cls(**COMMON, **extra), 0, 0.05, perturb=True)
     # Small shards: the loader must assemble tensors across files.
     model.save_pretrained(path, max_shard_size="200KB")
     return model.eval()
@@ -77,18 +72,9 @@ def _save_random_model(config_cls, extra, path):
 def test_logits_match_transformers(name, tmp_path):
     config_cls, extra = ARCHITECTURES[name]
     reference = _save_random_model(config_cls, extra, tmp_path)
-    engine = LLMEngine(
-        EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512),
-        tmp_path,
-    )
+    engine = make_engine(tmp_path, kv_cache_memory_gb=0.01, max_model_len=512)
     token_ids = torch.randint(
         0, COMMON["vocab_size"], (200,), generator=torch.Generator().manual_seed(1)
     ).tolist()
-    with torch.no_grad():
-        expected = reference(torch.tensor([token_ids])).logits[0].float()
     # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
-    for chunk in (200, 37, 1):
-        got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(
-            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
-        )
+    assert_logits_match(engine, reference, token_ids, (200, 37, 1), name)

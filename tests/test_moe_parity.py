@@ -14,12 +14,12 @@ import safetensors.torch
 import torch
 import transformers
 
-from flashserve.config import EngineConfig
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
 from flashserve.layers.moe.experts import combine_rows
-from tests.engine_harness import engine_logits, mixed_prompts, run_all
+from tests.engine_harness import assert_logits_match, make_engine, mixed_prompts, run_all
+from tests.tiny_models import random_model
 
 VOCAB = 512
 COMMON = dict(
@@ -110,15 +110,11 @@ ARCHITECTURES = {
 
 def _random_reference(name: str, tie_router_layer: int | None = None):
     config_cls, extra = ARCHITECTURES[name]
-    torch.manual_seed(0)
-    config = config_cls(**COMMON, **extra)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    # Random norms, biases and router biases too, so they matter.
+    model = random_model(
+        config_cls(**COMMON, **extra), 0, 0.05, perturb=True, router_bias_scale=0.1
+    )
     with torch.no_grad():
-        for param in model.parameters():  # random norms and biases too, so they matter
-            param.add_(torch.randn_like(param) * 0.05)
-        for buffer_name, buffer in model.named_buffers():
-            if buffer_name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
         if tie_router_layer is not None:
             # Every expert scores the same for every token: the choice is all tie-breaking.
             router = model.model.layers[tie_router_layer].mlp.gate
@@ -128,23 +124,14 @@ def _random_reference(name: str, tie_router_layer: int | None = None):
     return model.eval()
 
 
-def _engine(path) -> LLMEngine:
-    return LLMEngine(
-        EngineConfig(device="cpu", dtype="float32", kv_cache_memory_gb=0.01, max_model_len=512),
-        path,
-    )
+def _engine(path, **overrides) -> LLMEngine:
+    return make_engine(path, kv_cache_memory_gb=0.01, max_model_len=512, **overrides)
 
 
 def _assert_logits_match(reference, engine, name, chunks=(120, 37, 1)):
     token_ids = torch.randint(0, VOCAB, (120,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        expected = reference(torch.tensor([token_ids])).logits[0].float()
     # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
-    for chunk in chunks:
-        got = engine_logits(engine, token_ids, chunk)
-        torch.testing.assert_close(
-            got, expected, atol=2e-4, rtol=1e-4, msg=f"{name}, chunk {chunk}"
-        )
+    assert_logits_match(engine, reference, token_ids, chunks, name)
 
 
 @pytest.mark.parametrize("name", sorted(ARCHITECTURES))
@@ -224,17 +211,7 @@ def test_batch_of_64_mixed_lengths_decodes_as_each_row_alone(tmp_path):
     alone = {}
     for i, prompt in enumerate(prompts):
         alone.update(run_all(alone_engine, {f"r{i}": (prompt, params)}))
-    engine = LLMEngine(
-        EngineConfig(
-            device="cpu",
-            dtype="float32",
-            kv_cache_memory_gb=0.01,
-            max_model_len=512,
-            max_num_seqs=64,
-            max_num_batched_tokens=256,
-        ),
-        tmp_path,
-    )
+    engine = _engine(tmp_path, max_num_seqs=64, max_num_batched_tokens=256)
     together = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert together == alone
     assert engine.block_manager.num_used_blocks == 0

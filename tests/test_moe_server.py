@@ -10,18 +10,19 @@ opens a thinking block.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
-from pathlib import Path
 
-import jsonschema
 import openai
 import pytest
 
-from tests.private_server import private_server
+from tests.served_checkpoint import (
+    check_forced_tool_calls_validate_streamed_and_not,
+    check_output_is_reasoning_streamed_and_not,
+    check_streamed_chat_equals_the_whole_answer,
+    serve_family,
+)
 from tests.tiny_models import save_tiny_glm4_moe, save_tiny_qwen3_moe
-from tests.tool_calling_cases import ASK, SCHEMAS, TOOLS
-from tests.tool_models import FAMILIES, build_family
+from tests.tool_calling_cases import ASK, TOOLS
 
 pytest_plugins = ["tests.tokenizer_fixtures", "tests.server_fixture"]
 
@@ -47,14 +48,9 @@ THINKING_OFF = {"chat_template_args": {"enable_thinking": False}}
 def served(request, tmp_path_factory) -> Iterator[tuple[str, openai.OpenAI]]:
     name = request.param
     family, save_model, architecture = MODELS[name]
-    base_dir: Path = request.getfixturevalue(f"{FAMILIES[family].base}_tokenizer_dir")
-    folder = build_family(family, base_dir, tmp_path_factory.mktemp(name) / "model", 0, save_model)
-    assert json.loads((folder / "config.json").read_text())["architectures"] == [architecture]
-    overrides = {"model": str(folder), "served_model_name": name, "kv_cache_memory_gb": 0.1}
-    with private_server(request, tmp_path_factory, overrides, f"{name}-server") as server:
-        client = openai.OpenAI(
-            base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120
-        )
+    with serve_family(
+        request, tmp_path_factory, family, name, save_model, architecture, kv_cache_memory_gb=0.1
+    ) as (_, client):
         yield name, client
 
 
@@ -62,18 +58,7 @@ def served(request, tmp_path_factory) -> Iterator[tuple[str, openai.OpenAI]]:
 def test_streamed_chat_equals_the_whole_answer(served) -> None:
     name, client = served
     kwargs = dict(model=name, messages=ASK, max_tokens=8, temperature=0, extra_body=THINKING_OFF)
-    whole = client.chat.completions.create(**kwargs)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "length" and choice.message.content
-    assert whole.usage.completion_tokens == 8
-    text, finishes = "", []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if chunk.choices:
-            text += chunk.choices[0].delta.content or ""
-            if chunk.choices[0].finish_reason:
-                finishes.append(chunk.choices[0].finish_reason)
-    assert text == choice.message.content
-    assert finishes == ["length"]
+    check_streamed_chat_equals_the_whole_answer(client, kwargs)
 
 
 @pytest.mark.slow
@@ -83,27 +68,7 @@ def test_forced_tool_calls_validate_streamed_and_not(served) -> None:
         model=name, messages=ASK, tools=TOOLS, tool_choice="required", temperature=1,
         seed=5, max_tokens=300, extra_body=THINKING_OFF,
     )  # fmt: skip
-    whole = client.chat.completions.create(**kwargs)
-    choice = whole.choices[0]
-    assert choice.finish_reason == "tool_calls" and choice.message.content is None
-    calls = [(c.function.name, c.function.arguments) for c in choice.message.tool_calls]
-    assert calls
-    for call_name, arguments in calls:
-        jsonschema.validate(json.loads(arguments), SCHEMAS[call_name])
-    streamed: dict[int, list[str]] = {}
-    finishes = []
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if not chunk.choices:
-            continue
-        delta = chunk.choices[0].delta
-        assert not delta.content
-        for piece in delta.tool_calls or []:
-            entry = streamed.setdefault(piece.index, [piece.function.name, ""])
-            entry[1] += piece.function.arguments or ""
-        if chunk.choices[0].finish_reason:
-            finishes.append(chunk.choices[0].finish_reason)
-    assert [tuple(entry) for _, entry in sorted(streamed.items())] == calls
-    assert finishes == ["tool_calls"]
+    check_forced_tool_calls_validate_streamed_and_not(client, kwargs)
 
 
 @pytest.mark.slow
@@ -113,14 +78,4 @@ def test_output_inside_an_opened_thinking_block_is_reasoning(served) -> None:
         model=name, messages=ASK, max_tokens=6, temperature=0,
         extra_body={"chat_template": OPEN_THINKING[name]},
     )  # fmt: skip
-    whole = client.chat.completions.create(**kwargs)
-    message = whole.choices[0].message.model_dump()
-    assert message.get("reasoning_content"), message
-    assert not message["content"]
-    reasoning = ""
-    for chunk in client.chat.completions.create(**kwargs, stream=True):
-        if chunk.choices:
-            delta = chunk.choices[0].delta.model_dump()
-            assert not delta.get("content")
-            reasoning += delta.get("reasoning_content") or ""
-    assert reasoning == message["reasoning_content"]
+    check_output_is_reasoning_streamed_and_not(client, kwargs)

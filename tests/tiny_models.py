@@ -8,8 +8,37 @@ import torch
 import transformers
 
 
-def save_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
+def random_model(
+    config: transformers.PretrainedConfig,
+    seed: int,
+    scale: float,
+    *,
+    perturb: bool = False,
+    router_bias_scale: float | None = None,
+) -> transformers.PreTrainedModel:
+    """transformers' own fp32 model for `config`, its weights drawn from `seed`.
+
+    Every parameter becomes N(0, scale) noise, or with `perturb` its initial value plus
+    that noise (norms stay near 1, biases become non-zero); with `router_bias_scale`
+    the routers' e_score_correction_bias buffers are drawn too, so that they matter.
+    """
     torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for param in model.parameters():
+            noise = torch.randn_like(param) * scale
+            if perturb:
+                param.add_(noise)
+            else:
+                param.copy_(noise)
+        if router_bias_scale is not None:
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.copy_(torch.randn_like(buffer) * router_bias_scale)
+    return model
+
+
+def save_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, **overrides) -> Path:
     settings = dict(
         vocab_size=vocab_size,
         hidden_size=64,
@@ -24,26 +53,14 @@ def save_tiny_llama(path: Path, vocab_size: int = 512, seed: int = 0, **override
     )
     # Overrides replace the defaults (a GPU test widens the heads, for instance).
     config = transformers.LlamaConfig(**{**settings, **overrides})
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            # Larger weights than the default init give peaked, input-dependent
-            # next-token distributions, which make greedy comparisons meaningful.
-            param.copy_(torch.randn_like(param) * 0.3)
-    model.save_pretrained(path)
+    # Larger weights than the default init give peaked, input-dependent next-token
+    # distributions, which make greedy comparisons meaningful.
+    random_model(config, seed, 0.3).save_pretrained(path)
     return path
 
 
 def _save_random(config, path: Path, seed: int, scale: float) -> Path:
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.copy_(torch.randn_like(param) * scale)
-        for name, buffer in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                buffer.copy_(torch.randn_like(buffer) * 0.1)
-    model.save_pretrained(path)
+    random_model(config, seed, scale, router_bias_scale=0.1).save_pretrained(path)
     return path
 
 

@@ -138,6 +138,12 @@ class Endpoint:
         )
         return f"{prefix}{header_id or uuid.uuid4().hex}"
 
+    def log_model_name(self, requested: str) -> None:
+        """Log a request that names another model than the served one (it is served anyway)."""
+        served = self.frontend.served_model_name
+        if requested != served:
+            logger.info("request names model %r; serving %r", requested[:LOG_FIELD_CHARS], served)
+
     def deadline(self, http_request: Any, started: float) -> float | None:
         """time.monotonic() at which the request is aborted: the header, capped by config."""
         limit = self.frontend.request_timeout_s

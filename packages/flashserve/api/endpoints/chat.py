@@ -7,13 +7,12 @@ message opens the response).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import Response
 
-from flashserve.api.endpoints.base import LOG_FIELD_CHARS, Endpoint
+from flashserve.api.endpoints.base import Endpoint
 from flashserve.api.endpoints.chat_format import PreparedChat, collect_body, stream_events
 from flashserve.api.endpoints.chat_protocol import ChatRequest
 from flashserve.api.endpoints.request_schema import RequestValidator
@@ -21,8 +20,6 @@ from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.prompt import echo_prefix, render_prompt
 from flashserve.api.http.sse import EventStreamResponse
-
-logger = logging.getLogger("flashserve.requests")
 
 
 class ChatEndpoint(Endpoint):
@@ -37,12 +34,7 @@ class ChatEndpoint(Endpoint):
         frontend = self.frontend
         body = self.validator.validate(body)
         request = ChatRequest.model_validate(body)
-        if request.model != frontend.served_model_name:
-            logger.info(
-                "request names model %r; serving %r",
-                request.model[:LOG_FIELD_CHARS],
-                frontend.served_model_name,
-            )
+        self.log_model_name(request.model)
         text = self._render(request)
         prompt_ids = frontend.tokenize(text, request, param="messages")
         generation = frontend.build(

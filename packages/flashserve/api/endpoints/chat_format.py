@@ -22,6 +22,19 @@ logger = logging.getLogger("flashserve.requests")
 DONE = b"data: [DONE]\n\n"
 
 
+def stream_error_event(exc: Exception, rid: str) -> bytes:
+    """The event that ends an OpenAI-style stream `exc` broke after its headers were sent
+    (chat and text completions): the error body the API would have answered with."""
+    if isinstance(exc, EngineDeadError):
+        detail = error_detail(f"The engine failed while generating: {exc}", 500, "engine_error")
+    elif isinstance(exc, RequestTimeoutError):
+        detail = timeout_error().detail
+    else:
+        logger.exception("stream %s failed", rid)
+        detail = error_detail(f"Internal error: {type(exc).__name__}", 500, "internal")
+    return sse({"error": detail})
+
+
 def usage(
     prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0, reasoning_tokens: int = 0
 ) -> dict:
@@ -238,18 +251,7 @@ async def stream_events(
             )
             yield sse(usage_chunk(rid, created, model, final))
         yield DONE
-    except EngineDeadError as exc:
-        yield sse(
-            {
-                "error": error_detail(
-                    f"The engine failed while generating: {exc}", 500, "engine_error"
-                )
-            }
-        )
-    except RequestTimeoutError:
-        yield sse({"error": timeout_error().detail})
     except Exception as exc:  # noqa: BLE001 - headers are sent: an event is all that is left
-        logger.exception("stream %s failed", rid)
-        yield sse({"error": error_detail(f"Internal error: {type(exc).__name__}", 500, "internal")})
+        yield stream_error_event(exc, rid)
     finally:
         await pieces.aclose()

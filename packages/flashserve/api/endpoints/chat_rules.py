@@ -56,6 +56,17 @@ BOUNDS = (
     Bound("seed", -(2**63), 2**64 - 1, why="a 64-bit integer"),
 )
 
+
+def check_bounds(body: dict[str, Any], bounds: tuple[Bound, ...]) -> None:
+    """Refuse the first numeric field of `body` outside its bound (other types are skipped)."""
+    for bound in bounds:
+        value = body.get(bound.field)
+        if is_number(value):
+            message = bound.violation(value)
+            if message:
+                raise invalid_field(message, bound.field)
+
+
 TOKEN_ID_LISTS = ("bad_token_ids", "stop_token_ids")
 MEDIA_PART_TYPES = ("image_url", "input_audio")
 LOGIT_BIAS_LIMIT = 100
@@ -166,12 +177,7 @@ def check_semantics(body: dict[str, Any], *, multimodal: bool = False) -> None:
     Type-tolerant anyway (values of the wrong type are skipped, not crashed on), so it
     is safe to call on its own.
     """
-    for bound in BOUNDS:
-        value = body.get(bound.field)
-        if is_number(value):
-            message = bound.violation(value)
-            if message:
-                raise invalid_field(message, bound.field)
+    check_bounds(body, BOUNDS)
     for check in CROSS_FIELD_CHECKS:
         check(body)
     _check_messages(body.get("messages"), multimodal)

@@ -9,13 +9,12 @@ no reasoning or tool-call split.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import Response
 
-from flashserve.api.endpoints.base import LOG_FIELD_CHARS, Endpoint
+from flashserve.api.endpoints.base import Endpoint
 from flashserve.api.endpoints.completions_choices import ChoicePiece, merge_choices
 from flashserve.api.endpoints.completions_format import (
     PreparedCompletion,
@@ -28,8 +27,6 @@ from flashserve.api.endpoints.completions_rules import check_completion_semantic
 from flashserve.api.endpoints.request_schema import RequestValidator
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.http.sse import EventStreamResponse
-
-logger = logging.getLogger("flashserve.requests")
 
 SCHEMA_FILENAME = "CompletionRequest.schema.json"
 
@@ -50,12 +47,7 @@ class CompletionsEndpoint(Endpoint):
     def prepare(self, body: Any, http_request: Any = None) -> PreparedCompletion:
         frontend = self.frontend
         request = to_request(self.validator.validate(body))
-        if request.model != frontend.served_model_name:
-            logger.info(
-                "request names model %r; serving %r",
-                request.model[:LOG_FIELD_CHARS],
-                frontend.served_model_name,
-            )
+        self.log_model_name(request.model)
         request_id = self.request_id("cmpl-", http_request)
         encoded = self.prompts.encode(request)
         generations = [

@@ -4,21 +4,16 @@
 from __future__ import annotations
 
 import codecs
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
 from flashserve.api.endpoints.base import collect_pieces
-from flashserve.api.endpoints.chat_format import DONE, usage
+from flashserve.api.endpoints.chat_format import DONE, stream_error_event, usage
 from flashserve.api.endpoints.completions_choices import ChoicePiece
 from flashserve.api.endpoints.completions_protocol import CompletionRequest
 from flashserve.api.frontend.generation import GenerationRequest
-from flashserve.api.http.errors import error_detail, timeout_error
 from flashserve.api.http.sse import sse
-from flashserve.engine.async_engine import EngineDeadError, RequestTimeoutError
-
-logger = logging.getLogger("flashserve.requests")
 
 OBJECT = "text_completion"
 
@@ -264,18 +259,7 @@ async def stream_events(
         if options.include_usage:
             yield sse(completion(rid, created, model, [], state.usage()))
         yield DONE
-    except EngineDeadError as exc:
-        yield sse(
-            {
-                "error": error_detail(
-                    f"The engine failed while generating: {exc}", 500, "engine_error"
-                )
-            }
-        )
-    except RequestTimeoutError:
-        yield sse({"error": timeout_error().detail})
     except Exception as exc:  # noqa: BLE001 - headers are sent: an event is all that is left
-        logger.exception("stream %s failed", rid)
-        yield sse({"error": error_detail(f"Internal error: {type(exc).__name__}", 500, "internal")})
+        yield stream_error_event(exc, rid)
     finally:
         await pieces.aclose()

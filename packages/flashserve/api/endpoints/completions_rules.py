@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from flashserve.api.endpoints.chat_rules import BOUNDS, CROSS_FIELD_CHECKS, Bound
+from flashserve.api.endpoints.chat_rules import BOUNDS, CROSS_FIELD_CHECKS, Bound, check_bounds
 from flashserve.api.endpoints.completions_protocol import DEFAULT_MAX_TOKENS
-from flashserve.api.http.field_text import invalid_field, is_number
+from flashserve.api.http.field_text import invalid_field
 
 COMPLETION_BOUNDS = (
     *(bound for bound in BOUNDS if bound.field != "n"),
@@ -36,12 +36,7 @@ def _check_suffix(body: dict[str, Any]) -> None:
 
 def check_completion_semantics(body: dict[str, Any]) -> None:
     """Rules the schema cannot express; assumes the body already passed the schema."""
-    for bound in COMPLETION_BOUNDS:
-        value = body.get(bound.field)
-        if is_number(value):
-            message = bound.violation(value)
-            if message:
-                raise invalid_field(message, bound.field)
+    check_bounds(body, COMPLETION_BOUNDS)
     # Chat's cross-field rules read max_tokens: here it has a default of its own.
     with_defaults = {"max_tokens": DEFAULT_MAX_TOKENS, **body}
     for check in CROSS_FIELD_CHECKS:

@@ -8,14 +8,13 @@ content blocks, stop reasons, usage, its event stream and its error bodies.
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import AsyncIterator
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
 
-from flashserve.api.endpoints.base import LOG_FIELD_CHARS, Endpoint
+from flashserve.api.endpoints.base import Endpoint
 from flashserve.api.endpoints.messages_format import (
     DEFAULT_PING_INTERVAL_S,
     PreparedMessages,
@@ -28,8 +27,6 @@ from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.prompt import render_prompt
 from flashserve.api.http.errors import RequestError
 from flashserve.api.http.sse import EventStreamResponse
-
-logger = logging.getLogger("flashserve.requests")
 
 # Anthropic's error `type` for each status it documents.
 ERROR_TYPES = {
@@ -91,12 +88,7 @@ class MessagesEndpoint(Endpoint):
     def prepare(self, body: Any, http_request: Any = None) -> PreparedMessages:
         frontend = self.frontend
         request = self.validator.parse(body)
-        if request.model != frontend.served_model_name:
-            logger.info(
-                "request names model %r; serving %r",
-                request.model[:LOG_FIELD_CHARS],
-                frontend.served_model_name,
-            )
+        self.log_model_name(request.model)
         chat = request.chat
         try:
             text = render_prompt(frontend.tokenizer, chat)

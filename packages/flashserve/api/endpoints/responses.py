@@ -7,14 +7,13 @@ response (`previous_response_id`), and keeping each response for its follow-ups 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 from starlette.responses import Response
 
-from flashserve.api.endpoints.base import LOG_FIELD_CHARS, Endpoint
+from flashserve.api.endpoints.base import Endpoint
 from flashserve.api.endpoints.chat_protocol import ChatRequest
 from flashserve.api.endpoints.request_schema import RequestValidator, check_depth
 from flashserve.api.endpoints.responses_format import (
@@ -42,8 +41,6 @@ from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.prompt import render_prompt
 from flashserve.api.http.errors import RequestError
 from flashserve.api.http.sse import EventStreamResponse
-
-logger = logging.getLogger("flashserve.requests")
 
 # packages/flashserve/api/endpoints/responses.py -> the repository root holds data/.
 REPO_SCHEMA_PATH = Path(__file__).resolve().parents[4] / "data" / SCHEMA_FILENAME
@@ -84,12 +81,7 @@ class ResponsesEndpoint(Endpoint):
             check_supported(body)
         body = validator.validate(body)
         model = body.get("model") or frontend.served_model_name
-        if model != frontend.served_model_name:
-            logger.info(
-                "request names model %r; serving %r",
-                model[:LOG_FIELD_CHARS],
-                frontend.served_model_name,
-            )
+        self.log_model_name(model)
         history = self._history(body.get("previous_response_id"))
         items = history + input_items(body["input"])
         check_chat_tools(chat_fields(body, [], frontend.served_model_name))
