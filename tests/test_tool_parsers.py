@@ -660,6 +660,13 @@ FRAGMENTS = [
     ),
     max_calls=st.sampled_from([None, 1]),
 )
+# Whitespace after markup, arriving a character at a time (found by this test once).
+@example(
+    parts=["<tool_call>", "<|python_tag|>", "\n", "\n", "<tool_call>"],
+    cuts=[],
+    parser=Llama3JsonToolParser,
+    max_calls=None,
+)
 # A call head broken by markup that itself opens a section (found by this test once).
 @example(
     parts=["<｜tool▁call▁begin｜>", "<tool_call>", "<｜tool▁calls▁begin｜>"],

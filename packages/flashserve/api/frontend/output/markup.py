@@ -46,10 +46,14 @@ class WhitespaceGate:
         self._held = ""
         self._started = False  # some content went out
         self._after_markup = False  # markup came after the last content
+        # Whitespace right after markup is dropped when whitespace before it is kept
+        # (or nothing came before): decided at the markup, so any split reads the same.
+        self._strip_leading = False
 
     def push(self, text: str) -> str:
-        if self._after_markup and (self._held or not self._started):
+        if self._strip_leading:
             text = text.lstrip()
+            self._strip_leading = not text
         text = self._held + text
         body = text.rstrip()
         self._held = text[len(body) :]
@@ -62,6 +66,7 @@ class WhitespaceGate:
         if not self._started:
             self._held = ""
         self._after_markup = True
+        self._strip_leading = bool(self._held) or not self._started
 
     def release(self) -> str:
         """The response ended: held whitespace is content unless markup came after it."""
