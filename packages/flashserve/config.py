@@ -47,6 +47,9 @@ class EngineConfig:
     num_speculative_tokens: int = 4
     ngram_min: int = 2
     ngram_max: int = 4
+    # "measured": each step verifies only the drafts the measured cost model expects to
+    # pay off (engine/speculative/policy.py); "always": every draft (tests, benchmarks).
+    speculative_policy: str = "measured"
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
     cpu_threads: int | None = None
@@ -69,6 +72,11 @@ class EngineConfig:
         if self.speculative_method not in ("none", "ngram"):
             raise ValueError(
                 f"speculative_method must be 'none' or 'ngram', got {self.speculative_method!r}"
+            )
+        if self.speculative_policy not in ("measured", "always"):
+            raise ValueError(
+                "speculative_policy must be 'measured' or 'always', "
+                f"got {self.speculative_policy!r}"
             )
         if self.speculative_method == "none":
             return

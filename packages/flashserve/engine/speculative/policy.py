@@ -80,7 +80,8 @@ class _Record:
 
 
 class SpeculationPolicy:
-    def __init__(self) -> None:
+    def __init__(self, always: bool = False) -> None:
+        self.always = always  # verify every draft, whatever it is expected to earn
         self.cost = StepCostModel()
         self.global_proposed = 0.0
         self.global_accepted = 0.0
@@ -107,6 +108,8 @@ class SpeculationPolicy:
         self, num_decode_tokens: int, drafts: dict[Sequence, list[int]]
     ) -> dict[Sequence, list[int]]:
         """The drafts worth verifying in a step that computes num_decode_tokens without them."""
+        if self.always:
+            return dict(drafts)
         fit = self.cost.fit()
         candidates = []
         for seq, draft in drafts.items():

@@ -45,7 +45,7 @@ class Speculator:
     def __init__(self, config: EngineConfig, vocab_size: int, max_model_len: int) -> None:
         self.k = int(config.num_speculative_tokens)
         self.proposer = NgramProposer(int(config.ngram_min), int(config.ngram_max), self.k)
-        self.policy = SpeculationPolicy()
+        self.policy = SpeculationPolicy(always=config.speculative_policy == "always")
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.stats = SpeculationStats()
