@@ -129,6 +129,7 @@ def _allows(row: torch.Tensor, token: int) -> bool:
     return bool((int(row[token // 32]) >> (token % 32)) & 1)
 
 
+@torch.inference_mode()
 def verify_step(
     runner, items: list[tuple[Sequence, int]], masks: dict[Sequence, torch.Tensor]
 ) -> list[Emission]:
