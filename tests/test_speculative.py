@@ -309,8 +309,9 @@ def test_the_cost_rule_speculates_when_steps_cost_little_per_token() -> None:
     for fixed, per_token in ((0.05, 0.0005), (0.0, 0.01)):
         policy = SpeculationPolicy()
         for step in range(40):
-            tokens = 1 + step % 16 * 5
-            policy.cost.observe(tokens, fixed + per_token * tokens)
+            for rows in (1, 64):  # each batch size with and without drafts
+                tokens = rows * (1 + step % 5)
+                policy.observe(rows, tokens, fixed + per_token * tokens)
         for seq in seqs:
             policy.record(seq, 4, 3)
         # Weight-bound steps (large fixed cost): small and large batches both gain.
@@ -330,6 +331,21 @@ def test_a_sequence_whose_drafts_fail_stops_drafting() -> None:
         policy.record(good, 4, 4)
         policy.record(bad, 4, 0)
     for step in range(40):
-        policy.cost.observe(1 + step % 5, 0.02 + 0.004 * (1 + step % 5))
+        policy.observe(2, 2 * (1 + step % 5), 0.02 + 0.004 * 2 * (1 + step % 5))
     chosen = policy.choose(2, {good: [1, 2, 3, 4], bad: [1, 2, 3, 4]})
     assert good in chosen and bad not in chosen
+
+
+def test_the_cost_rule_decides_per_batch_size() -> None:
+    """A step that costs the same for 1 to 5 tokens but grows with tokens past 64: speculate
+    for one sequence, not for 64 (each batch size judged by its own measurements)."""
+    seqs = [Sequence(f"s{i}", [1, 2, 3], SamplingParams()) for i in range(64)]
+    policy = SpeculationPolicy()
+    for step in range(40):
+        width = 1 + step % 5
+        policy.observe(1, width, 0.05)
+        policy.observe(64, 64 * width, 0.05 + 0.002 * 64 * width)
+    for seq in seqs:
+        policy.record(seq, 4, 3)
+    assert policy.choose(1, {seqs[0]: [5, 6, 7, 8]})
+    assert not policy.choose(64, {seq: [5, 6, 7, 8] for seq in seqs})

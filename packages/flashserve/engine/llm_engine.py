@@ -288,7 +288,9 @@ class LLMEngine:
         if speculator is not None:
             if decode_only:
                 speculator.observe_step(
-                    sum(n for _, n in batch.items), time.perf_counter() - started
+                    len(batch.items),
+                    sum(n for _, n in batch.items),
+                    time.perf_counter() - started,
                 )
             speculator.record(emissions)
         for seq, n in batch.items:

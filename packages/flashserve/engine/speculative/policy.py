@@ -5,8 +5,12 @@ earns the draft tokens that get accepted. Both are measured as the engine runs:
 
 * Step cost: the seconds of recent decode steps (pure decodes and verifications, no
   prefill chunks) against the tokens they computed, fitted as fixed + per_token *
-  tokens by exponentially weighted least squares. Small batches are dominated by
-  the fixed part (reading the weights once), large ones by the per-token part.
+  tokens by exponentially weighted least squares, one fit per batch-size bucket
+  (1, 2-3, 4-7, 8-15, ... sequences). A step's cost is not linear over all sizes
+  (flat while reading the weights dominates, then growing with the tokens), so each
+  bucket's fit covers the sizes it decides for: from its plain decodes to its
+  verifications of several tokens a sequence. A bucket without a fit speculates,
+  which is also how it gets one.
 * Acceptance: the share of a sequence's draft tokens accepted (with a prior from
   every sequence's), so a sequence whose text does not repeat stops drafting.
 
@@ -79,10 +83,15 @@ class _Record:
     accepted: float = 0.0
 
 
+def batch_bucket(num_sequences: int) -> int:
+    """The cost model's bucket of a decode batch: 1, 2-3, 4-7, 8-15, ... sequences."""
+    return max(1, num_sequences).bit_length()
+
+
 class SpeculationPolicy:
     def __init__(self, always: bool = False) -> None:
         self.always = always  # verify every draft, whatever it is expected to earn
-        self.cost = StepCostModel()
+        self.costs: dict[int, StepCostModel] = {}
         self.global_proposed = 0.0
         self.global_accepted = 0.0
         self._records: weakref.WeakKeyDictionary[Sequence, _Record] = weakref.WeakKeyDictionary()
@@ -110,7 +119,7 @@ class SpeculationPolicy:
         """The drafts worth verifying in a step that computes num_decode_tokens without them."""
         if self.always:
             return dict(drafts)
-        fit = self.cost.fit()
+        fit = self.cost_fit(num_decode_tokens)
         candidates = []
         for seq, draft in drafts.items():
             gain = self.expected_accepted(seq, len(draft))
@@ -131,6 +140,18 @@ class SpeculationPolicy:
                 tokens += gain
                 seconds = more_seconds
         return chosen
+
+    def observe(self, num_sequences: int, tokens: int, seconds: float) -> None:
+        """A decode step of num_sequences sequences computed `tokens` in `seconds`."""
+        bucket = batch_bucket(num_sequences)
+        model = self.costs.get(bucket)
+        if model is None:
+            model = self.costs[bucket] = StepCostModel()
+        model.observe(tokens, seconds)
+
+    def cost_fit(self, num_sequences: int) -> tuple[float, float] | None:
+        model = self.costs.get(batch_bucket(num_sequences))
+        return model.fit() if model is not None else None
 
     def record(self, seq: Sequence, proposed: int, accepted: int) -> None:
         entry = self._records.get(seq)

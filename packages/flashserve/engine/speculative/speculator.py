@@ -85,7 +85,7 @@ class Speculator:
             self.stats.steps_declined += 1
         if declining != self._declining:
             self._declining = declining
-            fit = self.policy.cost.fit()
+            fit = self.policy.cost_fit(decoding)
             logger.info(
                 "speculation %s at %d decoding sequences (step cost %s)",
                 "off" if declining else "on",
@@ -120,11 +120,11 @@ class Speculator:
             stats.steps_speculated += 1
             stats.last_step_accepted = accepted
 
-    def observe_step(self, tokens: int, seconds: float) -> None:
+    def observe_step(self, num_sequences: int, tokens: int, seconds: float) -> None:
         """A decode step's cost (no prefill chunk in it), for the cost model."""
-        self.policy.cost.observe(tokens, seconds)
-        fit = self.policy.cost.fit()
-        if fit is not None:
+        self.policy.observe(num_sequences, tokens, seconds)
+        fit = self.policy.cost_fit(num_sequences)
+        if fit is not None:  # the metrics show the fit of the latest step's batch size
             self.stats.step_fixed_seconds, self.stats.step_per_token_seconds = fit
 
     def forget(self, seq: Sequence) -> None:
