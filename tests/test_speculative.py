@@ -349,3 +349,23 @@ def test_the_cost_rule_decides_per_batch_size() -> None:
         policy.record(seq, 4, 3)
     assert policy.choose(1, {seqs[0]: [5, 6, 7, 8]})
     assert not policy.choose(64, {seq: [5, 6, 7, 8] for seq in seqs})
+
+
+def test_an_abort_mid_draft_frees_everything_and_disturbs_no_one(model_dir) -> None:
+    spec = engine(model_dir, **SPEC)
+    phrase_prompts = prompts(6, seed=11)[1::2]
+    greedy = SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True)
+    alone = run_all(engine(model_dir), {"keep": (phrase_prompts[0], greedy)})
+    spec.add_request("keep", phrase_prompts[0], greedy)
+    spec.add_request("drop", phrase_prompts[1], greedy)
+    produced = []
+    while spec.speculator.stats.drafts < 4:
+        for out in spec.step():
+            if out.request_id == "keep":
+                produced.extend(out.new_token_ids)
+    assert spec.abort("drop")
+    while spec.has_work():
+        for out in spec.step():
+            produced.extend(out.new_token_ids)
+    assert produced == alone["keep"]
+    assert spec.block_manager.num_used_blocks == 0
