@@ -298,13 +298,10 @@ class LLMEngine:
                 continue  # its computed tokens are known once its draft is verified
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        for emission in emissions:
-            output = self._emit(emission)
-            if output is not None:
-                outputs.append(output)
+        outputs.extend(self._emit(emission) for emission in emissions)
         return outputs
 
-    def _emit(self, emission: Emission) -> SequenceOutput | None:
+    def _emit(self, emission: Emission) -> SequenceOutput:
         """Append a step's tokens for one sequence, up to the first that ends it."""
         seq = emission.seq
         drafted = bool(seq.draft_token_ids)
