@@ -40,6 +40,16 @@ class EngineConfig:
     request_timeout_s: float | None = None
     # A loop turn longer than this marks the engine wedged: is_healthy() turns false.
     engine_stall_timeout_s: float | None = 300.0
+    # Speculative decoding (engine/speculative/): "none" or "ngram". An n-gram draft of
+    # up to num_speculative_tokens tokens is what followed the most recent earlier
+    # occurrence of the sequence's last n tokens, n from ngram_max down to ngram_min.
+    speculative_method: str = "none"
+    num_speculative_tokens: int = 4
+    ngram_min: int = 2
+    ngram_max: int = 4
+    # "measured": each step verifies only the drafts the measured cost model expects to
+    # pay off (engine/speculative/policy.py); "always": every draft (tests, benchmarks).
+    speculative_policy: str = "measured"
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
     cpu_threads: int | None = None
@@ -53,7 +63,32 @@ class EngineConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown engine settings in model_metadata.engine: {unknown}")
-        return cls(**raw)
+        config = cls(**raw)
+        config.check_speculative()
+        return config
+
+    def check_speculative(self) -> None:
+        """Reject speculative settings that cannot work, naming the key."""
+        if self.speculative_method not in ("none", "ngram"):
+            raise ValueError(
+                f"speculative_method must be 'none' or 'ngram', got {self.speculative_method!r}"
+            )
+        if self.speculative_policy not in ("measured", "always"):
+            raise ValueError(
+                "speculative_policy must be 'measured' or 'always', "
+                f"got {self.speculative_policy!r}"
+            )
+        if self.speculative_method == "none":
+            return
+        if int(self.num_speculative_tokens) < 1:
+            raise ValueError(
+                f"num_speculative_tokens must be at least 1, got {self.num_speculative_tokens}"
+            )
+        if not 1 <= int(self.ngram_min) <= int(self.ngram_max):
+            raise ValueError(
+                f"need 1 <= ngram_min <= ngram_max, got ngram_min={self.ngram_min}, "
+                f"ngram_max={self.ngram_max}"
+            )
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)

@@ -68,6 +68,53 @@ class EngineCollector:
         yield CounterMetricFamily(
             "flashserve_preemptions", "Sequences preempted for KV space", value=stats.preemptions
         )
+        if stats.speculation is not None:
+            yield from _speculation_metrics(stats.speculation)
+
+
+def _speculation_metrics(spec: Any):
+    """Speculative decoding: proposals, acceptances, and the per-step rule's state."""
+    counters = {
+        "flashserve_spec_draft_tokens": ("Draft tokens verified (proposed)", spec.draft_tokens),
+        "flashserve_spec_accepted_tokens": ("Draft tokens accepted", spec.accepted_tokens),
+        "flashserve_spec_drafts": ("Drafts verified", spec.drafts),
+        "flashserve_spec_emitted_tokens": (
+            "Tokens emitted by drafted sequences in their verification steps",
+            spec.emitted_tokens,
+        ),
+        "flashserve_spec_steps": ("Steps that verified drafts", spec.steps_speculated),
+        "flashserve_spec_declined_steps": (
+            "Steps whose drafts the measured cost rule turned down",
+            spec.steps_declined,
+        ),
+    }
+    for name, (doc, value) in counters.items():
+        yield CounterMetricFamily(name, doc, value=value)
+    steps = spec.steps_speculated
+    gauges = {
+        "flashserve_spec_acceptance_rate": (
+            "Share of draft tokens accepted",
+            spec.accepted_tokens / spec.draft_tokens if spec.draft_tokens else 0.0,
+        ),
+        "flashserve_spec_accepted_tokens_per_step": (
+            "Draft tokens accepted per speculating step, on average",
+            spec.accepted_tokens / steps if steps else 0.0,
+        ),
+        "flashserve_spec_last_step_accepted_tokens": (
+            "Draft tokens accepted in the latest speculating step",
+            spec.last_step_accepted,
+        ),
+        "flashserve_spec_step_fixed_seconds": (
+            "Measured decode-step cost: fixed part (the cost rule's fit)",
+            spec.step_fixed_seconds,
+        ),
+        "flashserve_spec_step_per_token_seconds": (
+            "Measured decode-step cost: per computed token (the cost rule's fit)",
+            spec.step_per_token_seconds,
+        ),
+    }
+    for name, (doc, value) in gauges.items():
+        yield GaugeMetricFamily(name, doc, value=value)
 
 
 _collector: EngineCollector | None = None

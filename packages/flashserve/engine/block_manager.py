@@ -90,6 +90,17 @@ class BlockManager:
         seq.block_ids.clear()
         seq.num_computed_tokens = 0
 
+    def trim(self, seq: Sequence) -> None:
+        """Give back seq's blocks past those its known tokens need (a rejected draft's)."""
+        keep = self.blocks_needed(seq.num_tokens)
+        while len(seq.block_ids) > keep:
+            block = seq.block_ids.pop()
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                # Never hashed (only full blocks of accepted tokens are): reused first.
+                self.free[block] = None
+                self.free.move_to_end(block, last=False)
+
     def register_full_blocks(self, seq: Sequence) -> None:
         """Publish the hashes of blocks seq has completely computed, for reuse."""
         if not self.enable_prefix_caching:

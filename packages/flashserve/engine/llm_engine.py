@@ -6,6 +6,7 @@ benchmarks can drive it directly.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -30,6 +31,8 @@ from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
 from flashserve.engine.sequence import Sequence, SequenceOutput, TokenLogprob
+from flashserve.engine.speculative.speculator import SpeculationStats, Speculator
+from flashserve.engine.speculative.verify import Emission, verify_step
 from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
 from flashserve.layers.attention import select_backend
 from flashserve.models.loader import load_model
@@ -47,6 +50,7 @@ class EngineStats:
     prefix_queries: int
     prefix_hits: int
     preemptions: int
+    speculation: SpeculationStats | None = None
 
 
 class LLMEngine:
@@ -160,6 +164,12 @@ class LLMEngine:
             reclaim=self.contexts.evict_oldest,
         )
         self.sequences: dict[str, Sequence] = {}
+        config.check_speculative()
+        self.speculator = (
+            Speculator(config, mc.vocab_size, self.max_model_len)
+            if config.speculative_method == "ngram"
+            else None
+        )
         # Outputs due before the next step's (a resumed generation_only request's first token).
         self._pending_outputs: list[SequenceOutput] = []
         self.steps = 0
@@ -284,33 +294,97 @@ class LLMEngine:
             raise RuntimeError("injected engine fault (fault_after_steps)")
         self.contexts.expire()
         outputs, self._pending_outputs = self._pending_outputs, []
+        speculator = self.speculator
+        if speculator is not None:
+            speculator.propose(self.scheduler.running)
         batch = self.scheduler.schedule()
         if batch.empty:
             return outputs
-        sampled, result = self.runner.step(batch.items)
+        started = time.perf_counter()
+        decode_only = all(seq.num_uncomputed_tokens == 1 for seq, _ in batch.items)
+        drafted = speculator is not None and any(seq.draft_token_ids for seq, _ in batch.items)
+        if drafted:
+            assert speculator is not None
+            emissions = verify_step(self.runner, batch.items, speculator.masks)
+        else:
+            sampled, result = self.runner.step(batch.items)
+            emissions = (
+                [
+                    Emission(seq, [token], [logprob])
+                    for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
+                ]
+                if result is not None
+                else []
+            )
+        if speculator is not None:
+            if decode_only:
+                speculator.observe_step(
+                    len(batch.items),
+                    sum(n for _, n in batch.items),
+                    time.perf_counter() - started,
+                )
+            speculator.record(emissions)
         for seq, n in batch.items:
+            if seq.draft_token_ids:
+                continue  # its computed tokens are known once its draft is verified
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        if result is None:
-            return outputs
-        for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs):
+        outputs.extend(self._emit(emission) for emission in emissions)
+        return outputs
+
+    def _emit(self, emission: Emission) -> SequenceOutput:
+        """Append a step's tokens for one sequence, up to the first that ends it."""
+        seq = emission.seq
+        drafted = bool(seq.draft_token_ids)
+        seq.draft_token_ids.clear()
+        if drafted:
+            # The last token and the accepted draft tokens are in the KV cache; the
+            # rejected ones' slots are overwritten later, their whole blocks given back.
+            seq.num_computed_tokens += 1 + emission.accepted
+        tokens: list[int] = []
+        logprobs: list[TokenLogprob] = []
+        finish: str | None = None
+        stop_reason: int | None = None
+        error: str | None = None
+        for token, logprob in zip(emission.token_ids, emission.logprobs):
             seq.token_ids.append(token)
+            tokens.append(token)
+            if logprob is not None:
+                logprobs.append(logprob)
             # Only newly sampled tokens advance the grammar (never a recompute's replay).
             error = accept_sampled_token(seq, token)
             finish, stop_reason = ("error", None) if error else self._check_stop(seq, token)
-            handle = None
-            disaggregated = seq.params.disaggregated
-            context_only = disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
-            if context_only and not error:
-                # The context phase ends with its first token; its blocks stay
-                # parked for the generation_only request that continues it.
-                handle = self.contexts.park(seq, logprob, finish, stop_reason)
-                finish = finish or "length"
-            outputs.append(_token_output(seq, token, logprob, finish, stop_reason, error, handle))
             if finish is not None:
-                self.sequences.pop(seq.request_id, None)
-                self.scheduler.remove(seq, keep_blocks=handle is not None)
-        return outputs
+                break
+        if drafted:
+            self.block_manager.register_full_blocks(seq)
+            self.block_manager.trim(seq)
+        handle = None
+        disaggregated = seq.params.disaggregated
+        context_only = disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
+        if context_only and not error:
+            # The context phase ends with its first token; its blocks stay
+            # parked for the generation_only request that continues it.
+            handle = self.contexts.park(seq, logprobs[0] if logprobs else None, finish, stop_reason)
+            finish = finish or "length"
+        output = SequenceOutput(
+            request_id=seq.request_id,
+            new_token_ids=tokens,
+            finished=finish is not None,
+            finish_reason=finish,
+            stop_reason=stop_reason,
+            logprobs=logprobs or None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            error=error,
+            context_handle=handle,
+        )
+        if finish is not None:
+            self.sequences.pop(seq.request_id, None)
+            self.scheduler.remove(seq, keep_blocks=handle is not None)
+            if self.speculator is not None:
+                self.speculator.forget(seq)
+        return output
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
         p = seq.params
@@ -336,6 +410,9 @@ class LLMEngine:
             prefix_queries=bm.prefix_queries,
             prefix_hits=bm.prefix_hits,
             preemptions=self.scheduler.total_preemptions,
+            speculation=(
+                dataclasses.replace(self.speculator.stats) if self.speculator is not None else None
+            ),
         )
 
 

@@ -208,14 +208,20 @@ class ModelRunner:
             start = seq.num_computed_tokens
             end = start + n
             input_ids.extend(seq.token_ids[start:end])
+            # A speculative draft follows the known tokens; every position from the
+            # last known token on is sampled (once per row: `sampled` repeats seq).
+            drafted = end - seq.num_tokens
+            if drafted > 0:
+                input_ids.extend(seq.draft_token_ids[:drafted])
             positions.extend(range(start, end))
             table = seq.block_ids
             slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_lens.append(n)
             context_lens.append(end)
-            if end == seq.num_tokens:
-                sample_rows.append(len(input_ids) - 1)
-                sampled.append(seq)
+            if end >= seq.num_tokens:
+                for row in range(len(input_ids) - 1 - max(drafted, 0), len(input_ids)):
+                    sample_rows.append(row)
+                    sampled.append(seq)
         num_decode = 0
         while num_decode < len(query_lens) and query_lens[num_decode] == 1:
             num_decode += 1

@@ -73,8 +73,13 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            n = min(seq.num_uncomputed_tokens, budget)
+            # A speculative draft rides along with its sequence's decode, budget permitting.
+            n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
             while not self.blocks.allocate(seq, n):
+                if seq.draft_token_ids:  # give up the draft before anyone's KV
+                    seq.draft_token_ids.clear()
+                    n = min(seq.num_uncomputed_tokens, budget)
+                    continue
                 if self.running[-1] is seq and self.reclaim():
                     continue  # nothing left to preempt but seq itself
                 victim = self.running.pop()
@@ -83,6 +88,7 @@ class Scheduler:
                 if victim is seq:
                     break
             else:
+                del seq.draft_token_ids[max(0, n - seq.num_uncomputed_tokens) :]
                 items.append((seq, n))
                 budget -= n
                 i += 1
@@ -108,6 +114,7 @@ class Scheduler:
         return ScheduledBatch(items=items)
 
     def _preempt(self, seq: Sequence) -> None:
+        seq.draft_token_ids.clear()
         self.blocks.release(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

@@ -70,6 +70,9 @@ class Sequence:
     num_cached_tokens: int = 0
     generator: torch.Generator | None = None
     grammar_matcher: object | None = None
+    # Speculative tokens to verify this step after the last token (engine/speculative/);
+    # never part of token_ids until accepted.
+    draft_token_ids: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.token_ids:

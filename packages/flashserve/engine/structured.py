@@ -292,8 +292,15 @@ def apply_grammar_bitmask(logits: torch.Tensor, batch: LogitsBatch) -> torch.Ten
     vocab = logits.shape[-1]
     words = xgr.get_bitmask_shape(1, vocab)[1]
     bitmask = _masker.bitmask(len(seqs), words, pin=logits.is_cuda)
-    matchers = [seqs[i].grammar_matcher for i in rows]
-    _masker.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=rows)
+    # A speculative position's mask was filled when its draft was checked (its matcher
+    # stands at an earlier position): engine/speculative/verify.py.
+    filled = {i: m for i in rows if (m := getattr(seqs[i], "grammar_bitmask", None)) is not None}
+    live = [i for i in rows if i not in filled]
+    if live:
+        matchers = [seqs[i].grammar_matcher for i in live]
+        _masker.batch_matcher.batch_fill_next_token_bitmask(matchers, bitmask, indices=live)
+    for i, mask in filled.items():
+        bitmask[i] = mask
     _and_allowed_rows(bitmask, seqs, rows)
     # The copy is ordered before the mask kernel on the same stream, and the buffer is not
     # refilled before this step's sampler has synchronised, so non_blocking is safe.
