@@ -17,7 +17,7 @@ import transformers
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
-from flashserve.layers.moe.experts import combine_rows
+from flashserve.layers.moe.experts import combine_rows, pads_evenly
 from tests.engine_harness import assert_logits_match, make_engine, mixed_prompts, run_all
 from tests.tiny_models import random_model
 
@@ -162,28 +162,58 @@ def test_stacked_expert_tensors_load_as_transformers_keeps_them(tmp_path):
     _assert_logits_match(reference, _engine(tmp_path), "stacked", chunks=(120,))
 
 
-def test_experts_without_tokens_cost_nothing_and_change_nothing():
-    torch.manual_seed(3)
-    hidden, experts_n, size = 16, 6, 8
+def _random_experts(seed: int, experts_n: int, hidden: int, size: int) -> StackedExperts:
+    torch.manual_seed(seed)
     experts = StackedExperts(experts_n, hidden, size)
     with torch.no_grad():
         experts.gate_up_proj.normal_()
         experts.down_proj.normal_()
-    x = torch.randn(5, hidden)
-    # Only experts 1 and 4 receive tokens; 4 of the 6 get none.
+    return experts
+
+
+def _expert_sum_token_by_token(experts, x, weights, ids) -> torch.Tensor:
+    expected = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for slot in range(ids.shape[1]):
+            e = int(ids[t, slot])
+            gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
+            expected[t] += weights[t, slot] * (
+                experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
+            )
+    return expected
+
+
+def test_experts_without_tokens_cost_nothing_and_change_nothing():
+    experts = _random_experts(3, 6, 16, 8)
+    x = torch.randn(5, 16)
+    # Only experts 1 and 4 receive tokens; 4 of the 6 get none: one product per active expert.
     ids = torch.tensor([[1, 4], [4, 1], [1, 4], [4, 1], [1, 4]])
+    assert not pads_evenly(torch.bincount(ids.reshape(-1), minlength=6).tolist())
     weights = torch.rand(5, 2)
     with torch.no_grad():
         got = experts(x, weights, ids)
-        expected = torch.zeros_like(x)
-        for t in range(5):
-            for slot in range(2):
-                e = int(ids[t, slot])
-                gate, up = (experts.gate_up_proj[e] @ x[t]).chunk(2)
-                expected[t] += weights[t, slot] * (
-                    experts.down_proj[e] @ (torch.nn.functional.silu(gate) * up)
-                )
+        expected = _expert_sum_token_by_token(experts, x, weights, ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_evenly_routed_tokens_run_as_padded_batched_products():
+    experts = _random_experts(7, 6, 16, 8)
+    x = torch.randn(13, 16)
+    ids = torch.stack([torch.randperm(6)[:3] for _ in range(13)])
+    counts = torch.bincount(ids.reshape(-1), minlength=6).tolist()
+    assert pads_evenly(counts) and len(set(counts)) > 1  # runs of unequal length get padded
+    weights = torch.rand(13, 3)
+    with torch.no_grad():
+        got = experts(x, weights, ids)
+        expected = _expert_sum_token_by_token(experts, x, weights, ids)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_is_chosen_only_while_it_at_most_doubles_the_rows():
+    assert pads_evenly([8, 8, 8, 8])
+    assert pads_evenly([16, 0, 8, 8])  # 64 padded rows for 32
+    assert not pads_evenly([17, 0, 8, 8])
+    assert not pads_evenly([1, 0, 0, 0, 0, 0, 0, 0])  # batch-1 decode: only its experts run
 
 
 def test_router_renormalises_only_when_asked():

@@ -35,14 +35,13 @@ from flashserve.layers.mla import (
 )
 from flashserve.layers.mlp import MLP
 from flashserve.layers.moe import GroupedSigmoidRouter, SparseMoeBlock, StackedExperts
-from flashserve.layers.moe.experts import GROUPED_MM
 from flashserve.layers.moe.softmax_group_router import GroupLimitedSoftmaxRouter
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
 from flashserve.models.base import CausalLM, WeightRule, named_shard
 from flashserve.models.kv_cache_spec import KVCache, LatentKVCacheSpec
 from flashserve.models.model_config import ModelConfig
-from flashserve.models.moe import PER_EXPERT_RULES
+from flashserve.models.moe import PER_EXPERT_RULES, RoutedExpertsModel
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ class DeepseekDecoderLayer(nn.Module):
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
-class DeepseekV3ForCausalLM(CausalLM):
+class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
     weight_rules = DEEPSEEK_WEIGHT_RULES
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
@@ -295,30 +294,6 @@ class DeepseekV3ForCausalLM(CausalLM):
             int(raw["qk_rope_head_dim"]),
             tuple(range(self.config.num_layers)),
         )
-
-    def experts(self) -> list[StackedExperts]:
-        return [m for m in self.modules() if isinstance(m, StackedExperts)]
-
-    def init_buffers(self, device: torch.device) -> None:
-        super().init_buffers(device)
-        experts = self.experts()
-        if experts:
-            logger.info(
-                "MoE experts (%d layers): %s path: %s",
-                len(experts),
-                experts[0].path,
-                experts[0].path_reason,
-            )
-
-    @property
-    def decode_graph_problem(self) -> str | None:
-        for experts in self.experts():
-            if experts.path != GROUPED_MM:
-                return (
-                    "MoE experts run one matrix product per active expert with a host-side "
-                    f"loop ({experts.path_reason})"
-                )
-        return None
 
     def forward(
         self,

@@ -30,8 +30,8 @@ PER_EXPERT_RULES = (
 MOE_WEIGHT_RULES = PER_EXPERT_RULES + PACKED_PROJECTION_RULES
 
 
-class MoeDecoderLM(DecoderOnlyLM):
-    weight_rules = MOE_WEIGHT_RULES
+class RoutedExpertsModel:
+    """Mixed into a model with routed experts: their path in the load log, graph safety."""
 
     def experts(self) -> list[StackedExperts]:
         return [m for m in self.modules() if isinstance(m, StackedExperts)]
@@ -52,7 +52,11 @@ class MoeDecoderLM(DecoderOnlyLM):
         for experts in self.experts():
             if experts.path != GROUPED_MM:
                 return (
-                    "MoE experts run one matrix product per active expert with a host-side "
-                    f"loop ({experts.path_reason})"
+                    "MoE experts run one matrix product per active expert (or padded batched "
+                    f"products) from run lengths read on the host ({experts.path_reason})"
                 )
         return None
+
+
+class MoeDecoderLM(RoutedExpertsModel, DecoderOnlyLM):
+    weight_rules = MOE_WEIGHT_RULES
