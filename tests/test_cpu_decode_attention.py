@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from flashserve.layers import cpu_decode_attention
+from flashserve.layers import cpu_decode_attention, native
 from flashserve.layers.attention import _cpu_decode, _paged_decode
 
 BLOCK = 16
@@ -95,12 +95,11 @@ def test_shapes_it_cannot_take_fall_back_to_the_torch_path():
 
 
 def test_without_a_compiler_the_torch_path_serves_and_says_why(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(cpu_decode_attention, "_library", None)
-    monkeypatch.setattr(cpu_decode_attention, "_load_failed", None)
+    monkeypatch.setattr(cpu_decode_attention, "KERNELS", cpu_decode_attention.KERNELS.fresh())
     monkeypatch.setenv("CC", "no-such-compiler-here")
     monkeypatch.setenv("FLASHSERVE_KERNEL_CACHE", str(tmp_path))
     q, k_cache, v_cache, tables, lens = _case(torch.float32, 4, 2, 16, [20, 9])
-    with caplog.at_level(logging.WARNING, logger=cpu_decode_attention.__name__):
+    with caplog.at_level(logging.WARNING, logger=native.__name__):
         assert (
             cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.25, 20) is None
         )
@@ -110,8 +109,7 @@ def test_without_a_compiler_the_torch_path_serves_and_says_why(monkeypatch, tmp_
 
 
 def test_a_fresh_cache_directory_gets_its_own_build(monkeypatch, tmp_path):
-    monkeypatch.setattr(cpu_decode_attention, "_library", None)
-    monkeypatch.setattr(cpu_decode_attention, "_load_failed", None)
+    monkeypatch.setattr(cpu_decode_attention, "KERNELS", cpu_decode_attention.KERNELS.fresh())
     monkeypatch.setenv("FLASHSERVE_KERNEL_CACHE", str(tmp_path))
     assert cpu_decode_attention.available()
     # One library, and no partial file left beside it.

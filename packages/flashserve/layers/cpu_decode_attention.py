@@ -6,33 +6,21 @@ memory-bound, and the copy triples the traffic (read, write, read again).
 csrc/paged_decode.c instead walks each row's block table and reads every key
 and value row once, for all query heads of its GQA group together.
 
-The kernel is plain C, compiled at first use with the system's C compiler
-(`cc -O3 -march=native -fopenmp`, about a second) into a cache directory keyed
-by the source, the flags and the CPU, and called through ctypes (which releases
-the GIL). Where that cannot happen (no compiler, an unsupported dtype or head
-size) `paged_decode` returns None and the caller keeps its torch path; the
-reason is logged once.
+The kernel is plain C, compiled at first use (layers/native.py) and called
+through ctypes. Where that cannot happen (no compiler, an unsupported dtype or
+head size) `paged_decode` returns None and the caller keeps its torch path;
+the reason is logged once.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import logging
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 
-logger = logging.getLogger(__name__)
+from flashserve.layers.native import NativeLibrary
 
-SOURCE = Path(__file__).with_name("csrc") / "paged_decode.c"
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 # The kernel's vectors hold this many floats; head_dim must be a multiple.
 LANES = 8
 _KERNELS = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
@@ -55,13 +43,12 @@ _ARGTYPES = [
     ctypes.c_int64,  # max context
     ctypes.c_int,  # threads
 ]
+KERNELS = NativeLibrary(
+    "paged_decode.c", "CPU decode attention", {name: _ARGTYPES for name in _KERNELS.values()}
+)
 
 # Benchmarks and tests switch the kernel off to compare with the torch path.
 enabled = os.environ.get("FLASHSERVE_CPU_DECODE_KERNEL", "1") != "0"
-
-_lock = threading.Lock()
-_library: ctypes.CDLL | None = None
-_load_failed: str | None = None
 
 
 def paged_decode(
@@ -82,7 +69,7 @@ def paged_decode(
     """
     if not enabled or unsupported(q, k_cache) is not None:
         return None
-    library = _load()
+    library = KERNELS.load()
     if library is None:
         return None
     rows, heads, head_dim = q.shape
@@ -136,80 +123,4 @@ def unsupported(q: torch.Tensor, k_cache: torch.Tensor) -> str | None:
 
 def available() -> bool:
     """Whether the compiled kernel loads here (compiling it on first call)."""
-    return _load() is not None
-
-
-def _load() -> ctypes.CDLL | None:
-    global _library, _load_failed
-    if _library is not None or _load_failed is not None:
-        return _library
-    with _lock:
-        if _library is None and _load_failed is None:
-            try:
-                _library = _bind(ctypes.CDLL(str(_build())))
-                logger.info("CPU decode attention: paged kernel loaded")
-            except Exception as exc:  # no compiler, read-only disk...: keep the torch path
-                _load_failed = f"{type(exc).__name__}: {exc}"
-                logger.warning(
-                    "CPU decode attention: paged kernel unavailable (%s); using torch", _load_failed
-                )
-    return _library
-
-
-def _bind(library: ctypes.CDLL) -> ctypes.CDLL:
-    for name in _KERNELS.values():
-        fn = getattr(library, name)
-        fn.argtypes = _ARGTYPES
-        fn.restype = ctypes.c_int
-    return library
-
-
-def _build() -> Path:
-    """The compiled library, built unless the cache already holds this source's build."""
-    compiler = shutil.which(os.environ.get("CC", "cc"))
-    if compiler is None:
-        raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-    source = SOURCE.read_bytes()
-    # -march=native: a library built on one CPU must not be loaded on another.
-    key = hashlib.sha256(
-        source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
-    ).hexdigest()[:16]
-    target = _cache_dir() / f"paged_decode-{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Built under a private name, then renamed: concurrent processes never load half a file.
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run(
-            [compiler, *FLAGS, str(SOURCE), "-o", partial, "-lm"],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode:
-            raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
-        os.replace(partial, target)
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
-    return target
-
-
-def _cache_dir() -> Path:
-    configured = os.environ.get("FLASHSERVE_KERNEL_CACHE")
-    if configured:
-        return Path(configured)
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "flashserve" / "kernels"
-
-
-def _cpu_signature() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):  # x86, Arm
-                return line
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return KERNELS.load() is not None

@@ -1,0 +1,116 @@
+"""C kernels compiled on first use with the system's C compiler and called through ctypes.
+
+A kernel source under layers/csrc/ is built with `cc -O3 -march=native -fopenmp`
+(about a second) into a cache directory keyed by the source, the flags, the
+compiler and the CPU, and loaded once per process. ctypes releases the GIL for
+the call. Where that cannot happen (no compiler, a read-only disk) `load()`
+returns None, the reason is logged once, and the caller keeps its torch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+
+
+class NativeLibrary:
+    """One C source under csrc/, its exported functions' signatures, and its loaded build."""
+
+    def __init__(self, source: str, what: str, functions: dict[str, list]) -> None:
+        self.source = CSRC / source
+        self.what = what  # for the log: "CPU decode attention: paged kernel ..."
+        self.functions = functions  # name -> ctypes argtypes; every function returns int
+        self._lock = threading.Lock()
+        self._library: ctypes.CDLL | None = None
+        self.load_failed: str | None = None
+
+    def fresh(self) -> NativeLibrary:
+        """The same library, not loaded yet (tests: another cache directory or compiler)."""
+        return NativeLibrary(self.source.name, self.what, self.functions)
+
+    def load(self) -> ctypes.CDLL | None:
+        if self._library is not None or self.load_failed is not None:
+            return self._library
+        with self._lock:
+            if self._library is None and self.load_failed is None:
+                try:
+                    self._library = self._bind(ctypes.CDLL(str(self._build())))
+                    logger.info("%s: compiled kernel loaded", self.what)
+                except Exception as exc:  # no compiler, read-only disk...: keep the torch path
+                    self.load_failed = f"{type(exc).__name__}: {exc}"
+                    logger.warning(
+                        "%s: compiled kernel unavailable (%s); using torch",
+                        self.what,
+                        self.load_failed,
+                    )
+        return self._library
+
+    def _bind(self, library: ctypes.CDLL) -> ctypes.CDLL:
+        for name, argtypes in self.functions.items():
+            fn = getattr(library, name)
+            fn.argtypes = argtypes
+            fn.restype = ctypes.c_int
+        return library
+
+    def _build(self) -> Path:
+        """The compiled library, built unless the cache already holds this source's build."""
+        compiler = shutil.which(os.environ.get("CC", "cc"))
+        if compiler is None:
+            raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
+        source = self.source.read_bytes()
+        # -march=native: a library built on one CPU must not be loaded on another.
+        key = hashlib.sha256(
+            source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
+        ).hexdigest()[:16]
+        target = cache_dir() / f"{self.source.stem}-{key}.so"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Built under a private name, then renamed: concurrent processes never load half a file.
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+        os.close(fd)
+        try:
+            done = subprocess.run(
+                [compiler, *FLAGS, str(self.source), "-o", partial, "-lm"],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            if done.returncode:
+                raise RuntimeError(f"{compiler} failed: {done.stderr.strip()[-500:]}")
+            os.replace(partial, target)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        return target
+
+
+def cache_dir() -> Path:
+    configured = os.environ.get("FLASHSERVE_KERNEL_CACHE")
+    if configured:
+        return Path(configured)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flashserve" / "kernels"
+
+
+def _cpu_signature() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86, Arm
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
