@@ -5,7 +5,9 @@ expert's tokens are one contiguous run of rows; then either
 - `grouped_mm`: one grouped matrix product per projection over all runs
   (torch's grouped GEMM; CUDA, bf16). Every shape depends only on the
   number of tokens, so decode steps can be captured as CUDA graphs; or
-- `sorted`: the run lengths come to the host. When the runs are even enough
+- `sorted`: the run lengths come to the host. On the CPU, runs of a few rows
+  (decode) go to a compiled kernel that reads each active expert's weights
+  once (cpu_expert_kernel.py). Otherwise, when the runs are even enough
   (padding every expert's run to the longest at most doubles the rows) they
   are padded into one batched product over all experts: a small run's matrix
   product wastes most of a GEMM call on its own, a batch of them does not.
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.layers.linear import copy_into
+from flashserve.layers.moe import cpu_expert_kernel
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +152,13 @@ class StackedExperts(nn.Module):
         self.path, self.path_reason = choose_expert_path(
             device, self.gate_up_proj.dtype, hidden, self.intermediate_size
         )
+        if device.type == "cpu":
+            problem = cpu_expert_kernel.problem(self.gate_up_proj, self.down_proj)
+            self.path_reason += (
+                f"; runs of <= {cpu_expert_kernel.MAX_RUN} rows: compiled kernel"
+                if problem is None
+                else f"; compiled kernel not used: {problem}"
+            )
 
     # -- compute --
 
@@ -164,14 +174,19 @@ class StackedExperts(nn.Module):
         if self.path == GROUPED_MM:
             out = self._grouped(rows, flat)
         else:
-            counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-            if pads_evenly(counts):
-                out = self._padded(rows, flat[order], counts)
-            else:
-                out = self._per_expert(rows, counts)
+            out = self._sorted(rows, flat, order)
         # On CUDA index_add_ adds with atomics in a varying order.
         by_slot = x.device.type != "cpu"
         return combine_rows(out, order, weights, top_k, by_slot).to(x.dtype)
+
+    def _sorted(self, rows: torch.Tensor, flat: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        out = cpu_expert_kernel.expert_mlp(rows, counts, self.gate_up_proj, self.down_proj)
+        if out is not None:
+            return out
+        if pads_evenly(counts):
+            return self._padded(rows, flat[order], counts)
+        return self._per_expert(rows, counts)
 
     def _per_expert(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         out = torch.empty_like(rows)
