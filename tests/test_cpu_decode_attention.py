@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from flashserve.layers import cpu_decode_attention, native
-from flashserve.layers.attention import _cpu_decode, _paged_decode
+from flashserve.layers.attention import (
+    AttentionMetadata,
+    TorchAttention,
+    _cpu_decode,
+    _paged_decode,
+    _prefix_sums,
+)
 
 BLOCK = 16
 NUM_BLOCKS = 64
@@ -115,3 +121,52 @@ def test_a_fresh_cache_directory_gets_its_own_build(monkeypatch, tmp_path):
     # One library, and no partial file left beside it.
     (built,) = tmp_path.iterdir()
     assert built.name.startswith("paged_decode-") and built.suffix == ".so"
+
+
+def test_short_chunks_join_the_decodes_one_row_per_query(monkeypatch):
+    """A step of 2 decodes, a 5-query chunk after 30 cached tokens (a verification), a fresh
+    3-token prompt and a 20-query chunk: the kernel's rows equal SDPA per chunk."""
+    gen = torch.Generator().manual_seed(7)
+    heads, kv_heads, head_dim = 8, 2, 32
+    query_lens, contexts = [1, 1, 5, 3, 20], [40, 9, 35, 3, 50]
+    tables = torch.zeros((5, 4), dtype=torch.int32)
+    for row, block in enumerate(torch.randperm(NUM_BLOCKS, generator=gen)[:20].tolist()):
+        tables[row // 4, row % 4] = block
+    cache_shape = (NUM_BLOCKS, BLOCK, kv_heads, head_dim)
+    k_cache, v_cache = (
+        torch.randn(cache_shape, generator=gen),
+        torch.randn(cache_shape, generator=gen),
+    )
+    slots = []
+    for row, (q_len, ctx) in enumerate(zip(query_lens, contexts)):
+        for pos in range(ctx - q_len, ctx):
+            slots.append(int(tables[row, pos // BLOCK]) * BLOCK + pos % BLOCK)
+    tokens = sum(query_lens)
+    q = torch.randn((tokens, heads, head_dim), generator=gen)
+    k = torch.randn((tokens, kv_heads, head_dim), generator=gen)
+    v = torch.randn((tokens, kv_heads, head_dim), generator=gen)
+    meta = AttentionMetadata(
+        num_decode_tokens=2,
+        cu_seqlens_q=torch.tensor([0, *_prefix_sums(query_lens)[1:], tokens], dtype=torch.int32),
+        context_lens=torch.tensor(contexts, dtype=torch.int32),
+        slot_mapping=torch.tensor(slots),
+        block_tables=tables,
+        max_query_len=max(query_lens),
+        max_context_len=max(contexts),
+        query_lens_host=query_lens,
+        context_lens_host=contexts,
+    )
+    backend = TorchAttention()
+    kernel_rows = []
+    kernel = cpu_decode_attention.paged_decode
+
+    def counted(q, *args):
+        kernel_rows.append(q.shape[0])
+        return kernel(q, *args)
+
+    monkeypatch.setattr(cpu_decode_attention, "paged_decode", counted)
+    got = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
+    assert kernel_rows == [2 + 5 + 3]  # one call; the 20-query chunk stays with SDPA
+    monkeypatch.setattr(cpu_decode_attention, "enabled", False)
+    want = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

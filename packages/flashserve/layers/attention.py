@@ -83,11 +83,18 @@ def write_kv(
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+# CPU: prompt chunks of at most this many queries attend through the paged decode kernel,
+# one row per query (speculative verification is k + 1 queries).
+SHORT_CHUNK = 16
+
+
 class TorchAttention(AttentionBackend):
     """SDPA over keys gathered from the paged cache.
 
     Decodes are batched into one call (padded to the longest context, masked);
-    each prefill chunk is its own call because its causal offset differs.
+    each prefill chunk is its own call because its causal offset differs. On the
+    CPU the paged kernel takes the decodes and, one row per query, every chunk of
+    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks).
     A fixed-shape decode step (a CUDA graph) reads every block of its table.
     """
 
@@ -109,10 +116,13 @@ class TorchAttention(AttentionBackend):
                 return _paged_decode(*args)
         out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
-        if num_decode:
-            out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
         starts = _prefix_sums(meta.query_lens_host)
-        for i in range(num_decode, len(meta.query_lens_host)):
+        chunks = range(num_decode, len(meta.query_lens_host))
+        if not q.is_cuda and _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out):
+            chunks = [i for i in chunks if meta.query_lens_host[i] > SHORT_CHUNK]
+        elif num_decode:
+            out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
+        for i in chunks:
             start, q_len = starts[i], meta.query_lens_host[i]
             ctx = meta.context_lens_host[i]
             if q_len == ctx:  # nothing cached before this chunk: attend over it directly
@@ -131,6 +141,44 @@ class TorchAttention(AttentionBackend):
         if q.is_cuda:
             return _paged_decode(*args)
         return _cpu_decode(*args, meta.max_context_len)
+
+
+def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
+    """Decodes and every chunk of at most SHORT_CHUNK queries in one paged-kernel call.
+
+    The chunk's keys are already in the cache (write_kv), so each of its queries
+    is a decode row over the context up to its own position: a speculative
+    verification or a short prompt chunk then reads the cache in place, batched
+    with the step's decodes, and each position's arithmetic is that of a decode
+    at that position. False (nothing written) where the kernel does not run.
+    """
+    tokens, table_rows, lens = list(range(meta.num_decode_tokens)), [], []
+    table_rows.extend(tokens)
+    lens.extend(meta.context_lens_host[: meta.num_decode_tokens])
+    for i in range(meta.num_decode_tokens, len(meta.query_lens_host)):
+        q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
+        if q_len <= SHORT_CHUNK:
+            tokens.extend(range(starts[i], starts[i] + q_len))
+            table_rows.extend([i] * q_len)
+            lens.extend(range(ctx - q_len + 1, ctx + 1))
+    if not tokens:
+        return False
+    max_context = max(lens)
+    blocks_needed = -(-max_context // k_cache.shape[1])
+    index = torch.tensor(tokens)
+    rows = cpu_decode_attention.paged_decode(
+        q.index_select(0, index),
+        k_cache,
+        v_cache,
+        meta.block_tables[torch.tensor(table_rows), :blocks_needed],
+        torch.tensor(lens, dtype=torch.int32),
+        scale,
+        max_context,
+    )
+    if rows is None:
+        return False
+    out.index_copy_(0, index, rows)
+    return True
 
 
 def _cpu_decode(q, k_cache, v_cache, tables, context_lens, scale, max_context):
