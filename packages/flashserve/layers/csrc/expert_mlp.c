@@ -7,8 +7,9 @@
  * In a decode step an expert sees a handful of rows, and a BLAS GEMM with so
  * few rows spends its time packing the weights; here each weight row is read
  * once from memory and multiplied by all of the expert's rows while it sits in
- * registers (blocks of 4 weight rows x 3 input rows), so the cost is one pass
- * over the active experts' weights.
+ * registers (blocks of 4 weight rows x 3 input rows), prefetching the next
+ * block's rows meanwhile, so the cost is one pass over the active experts'
+ * weights.
  *
  * Every output element is a dot product summed in a fixed lane order that
  * depends only on its own input row, so a token's result is the same bits alone
@@ -53,6 +54,10 @@ static inline __attribute__((always_inline)) void dot_block(
     for (int64_t p = 0; p < k; p += LANES) {
         vf wv[WEIGHTS_PER_BLOCK];
         for (int j = 0; j < nw; j++) wv[j] = load_f32(w + j * ldw + p);
+        /* The next block's weight rows, a cache line each, while this block computes
+         * (past an expert's last row it touches the next expert's, or nothing). */
+        if ((p & 15) == 0)
+            for (int j = 0; j < nw; j++) __builtin_prefetch(w + (nw + j) * ldw + p + 64);
         for (int i = 0; i < nx; i++) {
             vf xv = load_f32(x + i * ldx + p);
             for (int j = 0; j < nw; j++) acc[i][j] += xv * wv[j];
