@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         if label == "paged kernel":
             phase.wall.append(timed(engine.step))
         else:
-            with off():
+            with off(engine):
                 phase.wall.append(timed(engine.step))
 
     weight_bytes = sum(w.numel() for w in decoder) * itemsize + head.numel() * itemsize
