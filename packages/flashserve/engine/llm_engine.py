@@ -362,6 +362,7 @@ class LLMEngine:
         """Run (on a GPU: queue) the model and the sampler; each sampled sequence gets
         PENDING_TOKEN until _finish writes its draw."""
         started = time.perf_counter()
+        decode_only = all(seq.num_uncomputed_tokens == 1 for seq, _ in items)
         launched = self.runner.launch(items)
         for seq, n in items:
             seq.num_computed_tokens += n
@@ -369,7 +370,6 @@ class LLMEngine:
         for seq in launched.sampled:
             pending_index.append(len(seq.token_ids))
             seq.token_ids.append(PENDING_TOKEN)
-        decode_only = all(n == 1 for _, n in items)
         return StepInFlight(launched, pending_index, decode_only, items, started)
 
     def _finish(self, flight: StepInFlight) -> list[SequenceOutput]:
