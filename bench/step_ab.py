@@ -63,12 +63,28 @@ def _overlap_on(engine: Any) -> Iterator[None]:
     yield
 
 
+@contextlib.contextmanager
+def _at_least_by_where(engine: Any = None) -> Iterator[None]:
+    """certainly_kept's masked row as before: torch.where over the probabilities."""
+    import torch
+
+    from flashserve.engine import truncation
+
+    saved = truncation._at_least
+    truncation._at_least = lambda probs, floor: torch.where(probs >= floor, probs, 0.0)
+    try:
+        yield
+    finally:
+        truncation._at_least = saved
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "decode_kernel": _decode_kernel_off,
     "async_scheduling": _overlap_off,
     # Identical work on both sides: the noise band of a pair on this machine.
     "none": lambda engine=None: contextlib.nullcontext(),
+    "certainly_kept_keys": _at_least_by_where,
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
