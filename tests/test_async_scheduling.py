@@ -270,3 +270,44 @@ def test_async_engine_streams_the_same_tokens(model_dir):
     on_engine = make_engine(model_dir, async_scheduling=True)
     assert asyncio.run(collect(on_engine)) == off
     assert on_engine.block_manager.num_used_blocks == 0
+
+
+def test_a_consumer_that_leaves_early_aborts_with_the_overlap_on(model_dir):
+    """A stream closed early (a stop string, a disconnect) aborts its request while a
+    step is in flight; the others' tokens do not change and every block comes back."""
+    prompts = mixed_prompts(4, seed=10)
+
+    async def collect(engine: LLMEngine) -> list[list[int]]:
+        runner = AsyncEngine(engine)
+        runner.start()
+        try:
+
+            async def one(i: int, p: list[int]) -> list[int]:
+                tokens: list[int] = []
+                stream = runner.generate(f"r{i}", p, greedy(20))
+                async for out in stream:
+                    tokens.extend(out.new_token_ids)
+                    if i % 2 and len(tokens) >= 3:
+                        break  # leaves: the generator's close aborts the request
+                await stream.aclose()
+                return tokens
+
+            got = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            for _ in range(200):  # the abort is handled on the engine's next turn
+                if not engine.has_work() and engine.block_manager.num_used_blocks == 0:
+                    break
+                await asyncio.sleep(0.01)
+            return got
+        finally:
+            runner.shutdown()
+
+    off = asyncio.run(collect(make_engine(model_dir, async_scheduling=False)))
+    on_engine = make_engine(model_dir, async_scheduling=True)
+    on = asyncio.run(collect(on_engine))
+    for i in range(4):
+        if i % 2:
+            assert on[i][:3] == off[i][:3]
+        else:
+            assert on[i] == off[i] and len(on[i]) == 20
+    assert on_engine.block_manager.num_used_blocks == 0
+    assert not on_engine.sequences
