@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -34,7 +35,7 @@ from w1 import Workload, run_engine  # noqa: E402
 
 
 @contextlib.contextmanager
-def _decode_kernel_off() -> Iterator[None]:
+def _decode_kernel_off(engine: Any = None) -> Iterator[None]:
     """Decode attention as before: gather the blocks (index_select), then SDPA."""
     from flashserve.layers import cpu_decode_attention
 
@@ -46,9 +47,48 @@ def _decode_kernel_off() -> Iterator[None]:
         cpu_decode_attention.enabled = saved
 
 
-# change name -> what switches it off (the "before")
-CHANGES: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+@contextlib.contextmanager
+def _overlap_off(engine: Any) -> Iterator[None]:
+    """Steps without async scheduling (the "after" forces it on, even on a CPU)."""
+    engine.async_scheduling = False
+    try:
+        yield
+    finally:
+        engine.async_scheduling = True
+
+
+@contextlib.contextmanager
+def _overlap_on(engine: Any) -> Iterator[None]:
+    engine.async_scheduling = True
+    yield
+
+
+@contextlib.contextmanager
+def _at_least_by_where(engine: Any = None) -> Iterator[None]:
+    """certainly_kept's masked row as before: torch.where over the probabilities."""
+    import torch
+
+    from flashserve.engine import truncation
+
+    saved = truncation._at_least
+    truncation._at_least = lambda probs, floor: torch.where(probs >= floor, probs, 0.0)
+    try:
+        yield
+    finally:
+        truncation._at_least = saved
+
+
+# change name -> what switches it off (the "before"), given the engine
+CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "decode_kernel": _decode_kernel_off,
+    "async_scheduling": _overlap_off,
+    # Identical work on both sides: the noise band of a pair on this machine.
+    "none": lambda engine=None: contextlib.nullcontext(),
+    "certainly_kept_keys": _at_least_by_where,
+}
+# change name -> what switches it on (the "after"), where the engine's default is off
+AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
+    "async_scheduling": _overlap_on,
 }
 
 
@@ -70,8 +110,10 @@ def _timed(step: Callable[[], object]) -> tuple[float, float]:
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def _variant(change: str, before: bool) -> contextlib.AbstractContextManager[None]:
-    return CHANGES[change]() if before else contextlib.nullcontext()
+def _variant(change: str, before: bool, engine: Any) -> contextlib.AbstractContextManager[None]:
+    if before:
+        return CHANGES[change](engine)
+    return AFTER[change](engine) if change in AFTER else contextlib.nullcontext()
 
 
 def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]]]:
@@ -92,7 +134,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
 
     # Warm-up: both variants once (first calls build kernels, allocate buffers).
     for before in (True, False):
-        with _variant(args.change, before):
+        with _variant(args.change, before, engine):
             add_batch(f"warm-{before}", 4)
             while engine.has_work():
                 engine.step()
@@ -100,7 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
     for rep in range(args.prefills):
         for label in ("before", "after") if rep % 2 == 0 else ("after", "before"):
             ids = add_batch(f"prefill-{rep}-{label}", 2)
-            with _variant(args.change, label == "before"):
+            with _variant(args.change, label == "before", engine):
                 times["prefill"][label].append(_timed(engine.step))
             for rid in ids:
                 engine.abort(rid)
@@ -109,7 +151,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
     w1 = dataclasses.replace(work, output_len=128)
     for rep in range(args.w1):
         for label in ("before", "after") if rep % 2 == 0 else ("after", "before"):
-            with _variant(args.change, label == "before"):
+            with _variant(args.change, label == "before", engine):
                 cpu = time.process_time()
                 tokens, wall = run_engine(engine, w1, args.requests)
                 times["W1"][label].append((wall, time.process_time() - cpu, tokens))
@@ -122,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
     engine.step()  # the prefill
     for i in range(2 * args.steps):
         label = ("before", "after")[(i + i // 2) % 2]  # ABBA order: neither always goes first
-        with _variant(args.change, label == "before"):
+        with _variant(args.change, label == "before", engine):
             times["decode"][label].append(_timed(engine.step))
     return times
 

@@ -9,7 +9,7 @@ import torch
 
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
-from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine, run_greedy
+from tests.engine_harness import decode_batch, engine_logits, make_cuda_engine, run_all, run_greedy
 from tests.tiny_models import save_tiny_llama
 
 pytestmark = [
@@ -155,3 +155,25 @@ def test_bf16_generation_with_graphs_frees_every_block(model_dir):
     assert [len(got[str(i)]) for i in range(17)] == max_tokens
     assert engine.runner.graphs.replays == max(max_tokens) - 1
     assert engine.block_manager.num_used_blocks == 0
+
+
+def test_async_scheduling_on_and_off_give_the_same_tokens_fp32(model_dir):
+    """Step n+1 queued behind step n, its input tokens taken from step n's draws on the
+    device (graphs and eager steps), changes no token, greedy or seeded."""
+    prompts, max_tokens = mixed_requests(17, seed=3)
+    requests = {
+        str(i): (
+            prompt,
+            SamplingParams(
+                temperature=(0.0, 0.9)[i % 2], top_p=0.9, seed=i, max_tokens=n, ignore_eos=True
+            ),
+        )
+        for i, (prompt, n) in enumerate(zip(prompts, max_tokens))
+    }
+    off = make(model_dir, "torch", dtype="float32", async_scheduling=False)
+    on = make(model_dir, "torch", dtype="float32")
+    assert on.async_scheduling and not off.async_scheduling
+    expected = run_all(off, requests)
+    assert run_all(on, requests) == expected
+    assert on.overlapped_steps > 0
+    assert on.block_manager.num_used_blocks == 0

@@ -39,6 +39,7 @@ ENGINE_KEYS = {
     "block_size",
     "cuda_graphs",
     "cuda_graph_max_batch",
+    "async_scheduling",
     "warmup",
     "stream_interval",
     "enable_prefix_caching",

@@ -26,6 +26,11 @@ class EngineConfig:
     # (capped by max_num_seqs); CUDA only, ignored (with a log line) on CPU.
     cuda_graphs: bool = True
     cuda_graph_max_batch: int = 256
+    # Schedule and launch step n+1 before step n's tokens reach the host, so the host's
+    # work per step runs while the device computes (engine/async_scheduling.py).
+    # "auto": on for CUDA; on a CPU a launch is the whole step, so it would only delay
+    # outputs. Off whenever speculative decoding is on (drafts need the host's tokens).
+    async_scheduling: bool | str = "auto"
     # Run one full-size prefill step and one full-size decode step at load, so the
     # first real requests do not pay a GPU's one-time costs (kernels, cuBLAS, allocator).
     # Off here because the tests build hundreds of engines; config.yaml turns it on.

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.engine.async_scheduling import PENDING_TOKEN
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.models.base import CausalLM
@@ -97,6 +98,32 @@ class DecodeBatch:
     num_rows: int  # real rows; the rest of the bucket is padding
     sample_rows: list[int]
     sampled: list[Sequence]
+    # (row, sequence) whose input token is the previous step's draw, still on the device
+    pending: list[tuple[int, Sequence]]
+
+
+class _HostInputs:
+    """One set of host buffers for the static inputs (pinned on CUDA)."""
+
+    def __init__(self, rows: int, max_blocks: int, device: torch.device) -> None:
+        pin = device.type == "cuda"
+        self.rows = rows
+        self.int64 = torch.zeros(3 * rows, dtype=torch.int64, pin_memory=pin)
+        self.int32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
+        self._copied: torch.cuda.Event | None = None
+        self._cuda = pin
+
+    def copied(self) -> None:
+        """Its copies to the device are queued; mark where."""
+        if self._cuda:
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def wait(self) -> None:
+        """Before writing into it: its last copies have run."""
+        if self._copied is not None:
+            self._copied.synchronize()
+            self._copied = None
 
 
 class DecodeGraphs:
@@ -131,14 +158,13 @@ class DecodeGraphs:
         rows = self.batch_sizes[-1]
         self.max_batch = rows
         # int64: token ids | positions | slots; int32: context lengths | block tables.
-        pin = self.device.type == "cuda"
-        self._host64 = torch.zeros(3 * rows, dtype=torch.int64, pin_memory=pin)
-        self._host32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, pin_memory=pin)
+        # Two host sets, used in turn: a step's copies may still be queued behind the
+        # previous step when the next one is prepared (engine/async_scheduling.py).
+        self._host_sets = [_HostInputs(rows, max_blocks, self.device) for _ in range(2)]
+        self._host_turn = 0
+        self._select_host_set(0)
         self._dev64 = torch.zeros(3 * rows, dtype=torch.int64, device=self.device)
         self._dev32 = torch.zeros(rows * (1 + max_blocks), dtype=torch.int32, device=self.device)
-        h64, h32 = self._host64.numpy(), self._host32.numpy()
-        self._h_ids, self._h_pos, self._h_slots = h64[:rows], h64[rows : 2 * rows], h64[2 * rows :]
-        self._h_ctx, self._h_tables = h32[:rows], h32[rows:].reshape(rows, max_blocks)
         self.input_ids = self._dev64[:rows]
         self.positions = self._dev64[rows : 2 * rows]
         self.slot_mapping = self._dev64[2 * rows :]
@@ -186,10 +212,15 @@ class DecodeGraphs:
         tables[:rows, :width] = self.scratch_block
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        pending: list[tuple[int, Sequence]] = []
         for i, (seq, _) in enumerate(items):
             p = seq.num_computed_tokens
             blocks = seq.block_ids
-            ids[i] = seq.token_ids[p]
+            token = seq.token_ids[p]
+            if token == PENDING_TOKEN:  # the caller writes it on the device
+                pending.append((i, seq))
+                token = 0
+            ids[i] = token
             pos[i] = p
             slots[i] = blocks[p // bs] * bs + p % bs
             ctx[i] = p + 1
@@ -200,7 +231,16 @@ class DecodeGraphs:
                 sampled.append(seq)
         self._pad_rows(n, rows)
         self._upload(rows)
-        return DecodeBatch((rows, width), n, sample_rows, sampled)
+        return DecodeBatch((rows, width), n, sample_rows, sampled, pending)
+
+    def _select_host_set(self, turn: int) -> None:
+        host = self._host_sets[turn]
+        host.wait()
+        self._host64, self._host32 = host.int64, host.int32
+        h64, h32 = host.int64.numpy(), host.int32.numpy()
+        rows = host.rows
+        self._h_ids, self._h_pos, self._h_slots = h64[:rows], h64[rows : 2 * rows], h64[2 * rows :]
+        self._h_ctx, self._h_tables = h32[:rows], h32[rows:].reshape(rows, -1)
 
     def _pad_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop): token 0 at position 0, KV into the scratch slot, context 1."""
@@ -213,13 +253,18 @@ class DecodeGraphs:
     def _upload(self, rows: int | None = None) -> None:
         """Copy the inputs of the first `rows` rows (all by default) to the device.
 
-        Two blocking copies, so the host buffers may be rewritten at once. The
-        int32 buffer is context lengths then table rows, so a prefix covers it.
+        Two copies queued without waiting (from pinned memory on CUDA); the next step
+        writes the other host set, and this one again only once its copies have run.
+        The int32 buffer is context lengths then table rows, so a prefix covers it.
         """
         rows = self.max_batch if rows is None else rows
-        self._dev64.copy_(self._host64)
+        non_blocking = self.device.type == "cuda"
+        self._dev64.copy_(self._host64, non_blocking=non_blocking)
         used = self.max_batch + rows * self.max_blocks
-        self._dev32[:used].copy_(self._host32[:used])
+        self._dev32[:used].copy_(self._host32[:used], non_blocking=non_blocking)
+        self._host_sets[self._host_turn].copied()
+        self._host_turn = 1 - self._host_turn
+        self._select_host_set(self._host_turn)
 
     def metadata(self, rows: int, width: int) -> AttentionMetadata:
         return AttentionMetadata(

@@ -16,6 +16,13 @@ from pathlib import Path
 import torch
 
 from flashserve.config import EngineConfig
+from flashserve.engine.async_scheduling import (
+    PENDING_TOKEN,
+    StepInFlight,
+    ends_with_pending_token,
+    needs_token_before_next_step,
+    overlap_enabled,
+)
 from flashserve.engine.block_manager import BlockManager
 from flashserve.engine.cuda_graphs import memory_reserve as graph_memory_reserve
 from flashserve.engine.device_memory import CudaMemory, kv_cache_budget, measure_free_memory
@@ -30,7 +37,7 @@ from flashserve.engine.dtype_choice import pick_dtype
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
-from flashserve.engine.sequence import Sequence, SequenceOutput, TokenLogprob
+from flashserve.engine.sequence import Sequence, SequenceOutput, SequenceStatus, TokenLogprob
 from flashserve.engine.speculative.speculator import SpeculationStats, Speculator
 from flashserve.engine.speculative.verify import Emission, verify_step
 from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
@@ -172,6 +179,12 @@ class LLMEngine:
         )
         # Outputs due before the next step's (a resumed generation_only request's first token).
         self._pending_outputs: list[SequenceOutput] = []
+        # Async scheduling (engine/async_scheduling.py); drafts need the host's tokens.
+        self.async_scheduling = (
+            overlap_enabled(config.async_scheduling, self.device) and self.speculator is None
+        )
+        self._in_flight: StepInFlight | None = None
+        self.overlapped_steps = 0  # launched while the previous step's draws were in flight
         self.steps = 0
         if config.warmup:
             # After the decode graphs exist, so the decode step replays one.
@@ -284,56 +297,132 @@ class LLMEngine:
         return True
 
     def has_work(self) -> bool:
-        return self.scheduler.has_work() or bool(self._pending_outputs)
+        flight = self._in_flight
+        # A launched step is work while it holds a draw that someone still waits for.
+        return (
+            self.scheduler.has_work()
+            or bool(self._pending_outputs)
+            or (
+                flight is not None
+                and any(s.status is not SequenceStatus.FINISHED for s in flight.launched.sampled)
+            )
+        )
 
     # -- one step ---------------------------------------------------------
 
     def step(self) -> list[SequenceOutput]:
+        """Schedule and run one step; return the outputs that are ready.
+
+        With async scheduling (engine/async_scheduling.py) the step launched here is
+        finished by the next call, after that call has launched its own: outputs lag
+        the model by one step, and a last call with nothing to schedule flushes them.
+        """
         self.steps += 1
         if self.config.fault_after_steps is not None and self.steps > self.config.fault_after_steps:
             raise RuntimeError("injected engine fault (fault_after_steps)")
         self.contexts.expire()
         outputs, self._pending_outputs = self._pending_outputs, []
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None and any(
+            needs_token_before_next_step(seq) for seq in in_flight.launched.sampled
+        ):
+            outputs.extend(self._finish(in_flight))
+            in_flight = None
         speculator = self.speculator
         if speculator is not None:
             speculator.propose(self.scheduler.running)
-        batch = self.scheduler.schedule()
-        if batch.empty:
-            return outputs
+        batch = self.scheduler.schedule(hold=self._ending(in_flight))
+        launched = None
+        if not batch.empty:
+            if speculator is not None and any(seq.draft_token_ids for seq, _ in batch.items):
+                outputs.extend(self._verify(batch.items, speculator))
+            else:
+                launched = self._launch(batch.items)
+        if in_flight is not None:
+            self.overlapped_steps += launched is not None
+            outputs.extend(self._finish(in_flight))
+        if launched is not None:
+            if self.async_scheduling:
+                self._in_flight = launched
+            else:
+                outputs.extend(self._finish(launched))
+        return outputs
+
+    def _ending(self, in_flight: StepInFlight | None) -> set[Sequence]:
+        """Sequences that their pending token surely ends: not scheduled again."""
+        if in_flight is None:
+            return set()
+        return {
+            seq
+            for seq in in_flight.launched.sampled
+            if ends_with_pending_token(seq, self.max_model_len, _context_only(seq))
+        }
+
+    def _launch(self, items: list[tuple[Sequence, int]]) -> StepInFlight:
+        """Run (on a GPU: queue) the model and the sampler; each sampled sequence gets
+        PENDING_TOKEN until _finish writes its draw."""
         started = time.perf_counter()
-        decode_only = all(seq.num_uncomputed_tokens == 1 for seq, _ in batch.items)
-        drafted = speculator is not None and any(seq.draft_token_ids for seq, _ in batch.items)
-        if drafted:
-            assert speculator is not None
-            emissions = verify_step(self.runner, batch.items, speculator.masks)
-        else:
-            sampled, result = self.runner.step(batch.items)
-            emissions = (
-                [
-                    Emission(seq, [token], [logprob])
-                    for seq, token, logprob in zip(sampled, result.token_ids, result.logprobs)
-                ]
-                if result is not None
-                else []
-            )
+        decode_only = all(seq.num_uncomputed_tokens == 1 for seq, _ in items)
+        launched = self.runner.launch(items)
+        for seq, n in items:
+            seq.num_computed_tokens += n
+        pending_index = []
+        for seq in launched.sampled:
+            pending_index.append(len(seq.token_ids))
+            seq.token_ids.append(PENDING_TOKEN)
+        return StepInFlight(launched, pending_index, decode_only, items, started)
+
+    def _finish(self, flight: StepInFlight) -> list[SequenceOutput]:
+        """Bring a launched step's draws to the host and emit them."""
+        launched = flight.launched
+        result = launched.draws.resolve() if launched.draws is not None else None
+        emissions: list[tuple[Emission, int]] = []
+        if result is not None:
+            for seq, index, token, logprob in zip(
+                launched.sampled, flight.pending_index, result.token_ids, result.logprobs
+            ):
+                # A sequence aborted, or ended by an earlier draw, drops this one.
+                if seq.status is not SequenceStatus.FINISHED:
+                    seq.token_ids[index] = token
+                    emissions.append((Emission(seq, [token], [logprob]), index))
+        for seq, _ in flight.items:
+            if seq.status is not SequenceStatus.FINISHED:
+                self.block_manager.register_full_blocks(seq)
+        speculator = self.speculator
         if speculator is not None:
-            if decode_only:
+            if flight.decode_only:
                 speculator.observe_step(
-                    len(batch.items),
-                    sum(n for _, n in batch.items),
-                    time.perf_counter() - started,
+                    len(flight.items),
+                    sum(n for _, n in flight.items),
+                    time.perf_counter() - flight.started,
                 )
-            speculator.record(emissions)
-        for seq, n in batch.items:
+            speculator.record([emission for emission, _ in emissions])
+        return [self._emit(emission, index) for emission, index in emissions]
+
+    def _verify(
+        self, items: list[tuple[Sequence, int]], speculator: Speculator
+    ) -> list[SequenceOutput]:
+        """A step with drafts: run, verify and emit at once (drafts need the host's tokens)."""
+        started = time.perf_counter()
+        emissions = verify_step(self.runner, items, speculator.masks)
+        if all(seq.num_uncomputed_tokens == 1 for seq, _ in items):
+            speculator.observe_step(
+                len(items), sum(n for _, n in items), time.perf_counter() - started
+            )
+        speculator.record(emissions)
+        for seq, n in items:
             if seq.draft_token_ids:
                 continue  # its computed tokens are known once its draft is verified
             seq.num_computed_tokens += n
             self.block_manager.register_full_blocks(seq)
-        outputs.extend(self._emit(emission) for emission in emissions)
-        return outputs
+        return [self._emit(emission) for emission in emissions]
 
-    def _emit(self, emission: Emission) -> SequenceOutput:
-        """Append a step's tokens for one sequence, up to the first that ends it."""
+    def _emit(self, emission: Emission, pending_index: int | None = None) -> SequenceOutput:
+        """Record a step's tokens for one sequence, up to the first that ends it.
+
+        pending_index: where the sequence's one drawn token already stands (written by
+        _finish over its PENDING_TOKEN); otherwise the tokens are appended.
+        """
         seq = emission.seq
         drafted = bool(seq.draft_token_ids)
         seq.draft_token_ids.clear()
@@ -346,22 +435,26 @@ class LLMEngine:
         finish: str | None = None
         stop_reason: int | None = None
         error: str | None = None
+        length = len(seq.token_ids)
         for token, logprob in zip(emission.token_ids, emission.logprobs):
-            seq.token_ids.append(token)
+            if pending_index is None:
+                seq.token_ids.append(token)
+                length = len(seq.token_ids)
+            else:
+                length = pending_index + 1
             tokens.append(token)
             if logprob is not None:
                 logprobs.append(logprob)
             # Only newly sampled tokens advance the grammar (never a recompute's replay).
             error = accept_sampled_token(seq, token)
-            finish, stop_reason = ("error", None) if error else self._check_stop(seq, token)
+            finish, stop_reason = ("error", None) if error else self._check_stop(seq, token, length)
             if finish is not None:
                 break
         if drafted:
             self.block_manager.register_full_blocks(seq)
             self.block_manager.trim(seq)
         handle = None
-        disaggregated = seq.params.disaggregated
-        context_only = disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
+        context_only = _context_only(seq)
         if context_only and not error:
             # The context phase ends with its first token; its blocks stay
             # parked for the generation_only request that continues it.
@@ -380,23 +473,29 @@ class LLMEngine:
             context_handle=handle,
         )
         if finish is not None:
+            del seq.token_ids[length:]  # a draw launched after its end (async scheduling)
             self.sequences.pop(seq.request_id, None)
             self.scheduler.remove(seq, keep_blocks=handle is not None)
             if self.speculator is not None:
                 self.speculator.forget(seq)
         return output
 
-    def _check_stop(self, seq: Sequence, token: int) -> tuple[str | None, int | None]:
+    def _check_stop(
+        self, seq: Sequence, token: int, length: int | None = None
+    ) -> tuple[str | None, int | None]:
+        """Whether `token`, the length-th of seq's tokens (default: its last), ends it."""
         p = seq.params
+        length = seq.num_tokens if length is None else length
+        num_output_tokens = length - seq.num_prompt_tokens
         if grammar_terminated(seq):
             # The grammar accepted EOS, which it allows only once the output is complete.
             return "stop", None
-        if seq.num_output_tokens >= p.min_tokens:
+        if num_output_tokens >= p.min_tokens:
             if not p.ignore_eos and token in self.eos_token_ids:
                 return "stop", None
             if token in p.stop_token_ids:
                 return "stop", token
-        if seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.max_model_len:
+        if num_output_tokens >= p.max_tokens or length >= self.max_model_len:
             return "length", None
         return None, None
 
@@ -437,6 +536,11 @@ def _token_output(
         error=error,
         context_handle=handle,
     )
+
+
+def _context_only(seq: Sequence) -> bool:
+    disaggregated = seq.params.disaggregated
+    return disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
 
 
 def _pick_device(name: str) -> torch.device:

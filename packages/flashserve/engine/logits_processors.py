@@ -30,6 +30,7 @@ from itertools import chain
 
 import torch
 
+from flashserve.engine.host_transfer import upload
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
 from flashserve.engine.structured import apply_grammar_bitmask
@@ -56,7 +57,7 @@ class LogitsBatch:
         return [i for i, p in enumerate(self.params) if wants(p)]
 
     def tensor(self, values: list, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.tensor(values, dtype=dtype, device=self.device)
+        return upload(values, dtype, self.device)
 
 
 def apply_repetition_penalty(logits: torch.Tensor, batch: LogitsBatch) -> torch.Tensor:
@@ -123,7 +124,7 @@ def apply_bans(logits: torch.Tensor, batch: LogitsBatch) -> torch.Tensor:
     if not rows:
         return logits
     index = (batch.tensor(rows, torch.long), batch.tensor(ids, torch.long))
-    return logits.index_put_(index, torch.tensor(float("-inf"), device=logits.device))
+    return logits.index_put_(index, logits.new_full((), float("-inf")))
 
 
 LOGITS_PROCESSORS: list[LogitsProcessor] = [
@@ -168,7 +169,7 @@ def _prompt_tokens(seqs: list[Sequence], device: torch.device) -> list[torch.Ten
     new = [s for s in seqs if s not in _PROMPT_TOKENS]
     if new:
         distinct = [sorted(set(s.prompt_token_ids)) for s in new]
-        flat = torch.tensor(list(chain.from_iterable(distinct)), dtype=torch.long, device=device)
+        flat = upload(list(chain.from_iterable(distinct)), torch.long, device)
         for seq, ids in zip(new, flat.split([len(d) for d in distinct])):
             _PROMPT_TOKENS[seq] = ids
     return [_PROMPT_TOKENS[s] for s in seqs]

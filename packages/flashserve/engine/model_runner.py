@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.engine.async_scheduling import PENDING_TOKEN
 from flashserve.engine.cuda_graphs import DecodeGraphs
-from flashserve.engine.sampler import Sampler, SamplerOutput
+from flashserve.engine.host_transfer import upload
+from flashserve.engine.sampler import SampledBatch, Sampler, SamplerOutput
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
 from flashserve.layers.attention import AttentionMetadata
@@ -24,6 +26,14 @@ WARMUP_PREFILL_LEN = 512
 # Context of each decode row: typical of chat traffic, and the narrowest block-table
 # width the torch backend's decode graphs have (cuda_graphs.MIN_TABLE_TOKENS).
 WARMUP_DECODE_CONTEXT = 256
+
+
+@dataclass
+class LaunchedStep:
+    """A step whose model and sampler have run (or are queued, on a GPU)."""
+
+    sampled: list[Sequence]
+    draws: SampledBatch | None  # None: no sequence reached its end
 
 
 @dataclass
@@ -64,6 +74,8 @@ class ModelRunner:
         self.sampler = Sampler(device, cfg.vocab_size, eos_token_ids)
         self.graphs: DecodeGraphs | None = None
         self.use_graphs = True  # benchmarks turn replay off to compare with eager steps
+        # The last launch's draws on the device, and each sampled sequence's row in them.
+        self._last: tuple[torch.Tensor, dict[Sequence, int]] | None = None
 
     def enable_decode_graphs(self, max_batch: int, capture: bool = True) -> bool:
         """Set up static decode inputs for batches up to max_batch and capture their graphs.
@@ -169,11 +181,28 @@ class ModelRunner:
 
         Returns the sequences that were sampled, in order, with their tokens.
         """
+        launched = self.launch(items)
+        if launched.draws is None:
+            return [], None
+        return launched.sampled, launched.draws.resolve()
+
+    @torch.inference_mode()
+    def launch(self, items: list[tuple[Sequence, int]]) -> LaunchedStep:
+        """`step` without waiting for its tokens: they stay on the device until resolved.
+
+        A sequence's last token may still be the previous launch's pending draw
+        (async_scheduling.PENDING_TOKEN); it is taken from that launch's tokens on the
+        device. Those must have been drawn by the launch just before this one.
+        """
         hidden, sample_rows, sampled = self.forward(items)
         if not sampled:
-            return [], None
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=self.device)])
-        return sampled, self.sampler(logits, sampled)
+            self._last = None
+            return LaunchedStep([], None)
+        if len(sample_rows) != hidden.shape[0]:  # else every row (a pure decode step)
+            hidden = hidden.index_select(0, upload(sample_rows, torch.long, self.device))
+        draws = self.sampler.sample(self.model.compute_logits(hidden), sampled)
+        self._last = (draws.tokens, {seq: row for row, seq in enumerate(sampled)})
+        return LaunchedStep(sampled, draws)
 
     @torch.inference_mode()
     def forward(
@@ -188,8 +217,20 @@ class ModelRunner:
         if self.graphs is not None and self.use_graphs:
             batch = self.graphs.prepare(items)
             if batch is not None:
+                self._fill_pending(self.graphs.input_ids, batch.pending)
                 return self.graphs.run(batch), batch.sample_rows, batch.sampled
         return self._forward_eager(items)
+
+    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, Sequence]]) -> None:
+        """Write the previous launch's draws, on the device, where inputs hold PENDING_TOKEN."""
+        if not pending:
+            return
+        if self._last is None:
+            raise RuntimeError("an input token is pending but no launch drew it")
+        tokens, rows = self._last
+        index = upload([i for i, _ in pending], torch.long, self.device)
+        source = upload([rows[seq] for _, seq in pending], torch.long, self.device)
+        input_ids.index_copy_(0, index, tokens.index_select(0, source))
 
     def _forward_eager(
         self, items: list[tuple[Sequence, int]]
@@ -203,10 +244,13 @@ class ModelRunner:
         context_lens: list[int] = []
         sample_rows: list[int] = []
         sampled: list[Sequence] = []
+        pending: list[tuple[int, Sequence]] = []  # (input row, sequence) of pending tokens
         bs = self.block_size
         for seq, n in items:
             start = seq.num_computed_tokens
             end = start + n
+            if end >= seq.num_tokens and seq.token_ids[-1] == PENDING_TOKEN:
+                pending.append((len(input_ids) + seq.num_tokens - 1 - start, seq))
             input_ids.extend(seq.token_ids[start:end])
             # A speculative draft follows the known tokens; every position from the
             # last known token on is sampled (once per row: `sampled` repeats seq).
@@ -233,19 +277,16 @@ class ModelRunner:
             cu.append(cu[-1] + n)
         meta = AttentionMetadata(
             num_decode_tokens=num_decode,
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            context_lens=torch.tensor(context_lens, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
+            cu_seqlens_q=upload(cu, torch.int32, dev),
+            context_lens=upload(context_lens, torch.int32, dev),
+            slot_mapping=upload(slots, torch.int64, dev),
+            block_tables=upload(tables, torch.int32, dev),
             max_query_len=max(query_lens),
             max_context_len=max(context_lens),
             query_lens_host=query_lens,
             context_lens_host=context_lens,
         )
-        hidden = self.model(
-            torch.tensor(input_ids, dtype=torch.int64, device=dev),
-            torch.tensor(positions, dtype=torch.int64, device=dev),
-            self.kv_caches,
-            meta,
-        )
+        ids = upload(input_ids, torch.int64, dev)
+        self._fill_pending(ids, pending)
+        hidden = self.model(ids, upload(positions, torch.int64, dev), self.kv_caches, meta)
         return hidden, sample_rows, sampled

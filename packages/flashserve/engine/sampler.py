@@ -35,6 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.engine.host_transfer import Download, upload
 from flashserve.engine.logits_processors import apply_logits_processors
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence, TokenLogprob
@@ -53,6 +54,27 @@ class SamplerOutput:
     logprobs: list[TokenLogprob | None]
 
 
+class SampledBatch:
+    """A step's draws, still on the device: `tokens` [B] feeds the next step's inputs
+    there, and `resolve` brings tokens and logprobs to the host (waiting for this step
+    only, not for work queued after it)."""
+
+    def __init__(
+        self, tokens: torch.Tensor, logprobs: _LogprobTensors | None, params: list[SamplingParams]
+    ) -> None:
+        self.tokens = tokens
+        self._tokens = Download(tokens)
+        self._logprobs = logprobs
+        self._params = params
+
+    def resolve(self) -> SamplerOutput:
+        token_ids = self._tokens.tolist()
+        logprobs: list[TokenLogprob | None] = [None] * len(token_ids)
+        if self._logprobs is not None:
+            logprobs = self._logprobs.resolve(self._params)
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
 class Sampler:
     def __init__(
         self, device: torch.device, vocab_size: int, eos_token_ids: tuple[int, ...]
@@ -62,27 +84,31 @@ class Sampler:
         self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
+        return self.sample(logits, seqs).resolve()
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
+        """Draw one token per row; nothing here waits for the device (see SampledBatch)."""
         # A private fp32 copy: the processors edit it in place.
         logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
         logits = apply_logits_processors(logits, seqs, self.eos_token_ids)
         params = [s.params for s in seqs]
-        greedy = torch.tensor([p.greedy for p in params], device=self.device)
         if any(p.temperature not in (0.0, 1.0) for p in params):
-            temps = torch.tensor(
-                [p.temperature if not p.greedy else 1.0 for p in params], device=self.device
+            temps = upload(
+                [p.temperature if not p.greedy else 1.0 for p in params],
+                torch.float32,
+                self.device,
             )
             logits = logits / temps[:, None]
 
-        if bool(greedy.all()):
+        if all(p.greedy for p in params):
             chosen = logits.argmax(dim=-1)
         else:
             top_p = [effective_top_p(p, s.num_output_tokens) for p, s in zip(params, seqs)]
             chosen = _draw(logits, seqs, top_p, self.device)
             if any(p.greedy for p in params):  # else skip a pass over the vocabulary
+                greedy = upload([p.greedy for p in params], torch.bool, self.device)
                 chosen = torch.where(greedy, logits.argmax(dim=-1), chosen)
-
-        token_ids = chosen.tolist()
-        return SamplerOutput(token_ids=token_ids, logprobs=_logprobs(logits, chosen, params))
+        return SampledBatch(chosen, _logprob_tensors(logits, chosen, params), params)
 
 
 def effective_top_p(p: SamplingParams, num_output_tokens: int) -> float:
@@ -122,7 +148,7 @@ def _draw(
     out = torch.empty(len(seqs), dtype=torch.long, device=device)
     for wanted in (True, False):
         rows = [i for i, s in enumerate(small) if s == wanted]
-        index = torch.tensor(rows, device=device)
+        index = upload(rows, torch.long, device)
         picked = [seqs[i] for i in rows]
         row_top_p = [top_p[i] for i in rows]
         sub = logits.index_select(0, index)
@@ -236,14 +262,14 @@ def _draw_from_top_k(
     params = [s.params for s in seqs]
     values, candidates = logits.topk(max(ks), dim=-1)  # sorted, best first
     ranks = torch.arange(values.shape[-1], device=device)[None, :]
-    drop = ranks >= torch.tensor(ks, device=device)[:, None]
+    drop = ranks >= upload(ks, torch.long, device)[:, None]
     # min-p keeps p >= min_p * p_max, i.e. logit - best_logit >= log(min_p).
     if any(p.min_p > 0 for p in params):
-        log_min_p = torch.tensor([p.min_p for p in params], device=device).log()[:, None]
+        log_min_p = upload([p.min_p for p in params], torch.float32, device).log()[:, None]
         drop |= values - values[:, :1] < log_min_p
     if any(tp < 1.0 for tp in top_p):
         probs = torch.softmax(values.masked_fill(drop, float("-inf")), dim=-1)
-        nucleus = torch.tensor(top_p, device=device)[:, None]
+        nucleus = upload(top_p, torch.float32, device)[:, None]
         drop |= (probs.cumsum(dim=-1) - probs >= nucleus) & (nucleus < 1.0)
     drop[:, 0] = False
     # The exponential race needs weights proportional to p only: skip normalising.
@@ -256,27 +282,44 @@ def _draw_from_top_k(
     return candidates.gather(1, (weights / noise).argmax(dim=-1, keepdim=True)).squeeze(1)
 
 
-def _logprobs(
+@dataclass
+class _LogprobTensors:
+    """The logprob entries of the rows that asked, on the device until resolved."""
+
+    rows: list[int]
+    values: Download  # the chosen tokens' logprobs
+    picked: Download  # the chosen tokens
+    top_values: Download | None
+    top_ids: Download | None
+
+    def resolve(self, params: list[SamplingParams]) -> list[TokenLogprob | None]:
+        out: list[TokenLogprob | None] = [None] * len(params)
+        values, picked_ids = self.values.tolist(), self.picked.tolist()
+        top_values: list[list[float]] = [[] for _ in self.rows]
+        top_ids: list[list[int]] = [[] for _ in self.rows]
+        if self.top_values is not None and self.top_ids is not None:
+            top_values, top_ids = self.top_values.tolist(), self.top_ids.tolist()
+        for r, i in enumerate(self.rows):
+            n = params[i].top_logprobs
+            top = [(t, v) for t, v in zip(top_ids[r][:n], top_values[r][:n]) if v != float("-inf")]
+            out[i] = TokenLogprob(token_id=picked_ids[r], logprob=values[r], top=top)
+        return out
+
+
+def _logprob_tensors(
     logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]
-) -> list[TokenLogprob | None]:
+) -> _LogprobTensors | None:
     """Logprob entries for the rows that asked, from one log-softmax and one top-k."""
-    out: list[TokenLogprob | None] = [None] * len(params)
     rows = [i for i, p in enumerate(params) if p.logprobs]
     if not rows:
-        return out
-    row_ids = torch.tensor(rows, device=logits.device)
+        return None
+    row_ids = upload(rows, torch.long, logits.device)
     table = torch.log_softmax(logits.index_select(0, row_ids), dim=-1)
     picked = chosen.index_select(0, row_ids)
-    values = table.gather(1, picked[:, None]).squeeze(1).tolist()
-    picked_ids = picked.tolist()
+    values = table.gather(1, picked[:, None]).squeeze(1)
     widest = max(params[i].top_logprobs for i in rows)
-    top_values: list[list[float]] = [[] for _ in rows]
-    top_ids: list[list[int]] = [[] for _ in rows]
+    top_values = top_ids = None
     if widest:
         found = table.topk(widest, dim=-1)
-        top_values, top_ids = found.values.tolist(), found.indices.tolist()
-    for r, i in enumerate(rows):
-        n = params[i].top_logprobs
-        top = [(t, v) for t, v in zip(top_ids[r][:n], top_values[r][:n]) if v != float("-inf")]
-        out[i] = TokenLogprob(token_id=picked_ids[r], logprob=values[r], top=top)
-    return out
+        top_values, top_ids = Download(found.values), Download(found.indices)
+    return _LogprobTensors(rows, Download(values), Download(picked), top_values, top_ids)

@@ -12,7 +12,7 @@ to be recomputed (prefix caching makes that cheap), never dropped.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 from flashserve.engine.block_manager import BlockManager
@@ -66,13 +66,18 @@ class Scheduler:
             self.blocks.release(seq)
         seq.status = SequenceStatus.FINISHED
 
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, hold: Collection[Sequence] = ()) -> ScheduledBatch:
+        """This step's batch. `hold`: running sequences to leave out of it (their pending
+        token ends them: engine/async_scheduling.py)."""
         budget = self.max_num_batched_tokens
         items: list[tuple[Sequence, int]] = []
         preempted = 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq in hold:
+                i += 1
+                continue
             # A speculative draft rides along with its sequence's decode, budget permitting.
             n = min(seq.num_uncomputed_tokens + len(seq.draft_token_ids), budget)
             while not self.blocks.allocate(seq, n):
