@@ -4,8 +4,8 @@
 
 W4's expert shape (32 experts of MLP 384, hidden 512, top-4, random routing).
 For each token count: wall ms of one experts forward through the kernel
-(layers/csrc/expert_mlp.c), padded batched products and one GEMM per active
-expert, and the kernel's speed-up over the faster torch path. It shows where
+(layers/csrc/expert_mlp.c) and one GEMM per active expert (the torch path),
+and the kernel's speed-up. It shows where
 the kernel's MAX_RUN (the longest run it takes) should sit.
 """
 
@@ -27,14 +27,13 @@ def _time_ms(fn, reps: int) -> float:
     return (time.perf_counter() - started) / reps * 1e3
 
 
-def _time_paths(experts, rows, sorted_ids, counts: list[int]) -> tuple[float, float, float]:
+def _time_paths(experts, rows, counts: list[int]) -> tuple[float, float]:
     from flashserve.layers.moe import cpu_expert_kernel
 
-    reps = max(3, 1600 // len(sorted_ids))
+    reps = max(3, 1600 // len(rows))
     weights = (experts.gate_up_proj, experts.down_proj)
     return (
         _time_ms(lambda: cpu_expert_kernel.expert_mlp(rows, counts, *weights), reps),
-        _time_ms(lambda: experts._padded(rows, sorted_ids, counts), reps),
         _time_ms(lambda: experts._per_expert(rows, counts), reps),
     )
 
@@ -66,9 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.experts} experts of {args.expert_size}, hidden {args.hidden}, "
         f"top-{args.top_k}, float32"
     )
-    print(
-        f"{'tokens':>7} {'longest run':>11} {'kernel':>9} {'padded':>9} {'per expert':>11}  ratio"
-    )
+    print(f"{'tokens':>7} {'longest run':>11} {'kernel':>9} {'per expert':>11}  ratio")
     with torch.inference_mode():
         for tokens in [int(t) for t in args.tokens.split(",")]:
             scores = torch.randn(tokens, args.experts, generator=gen)
@@ -76,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
             order = torch.argsort(flat, stable=True)
             rows = torch.randn(tokens, args.hidden, generator=gen)[order // args.top_k]
             counts = torch.bincount(flat, minlength=args.experts).tolist()
-            kernel, padded, looped = _time_paths(experts, rows, flat[order], counts)
+            kernel, looped = _time_paths(experts, rows, counts)
             print(
-                f"{tokens:>7} {max(counts):>11} {kernel:>7.2f}ms {padded:>7.2f}ms "
-                f"{looped:>9.2f}ms  {min(padded, looped) / kernel:5.2f}x"
+                f"{tokens:>7} {max(counts):>11} {kernel:>7.2f}ms "
+                f"{looped:>9.2f}ms  {looped / kernel:5.2f}x"
             )
     return 0
 

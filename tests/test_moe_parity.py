@@ -17,7 +17,7 @@ import transformers
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.layers.moe import SoftmaxTopKRouter, StackedExperts
-from flashserve.layers.moe.experts import combine_rows, pads_evenly
+from flashserve.layers.moe.experts import combine_rows
 from tests.engine_harness import assert_logits_match, make_engine, mixed_prompts, run_all
 from tests.tiny_models import random_model
 
@@ -186,34 +186,13 @@ def _expert_sum_token_by_token(experts, x, weights, ids) -> torch.Tensor:
 def test_experts_without_tokens_cost_nothing_and_change_nothing():
     experts = _random_experts(3, 6, 16, 8)
     x = torch.randn(5, 16)
-    # Only experts 1 and 4 receive tokens; 4 of the 6 get none: one product per active expert.
+    # Only experts 1 and 4 receive tokens; 4 of the 6 get none.
     ids = torch.tensor([[1, 4], [4, 1], [1, 4], [4, 1], [1, 4]])
-    assert not pads_evenly(torch.bincount(ids.reshape(-1), minlength=6).tolist())
     weights = torch.rand(5, 2)
     with torch.no_grad():
         got = experts(x, weights, ids)
         expected = _expert_sum_token_by_token(experts, x, weights, ids)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_evenly_routed_tokens_run_as_padded_batched_products():
-    experts = _random_experts(7, 6, 16, 8)
-    x = torch.randn(13, 16)
-    ids = torch.stack([torch.randperm(6)[:3] for _ in range(13)])
-    counts = torch.bincount(ids.reshape(-1), minlength=6).tolist()
-    assert pads_evenly(counts) and len(set(counts)) > 1  # runs of unequal length get padded
-    weights = torch.rand(13, 3)
-    with torch.no_grad():
-        got = experts(x, weights, ids)
-        expected = _expert_sum_token_by_token(experts, x, weights, ids)
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
-
-
-def test_padding_is_chosen_only_while_it_at_most_doubles_the_rows():
-    assert pads_evenly([8, 8, 8, 8])
-    assert pads_evenly([16, 0, 8, 8])  # 64 padded rows for 32
-    assert not pads_evenly([17, 0, 8, 8])
-    assert not pads_evenly([1, 0, 0, 0, 0, 0, 0, 0])  # batch-1 decode: only its experts run
 
 
 def test_router_renormalises_only_when_asked():

@@ -52,8 +52,8 @@ class RoutedExpertsModel:
         for experts in self.experts():
             if experts.path != GROUPED_MM:
                 return (
-                    "MoE experts run one matrix product per active expert (or padded batched "
-                    f"products) from run lengths read on the host ({experts.path_reason})"
+                    "MoE experts run one matrix product per active expert, from run lengths "
+                    f"read on the host ({experts.path_reason})"
                 )
         return None
 

@@ -1,9 +1,7 @@
 """Routed experts on the CPU for short runs of rows: csrc/expert_mlp.c.
 
 A decode step gives each expert a handful of rows. A BLAS GEMM with so few
-rows spends most of its time packing the expert's weights, and a batched
-product over padded runs does the same work again on the padding. The kernel
-reads each active expert's weights once and multiplies them by all of that
+rows spends most of its time packing the expert's weights. The kernel reads each active expert's weights once and multiplies them by all of that
 expert's rows while they sit in registers, one pass over the active weights.
 Longer runs (prefill) stay with the BLAS GEMMs, which are faster there.
 """
@@ -19,8 +17,8 @@ import torch
 from flashserve.layers.native import NativeLibrary
 
 # Runs up to this many rows go to the kernel. Above it a BLAS GEMM's packing is paid
-# back over the rows (bench/moe_kernel.py measures the two).
-MAX_RUN = 32
+# back over the rows (bench/moe_kernel.py measures both; RESULTS.md has the crossover).
+MAX_RUN = 64
 LANES = 8
 
 KERNELS = NativeLibrary(

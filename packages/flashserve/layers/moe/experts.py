@@ -5,16 +5,12 @@ expert's tokens are one contiguous run of rows; then either
 - `grouped_mm`: one grouped matrix product per projection over all runs
   (torch's grouped GEMM; CUDA, bf16). Every shape depends only on the
   number of tokens, so decode steps can be captured as CUDA graphs; or
-- `sorted`: the run lengths come to the host. On the CPU, runs of a few rows
-  (decode) go to a compiled kernel that reads each active expert's weights
-  once (cpu_expert_kernel.py). Otherwise, when the runs are even enough
-  (padding every expert's run to the longest at most doubles the rows) they
-  are padded into one batched product over all experts: a small run's matrix
-  product wastes most of a GEMM call on its own, a batch of them does not.
-  Otherwise (few tokens, e.g. batch-1 decode) one matrix product per expert
-  that received tokens: experts with no token cost nothing, their weights
+- `sorted`: the run lengths come to the host. On the CPU, runs of up to
+  cpu_expert_kernel.MAX_RUN rows (decode) go to a compiled kernel that reads
+  each active expert's weights once; otherwise one matrix product per expert
+  that received tokens. Experts with no token cost nothing: their weights
   are not read.
-Never every expert on every token unless that costs at most twice the rows. The path is chosen when the weights are
+Never every expert on every token. The path is chosen when the weights are
 placed on their device (`init_buffers`) and logged once by the model.
 
 Each token sums its top-k rows in fp32 in an order fixed by its own expert
@@ -25,7 +21,6 @@ the batch.
 from __future__ import annotations
 
 import logging
-from itertools import accumulate
 from typing import Any
 
 import torch
@@ -39,8 +34,6 @@ logger = logging.getLogger(__name__)
 
 GROUPED_MM = "grouped_mm"
 SORTED = "sorted"
-# Padded batched products while all experts' padded rows are at most this many times the real ones.
-PADDING_LIMIT = 2.0
 
 
 def _grouped_mm_function():
@@ -83,11 +76,6 @@ def grouped_path_problem(
     except Exception as exc:  # noqa: BLE001 - any failure means: use the fallback
         return f"grouped_mm failed on this device: {exc}"
     return None
-
-
-def pads_evenly(counts: list[int]) -> bool:
-    """Whether runs of these lengths, each padded to the longest, at most double the rows."""
-    return len(counts) * max(counts) <= PADDING_LIMIT * sum(counts)
 
 
 def combine_rows(
@@ -174,19 +162,15 @@ class StackedExperts(nn.Module):
         if self.path == GROUPED_MM:
             out = self._grouped(rows, flat)
         else:
-            out = self._sorted(rows, flat, order)
+            out = self._sorted(rows, flat)
         # On CUDA index_add_ adds with atomics in a varying order.
         by_slot = x.device.type != "cpu"
         return combine_rows(out, order, weights, top_k, by_slot).to(x.dtype)
 
-    def _sorted(self, rows: torch.Tensor, flat: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def _sorted(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         out = cpu_expert_kernel.expert_mlp(rows, counts, self.gate_up_proj, self.down_proj)
-        if out is not None:
-            return out
-        if pads_evenly(counts):
-            return self._padded(rows, flat[order], counts)
-        return self._per_expert(rows, counts)
+        return self._per_expert(rows, counts) if out is None else out
 
     def _per_expert(self, rows: torch.Tensor, counts: list[int]) -> torch.Tensor:
         out = torch.empty_like(rows)
@@ -199,23 +183,6 @@ class StackedExperts(nn.Module):
             out[start : start + count] = F.linear(F.silu(gate) * up, self.down_proj[expert])
             start += count
         return out
-
-    def _padded(
-        self, rows: torch.Tensor, sorted_ids: torch.Tensor, counts: list[int]
-    ) -> torch.Tensor:
-        """Rows sorted by expert -> each expert's run padded to the longest -> two bmm."""
-        width = max(counts)
-        run_starts = torch.tensor(list(accumulate(counts, initial=0))[:-1], device=rows.device)
-        rank_in_run = torch.arange(len(sorted_ids), device=rows.device) - run_starts[sorted_ids]
-        slots = sorted_ids * width + rank_in_run
-        padded = rows.new_zeros(self.num_experts * width, rows.shape[-1])
-        padded.index_copy_(0, slots, rows)
-        gate_up = torch.bmm(
-            padded.view(self.num_experts, width, -1), self.gate_up_proj.transpose(1, 2)
-        )
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.bmm(F.silu(gate) * up, self.down_proj.transpose(1, 2))
-        return out.view(self.num_experts * width, -1).index_select(0, slots)
 
     def _grouped(self, rows: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
         grouped_mm = _grouped_mm_function()
