@@ -7,9 +7,9 @@ gloo on the CPU); `control_group` (gloo, CPU tensors) carries the step inputs
 rank 0 broadcasts, so they never pass through a device copy. On the CPU both
 are the default gloo group.
 
-The layers read `tensor_parallel()` when they are built, so a model built
-outside a group (size 1) has exactly the single-device layers and no
-collective is ever called.
+The layers read `tensor_parallel()` when they are built and keep it, so a
+model built outside a group (size 1) has exactly the single-device layers
+and never calls a collective, even in a process that later joins a group.
 """
 
 from __future__ import annotations
@@ -102,6 +102,8 @@ def rendezvous(size: int, port: int, environ: dict[str, str] | None = None) -> R
 def check_port_free(port: int) -> None:
     """A clear load error when the rendezvous port is taken (torch's own is a stack trace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        # As torch's store binds it: a closed group's port in TIME_WAIT is free.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
@@ -153,17 +155,16 @@ def destroy_tensor_parallel() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place (nothing at size 1)."""
-    state = _STATE
+def all_reduce(x: torch.Tensor, state: TensorParallel) -> torch.Tensor:
+    """Sum `x` over the ranks of `state` (the group a module was built in), in place;
+    nothing at size 1."""
     if state.size > 1:
         dist.all_reduce(x, group=state.device_group)
     return x
 
 
-def gather_last_dim(x: torch.Tensor) -> torch.Tensor:
+def gather_last_dim(x: torch.Tensor, state: TensorParallel) -> torch.Tensor:
     """Rank 0: the ranks' `x` concatenated along the last dimension. Other ranks: `x`."""
-    state = _STATE
     if state.size == 1:
         return x
     x = x.contiguous()

@@ -249,6 +249,11 @@ class LLMEngine:
         """Check the model splits over tensor_parallel_size ranks, start ranks 1..N-1 and
         join the process group as rank 0."""
         size, config = self.tensor_parallel_size, self.config
+        if tensor_parallel().enabled:
+            raise RuntimeError(
+                "a tensor-parallel engine already runs in this process (one process group "
+                "per process): close it first"
+            )
         if self.device.type == "cuda":
             present = torch.cuda.device_count()
             if size > present:

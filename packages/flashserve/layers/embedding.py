@@ -25,7 +25,8 @@ from flashserve.layers.linear import copy_into, split_evenly
 class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
-        self.tp_size = tensor_parallel().size
+        self.tp = tensor_parallel()
+        self.tp_size = self.tp.size
         self.vocab_size = vocab_size
         self.vocab_start, self.vocab_part = split_evenly(vocab_size, "vocab_size")
         self.weight = nn.Parameter(torch.empty(self.vocab_part, hidden_size))
@@ -51,7 +52,7 @@ class VocabEmbedding(nn.Module):
         inside = (local >= 0) & (local < self.vocab_part)
         out = F.embedding(local.masked_fill(~inside, 0), self.weight)
         out.masked_fill_(~inside.unsqueeze(-1), 0)
-        return all_reduce(out)
+        return all_reduce(out, self.tp)
 
 
 class LMHead(VocabEmbedding):
@@ -59,6 +60,6 @@ class LMHead(VocabEmbedding):
     (its logits come from `vocab_logits`)."""
 
 
-def vocab_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def vocab_logits(hidden: torch.Tensor, table: VocabEmbedding) -> torch.Tensor:
     """fp32 logits over the whole vocabulary on rank 0 (this rank's slice elsewhere)."""
-    return gather_last_dim(F.linear(hidden, weight).float())
+    return gather_last_dim(F.linear(hidden, table.weight).float(), table.tp)

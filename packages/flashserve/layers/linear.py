@@ -152,7 +152,7 @@ class RowParallelLinear(nn.Module):
         self, in_features: int, out_features: int, bias: bool, what: str, reduce: bool = True
     ) -> None:
         super().__init__()
-        tp = tensor_parallel()
+        self.tp = tp = tensor_parallel()
         self.tp_size, self.tp_rank = tp.size, tp.rank
         self.in_start, self.in_size = split_evenly(in_features, what)
         self.in_features = in_features
@@ -177,4 +177,4 @@ class RowParallelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         # The bias once, on rank 0, so the sum over ranks holds it once.
         out = F.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(out) if self.reduce else out
+        return all_reduce(out, self.tp) if self.reduce else out

@@ -169,8 +169,8 @@ class DecoderOnlyLM(CausalLM):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return vocab_logits(hidden, weight)
+        table = self.embed_tokens if self.lm_head is None else self.lm_head
+        return vocab_logits(hidden, table)
 
 
 class LlamaForCausalLM(DecoderOnlyLM):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashserve.distributed.parallel_state import all_reduce
+from flashserve.distributed.parallel_state import all_reduce, tensor_parallel
 from flashserve.layers.linear import RowParallelLinear
 from flashserve.layers.moe.experts import StackedExperts
 
@@ -29,6 +29,7 @@ class SparseMoeBlock(nn.Module):
         shared_gate: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.tp = tensor_parallel()
         self.gate = gate
         self.experts = experts
         self.shared_name = shared_name if shared is not None else None
@@ -47,4 +48,4 @@ class SparseMoeBlock(nn.Module):
             if self.shared_expert_gate is not None:
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
-        return all_reduce(out)
+        return all_reduce(out, self.tp)
