@@ -32,12 +32,15 @@ MODELS = {
 ONE_THREAD = dict(cpu_threads=1, kv_cache_memory_gb=0.02)
 
 
-def two_ranks() -> dict:
-    """tensor_parallel_size 2 on a free port (other test runs may share the machine)."""
+def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return dict(tensor_parallel_size=2, tensor_parallel_port=port)
+        return probe.getsockname()[1]
+
+
+def two_ranks() -> dict:
+    """tensor_parallel_size 2 on a free port (other test runs may share the machine)."""
+    return dict(tensor_parallel_size=2, tensor_parallel_port=free_port())
 
 
 def worker_pids() -> list[int]:
