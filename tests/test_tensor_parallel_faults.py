@@ -1,0 +1,90 @@
+"""A tensor-parallel worker that dies mid-stream, and servers stopped by signal.
+
+The embedded model at tensor_parallel_size 2 behind the real Truss server.
+Killing rank 1 while requests stream ends them with errors (not a hang),
+turns health false, refuses new requests with 503 and leaves no worker
+behind. SIGINT to a healthy tp=2 server reaps its worker too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+
+import httpx
+import psutil
+import pytest
+
+from tests.ops_client import CHAT, sample, scrape, seeded, stream_chat, wait_until
+from tests.private_server import PrivateServer, private_server
+from tests.tensor_parallel_support import free_port
+
+pytest_plugins = ["tests.server_fixture"]
+
+HELLO = [{"role": "user", "content": "Say something about the sea."}]
+ENDLESS = seeded(HELLO, 2000)
+STALL_TIMEOUT_S = 20
+
+
+def spawned_workers(server: PrivateServer) -> list[psutil.Process]:
+    try:
+        children = psutil.Process(server.proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+
+
+def tp2_server(request, tmp_path_factory, name: str):
+    overrides = {
+        "tensor_parallel_size": 2,
+        "tensor_parallel_port": free_port(),
+        "engine_stall_timeout_s": STALL_TIMEOUT_S,
+    }
+    return private_server(request, tmp_path_factory, overrides, name)
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_stream_fails_requests_and_health(request, tmp_path_factory) -> None:
+    with tp2_server(request, tmp_path_factory, "tp_fault_server") as server:
+        url = server.url
+        workers = spawned_workers(server)
+        assert len(workers) == 1
+        assert httpx.get(f"{url}/v1/models/model", timeout=10).status_code == 200
+
+        async def run():
+            async with httpx.AsyncClient(base_url=url, timeout=120) as http:
+                streams = [asyncio.create_task(stream_chat(http, ENDLESS)) for _ in range(3)]
+                plain = asyncio.create_task(http.post(CHAT, json=ENDLESS))
+                await asyncio.sleep(2.0)  # every request is generating by now
+                workers[0].kill()
+                return await asyncio.gather(*streams), await plain
+
+        started = time.monotonic()
+        streams, plain = asyncio.run(run())
+        assert time.monotonic() - started < 2.0 + STALL_TIMEOUT_S
+        for result in streams:
+            assert not result.done and result.error is not None, result
+            assert result.text  # it was streaming when the worker died
+        assert plain.status_code in (500, 503), plain.text
+        assert wait_until(
+            lambda: httpx.get(f"{url}/v1/models/model", timeout=10).status_code != 200, 10
+        )
+        assert sample(scrape(url), "flashserve_engine_healthy") == 0
+        reply = httpx.post(f"{url}{CHAT}", json=seeded(HELLO, 2), timeout=10)
+        assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_dead"
+        assert wait_until(lambda: not spawned_workers(server), 10)
+
+
+@pytest.mark.slow
+def test_sigint_to_the_server_leaves_no_worker(request, tmp_path_factory) -> None:
+    with tp2_server(request, tmp_path_factory, "tp_sigint_server") as server:
+        reply = httpx.post(f"{server.url}{CHAT}", json=seeded(HELLO, 4), timeout=60)
+        assert reply.status_code == 200
+        workers = spawned_workers(server)
+        assert len(workers) == 1
+        os.kill(server.proc.pid, signal.SIGINT)  # the server alone, not its process group
+        server.proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        assert not alive, [p.pid for p in alive]
