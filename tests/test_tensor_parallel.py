@@ -13,6 +13,7 @@ import socket
 import pytest
 
 from flashserve.config import EngineConfig, declared_gpu_count
+from flashserve.distributed.parallel_state import rendezvous
 from flashserve.service import with_tensor_parallel_default
 from tests.engine_harness import make_engine, run_greedy
 from tests.tensor_parallel_support import ONE_THREAD, two_ranks, worker_pids
@@ -102,3 +103,12 @@ def test_default_size_is_the_declared_gpu_count_on_cuda_only() -> None:
     assert with_tensor_parallel_default(cuda, {"accelerator": "H100:4"}).tensor_parallel_size == 4
     assert with_tensor_parallel_default(cuda.replace(tensor_parallel_size=2), {
         "accelerator": "H100:4"}).tensor_parallel_size == 2  # fmt: skip
+
+
+def test_multi_node_rendezvous_comes_from_the_environment() -> None:
+    env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600", "WORLD_SIZE": "16"}
+    where = rendezvous(16, 29517, {**env, "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "8"})
+    assert (where.init_method, where.first_rank, where.local_size) == ("env://", 8, 8)
+    assert rendezvous(2, 29517, {}).init_method == "tcp://127.0.0.1:29517"
+    with pytest.raises(ValueError, match="WORLD_SIZE 16"):
+        rendezvous(8, 29517, env)
