@@ -67,6 +67,7 @@ class CollectiveClock:
 def one_round(engine, work: Workload, count: int, clock: CollectiveClock | None) -> dict:
     steps_before = engine.steps
     comm_before = clock.seconds if clock else 0.0
+    calls_before = clock.calls if clock else 0
     meter = ContentionMeter()
     meter.start()
     tokens, wall = run_engine(engine, work, count)
@@ -77,6 +78,7 @@ def one_round(engine, work: Workload, count: int, clock: CollectiveClock | None)
         "step_ms": 1000 * wall / max(steps, 1),
         "comm_ms": 1000 * ((clock.seconds if clock else 0.0) - comm_before) / max(steps, 1),
         "steps": steps,
+        "calls": ((clock.calls if clock else 0) - calls_before) / max(steps, 1),
         "others": others,
     }
 
@@ -115,9 +117,14 @@ def main(argv: list[str] | None = None) -> None:
         run_engine(single, work.shorter(8), 4)  # warm-ups
         run_engine(split, work.shorter(8), 4)
         rounds: dict[str, list[dict]] = {"tp1": [], f"tp{args.tp}": []}
-        for _ in range(args.rounds):
+        for i in range(args.rounds):
             rounds["tp1"].append(one_round(single, work, args.requests, None))
             rounds[f"tp{args.tp}"].append(one_round(split, work, args.requests, clock))
+            print(
+                f"  round {i + 1}: tp1 {rounds['tp1'][-1]['tok_s']:.1f} tok/s, "
+                f"tp{args.tp} {rounds[f'tp{args.tp}'][-1]['tok_s']:.1f} tok/s",
+                flush=True,
+            )
     finally:
         clock.uninstall()
         split.close()
@@ -134,7 +141,8 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"  {name} ({threads} thread{'s' if threads > 1 else ''}/rank): "
             f"{best['tok_s']:8.1f} tok/s  {best['step_ms']:6.1f} ms/step  "
-            f"collectives {best['comm_ms']:5.2f} ms/step  ({best['steps']} steps, "
+            f"collectives {best['comm_ms']:5.2f} ms/step ({best['calls']:.0f} calls)  "
+            f"({best['steps']} steps, "
             f"others {max(r['others'] for r in results):.0%} of the CPUs at most)"
         )
         print("     rounds tok/s: " + ", ".join(f"{r['tok_s']:.1f}" for r in results))

@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -35,6 +36,9 @@ from flashserve.distributed.parallel_state import (
     destroy_tensor_parallel,
     init_tensor_parallel,
 )
+
+if TYPE_CHECKING:
+    from flashserve.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +150,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         destroy_tensor_parallel()
 
 
-def follow(runner) -> None:
+def follow(runner: ModelRunner) -> None:
     """Run rank 0's steps until it says to stop."""
     from flashserve.engine.step_inputs import receive_step
 
