@@ -328,11 +328,11 @@ class LLMEngine:
 
     def abandon(self) -> None:
         """Kill the worker ranks without any collective (the engine failed)."""
-        if self.ranks is not None:
-            self.ranks.kill()
-            self.ranks = None
-        if tensor_parallel().enabled:
-            destroy_tensor_parallel()
+        if self.ranks is None:
+            return  # size 1, or already closed: no group of ours to leave
+        self.ranks.kill()
+        self.ranks = None
+        destroy_tensor_parallel()
 
     def _phase_done(self, phase: str, started: float) -> float:
         seconds = time.monotonic() - started
