@@ -44,3 +44,36 @@ def test_bad_slices_are_refused(tmp_path) -> None:
         lazy["a"].narrow(0, 4, 3)
     with pytest.raises(ValueError, match="two dimensions"):
         lazy["a"].narrow(0, 0, 2).narrow(1, 0, 2)
+
+
+def test_a_rank_reads_exactly_its_shard_bytes(tmp_path, monkeypatch) -> None:
+    """Rank 1 of 2 (the layout only: loading joins no collective) reads from the files
+    exactly the bytes of its own parameters, never a whole sharded tensor."""
+    from flashserve.distributed.parallel_state import TensorParallel, set_tensor_parallel
+    from flashserve.layers.attention import select_backend
+    from flashserve.models.loader import load_model
+    from flashserve.models.model_config import ModelConfig
+    from tests.tiny_models import save_tiny_llama
+
+    folder = save_tiny_llama(tmp_path / "model", tie_word_embeddings=False)
+    monkeypatch.setattr(stream, "_SMALL_RUN_BYTES", 1)  # no whole-row group reads
+    read = []
+    real_preadv = stream.os.preadv
+
+    def counting_preadv(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        read.append(n)
+        return n
+
+    monkeypatch.setattr(stream.os, "preadv", counting_preadv)
+    cfg = ModelConfig.from_pretrained(folder)
+    device = torch.device("cpu")
+    backend = select_backend("torch", device, torch.float32, 16)
+    previous = set_tensor_parallel(TensorParallel(rank=1, size=2))
+    try:
+        model = load_model(folder, cfg, backend, torch.float32, device, 64)
+    finally:
+        set_tensor_parallel(previous)
+    own = sum(p.numel() * p.element_size() for p in model.parameters())  # fp32 = checkpoint's
+    assert sum(read) == own
+    assert model.embed_tokens.weight.shape[0] == cfg.vocab_size // 2
