@@ -3,7 +3,7 @@
 The embedded model at tensor_parallel_size 2 behind the real Truss server.
 Killing rank 1 (or stopping it: a hang) while requests stream ends them with
 errors within engine_stall_timeout_s (not a hang), turns health false,
-refuses new requests with 503 and leaves no worker behind. SIGINT to a healthy tp=2 server reaps its worker too.
+refuses new requests with 503 and leaves no worker behind. SIGINT to a healthy tp=2 server, or SIGKILL, leaves no process either.
 """
 
 from __future__ import annotations
@@ -84,13 +84,17 @@ def test_a_worker_that_dies_or_hangs_mid_stream_fails_requests_and_health(
 
 
 @pytest.mark.slow
-def test_sigint_to_the_server_leaves_no_worker(request, tmp_path_factory) -> None:
-    with tp2_server(request, tmp_path_factory, "tp_sigint_server") as server:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_a_stopped_or_killed_server_leaves_no_process(request, tmp_path_factory, sig) -> None:
+    """SIGINT: a normal exit terminates the daemonic workers; SIGKILL: the workers see
+    their parent gone and exit on their own."""
+    with tp2_server(request, tmp_path_factory, f"tp_{sig.name.lower()}_server") as server:
         reply = httpx.post(f"{server.url}{CHAT}", json=seeded(HELLO, 4), timeout=60)
         assert reply.status_code == 200
-        workers = spawned_workers(server)
-        assert len(workers) == 1
-        os.kill(server.proc.pid, signal.SIGINT)  # the server alone, not its process group
+        assert len(spawned_workers(server)) == 1
+        # Everything the server started (workers, multiprocessing's helpers).
+        descendants = psutil.Process(server.proc.pid).children(recursive=True)
+        os.kill(server.proc.pid, sig)  # the server alone, not its process group
         server.proc.wait(timeout=30)
-        _, alive = psutil.wait_procs(workers, timeout=15)
-        assert not alive, [p.pid for p in alive]
+        _, alive = psutil.wait_procs(descendants, timeout=15)
+        assert not alive, [(p.pid, p.cmdline()) for p in alive]
