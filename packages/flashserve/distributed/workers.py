@@ -35,7 +35,12 @@ from flashserve.distributed.parallel_state import (
     Rendezvous,
     destroy_tensor_parallel,
     init_tensor_parallel,
+    tensor_parallel,
 )
+from flashserve.engine.step_inputs import receive_step
+from flashserve.layers.attention import select_backend
+from flashserve.models.loader import load_model
+from flashserve.models.model_config import ModelConfig
 
 if TYPE_CHECKING:
     from flashserve.engine.model_runner import ModelRunner
@@ -69,8 +74,6 @@ def device_for_rank(device_type: str, local_rank: int) -> torch.device:
 
 def smallest_over_ranks(value: int) -> int:
     """Every rank: the smallest of the ranks' values (e.g. KV blocks each can hold)."""
-    from flashserve.distributed.parallel_state import tensor_parallel
-
     tensor = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(tensor, op=dist.ReduceOp.MIN, group=tensor_parallel().control_group)
     return int(tensor.item())
@@ -78,8 +81,6 @@ def smallest_over_ranks(value: int) -> int:
 
 def share_from_first(values: list[int] | None, count: int) -> list[int]:
     """Every rank: rank 0's `values` (`count` integers; other ranks pass None)."""
-    from flashserve.distributed.parallel_state import tensor_parallel
-
     tensor = torch.tensor(values if values is not None else [0] * count, dtype=torch.int64)
     dist.broadcast(tensor, src=0, group=tensor_parallel().control_group)
     return [int(v) for v in tensor.tolist()]
@@ -87,8 +88,6 @@ def share_from_first(values: list[int] | None, count: int) -> list[int]:
 
 def all_ranks_succeeded(ok: bool) -> bool:
     """Every rank: whether `ok` held on all of them (e.g. every rank captured its graphs)."""
-    from flashserve.distributed.parallel_state import tensor_parallel
-
     flag = torch.tensor([int(ok)], dtype=torch.int64)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=tensor_parallel().control_group)
     return bool(flag.item())
@@ -108,11 +107,9 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """A worker process's entry point (rank spec.rank)."""
     _watch_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"[tp rank {spec.rank}] %(message)s")
-    from flashserve.engine.llm_engine import kv_block_count
+    # Imported here: llm_engine imports this module.
+    from flashserve.engine.llm_engine import block_size_for, kv_block_count
     from flashserve.engine.model_runner import ModelRunner
-    from flashserve.layers.attention import select_backend
-    from flashserve.models.loader import load_model
-    from flashserve.models.model_config import ModelConfig
 
     config = spec.config
     device = device_for_rank(spec.device_type, spec.rank - spec.rendezvous.first_rank)
@@ -130,10 +127,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
         return
     conn.send(("loaded", None))
     try:
-        block_size = config.block_size
-        if block_size == "auto":
-            block_size = 256 if backend.name == "flash_attn" else 16
-        block_size = int(block_size)
+        block_size = block_size_for(config.block_size, backend)
         num_blocks = smallest_over_ranks(
             kv_block_count(model, device, config, block_size, spec.dtype)
         )
@@ -152,8 +146,6 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
 
 def follow(runner: ModelRunner) -> None:
     """Run rank 0's steps until it says to stop."""
-    from flashserve.engine.step_inputs import receive_step
-
     while True:
         inputs = receive_step()
         if inputs is None:

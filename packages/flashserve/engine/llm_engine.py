@@ -107,10 +107,7 @@ class LLMEngine:
             config.attention_backend, self.device, self.dtype, config.block_size
         )
         self.attention_backend = backend.name
-        block_size = config.block_size
-        if block_size == "auto":
-            block_size = 256 if backend.name == "flash_attn" else 16
-        self.block_size = int(block_size)
+        self.block_size = block_size_for(config.block_size, backend)
         # Seconds per start-up phase, in order; each is also logged as it ends.
         self.startup_seconds: dict[str, float] = {}
         started = time.monotonic()
@@ -531,6 +528,13 @@ class LLMEngine:
                 dataclasses.replace(self.speculator.stats) if self.speculator is not None else None
             ),
         )
+
+
+def block_size_for(setting: int | str, backend: AttentionBackend) -> int:
+    """`block_size`, with `auto` resolved for the attention backend."""
+    if setting == "auto":
+        return 256 if backend.name == "flash_attn" else 16
+    return int(setting)
 
 
 def kv_block_count(
