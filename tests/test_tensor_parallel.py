@@ -11,6 +11,7 @@ from __future__ import annotations
 import socket
 
 import pytest
+import torch
 
 from flashserve.config import EngineConfig, declared_gpu_count
 from flashserve.distributed.parallel_state import rendezvous
@@ -112,3 +113,32 @@ def test_multi_node_rendezvous_comes_from_the_environment() -> None:
     assert rendezvous(2, 29517, {}).init_method == "tcp://127.0.0.1:29517"
     with pytest.raises(ValueError, match="WORLD_SIZE 16"):
         rendezvous(8, 29517, env)
+
+
+def test_stacked_experts_and_fused_projections_load_each_ranks_slice() -> None:
+    """Checkpoints that store experts stacked [E, 2I, H] / [E, H, I] or q|k|v fused load
+    rank 1's slices (loading joins no collective, so the layout alone is enough)."""
+    from flashserve.distributed.parallel_state import TensorParallel, set_tensor_parallel
+    from flashserve.layers.linear import PackedLinear
+    from flashserve.layers.moe import StackedExperts
+
+    experts_in = 4, 8, 6  # E, H, I
+    gate_up = torch.randn(4, 12, 8)
+    down = torch.randn(4, 8, 6)
+    fused = torch.randn(16 + 8 + 8, 8)
+    previous = set_tensor_parallel(TensorParallel(rank=1, size=2))
+    try:
+        experts = StackedExperts(*experts_in)
+        packed = PackedLinear(
+            8, {"q": 16, "k": 8, "v": 8}, bias=False, ranges={"q": (8, 8), "k": (4, 4), "v": (4, 4)}
+        )
+    finally:
+        set_tensor_parallel(previous)
+    experts.load_gate_up(experts.gate_up_proj, gate_up, None)
+    experts.load_down(experts.down_proj, down, None)
+    assert torch.equal(experts.gate_up_proj.data[:, :3], gate_up[:, 3:6])  # gate, rank 1
+    assert torch.equal(experts.gate_up_proj.data[:, 3:], gate_up[:, 9:12])  # up, rank 1
+    assert torch.equal(experts.down_proj.data, down[:, :, 3:])
+    assert packed.load_shard(packed.weight, fused, None) == packed.weight.numel()
+    expected = torch.cat([fused[8:16], fused[20:24], fused[28:32]])
+    assert torch.equal(packed.weight.data, expected)
