@@ -95,6 +95,10 @@ def test_a_taken_rendezvous_port_is_a_clear_load_error(tmp_path) -> None:
 
 
 def test_default_size_is_the_declared_gpu_count_on_cuda_only() -> None:
+    from flashserve.serve import parse_set
+
+    # What `python -m flashserve.serve --set tensor_parallel_size=2` passes to the engine.
+    assert EngineConfig.from_dict(parse_set(["tensor_parallel_size=2"])).tensor_parallel_size == 2
     assert declared_gpu_count({"accelerator": "H100:4"}) == 4
     assert declared_gpu_count({"accelerator": "A10G"}) == 1
     assert declared_gpu_count({}) is None
