@@ -18,6 +18,15 @@
 #    against the bandwidth floor (weight bytes / copy bandwidth) and transformers.
 # 3. The summary: one table (check | result | verdict), printed last.
 #
+# Tensor-parallel mode, on a machine with several GPUs:
+#
+#   bash bench/gpu.sh tensor-parallel [N]    # N GPUs (default: all of them)
+#
+# writes a Llama-3-8B-shaped random bf16 checkpoint (bench/make_bench_model.py, ~16 GB)
+# and runs bench/tensor_parallel.py on it: W1 on one GPU against tensor_parallel_size N
+# (NCCL, decode CUDA graphs per rank with the all-reduces inside), alternating, with
+# tok/s, ms per step and the time rank 0 spends in collectives -> $OUT/tensor_parallel.txt.
+#
 # Everything lands in $OUT (the device tool brings that folder back), else build/gpu_out:
 # nvidia-smi.txt, versions.txt, pytest_gpu.txt, gpu_bench.log, gpu_bench.json,
 # gpu_bench.txt (the table).
@@ -34,6 +43,23 @@ log() { echo "[gpu.sh +$(( $(date +%s) - started ))s] $*"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
     > "$OUT/nvidia-smi.txt" 2>&1
 cat "$OUT/nvidia-smi.txt"
+
+if [ "${1:-}" = "tensor-parallel" ]; then
+    gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
+    tp="${2:-$gpus}"
+    if [ "$tp" -lt 2 ] || [ "$tp" -gt "$gpus" ]; then
+        echo "tensor-parallel mode needs 2..$gpus GPUs, asked for $tp"; exit 2
+    fi
+    log "writing the llama3-8b-shaped checkpoint"
+    $PY bench/make_bench_model.py --shape llama3-8b --device cuda --out build/bench_model_8b \
+        > "$OUT/make_model.log" 2>&1 || { tail "$OUT/make_model.log"; exit 1; }
+    log "bench/tensor_parallel.py: tp=1 vs tp=$tp"
+    timeout 420 $PY bench/tensor_parallel.py --device cuda --tp "$tp" --dtype bfloat16 \
+        --model build/bench_model_8b --rounds 3 2>&1 | tee "$OUT/tensor_parallel.log" \
+        | grep -v -E "^INFO|^\[tp rank" > "$OUT/tensor_parallel.txt"
+    cat "$OUT/tensor_parallel.txt"
+    exit 0
+fi
 $PY - > "$OUT/versions.txt" 2>&1 <<'EOF'
 import importlib, sys
 import torch

@@ -271,12 +271,14 @@ def engine_decode(
     output_len: int,
     report: dict[str, Any],
     attention: str = "torch",
+    tensor_parallel: int = 1,
 ) -> list[dict[str, Any]]:
-    """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start)."""
+    """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start);
+    at tensor_parallel > 1 over that many GPUs."""
     config = EngineConfig(
         device=device.type, dtype="bfloat16", max_model_len=2048, attention_backend=attention,
         kv_cache_memory_fraction=0.3, kv_cache_memory_gb=2.0,
-        cuda_graph_max_batch=max(batches),
+        cuda_graph_max_batch=max(batches), tensor_parallel_size=tensor_parallel,
     )  # fmt: skip
     if model_dir is None:
         with mock.patch("flashserve.engine.llm_engine.load_model", load_random_model):
@@ -312,6 +314,7 @@ def engine_decode(
                 raise
             report["engine_graphs_error"] = f"{type(exc).__name__}: {exc}"
             traceback.print_exc()
+    engine.close()
     del engine, graphs
     gc.collect()
     return rows
@@ -547,7 +550,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")
     parser.add_argument("--probe-shape", default="llama3-1b", help="checkpoint for the load probe")
     parser.add_argument("--pytest-log", type=Path, default=None, help="pytest -m gpu output")
+    parser.add_argument(
+        "--tensor-parallel",
+        type=int,
+        default=1,
+        help="decode at this tensor_parallel_size (needs --model-dir: the worker ranks load "
+        "it from disk); bench/gpu.sh tensor-parallel runs bench/tensor_parallel.py instead",
+    )
     args = parser.parse_args(argv)
+    if args.tensor_parallel > 1 and args.model_dir is None:
+        parser.error("--tensor-parallel needs --model-dir (e.g. bench/make_bench_model.py's)")
     device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",")]
     try:
@@ -574,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    section(report, "engine", engine_decode, *shape, report, args.attention)
+    section(report, "engine", engine_decode, *shape, report, args.attention, args.tensor_parallel)
     text = summary(report)
     print("\n" + text, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -33,19 +33,22 @@ def serve_family(
     save_model: Callable[..., Any],
     architecture: str,
     kv_cache_memory_gb: float,
+    overrides: dict[str, Any] | None = None,
 ) -> Iterator[tuple[PrivateServer, openai.OpenAI]]:
-    """Build `family`'s folder with `save_model`'s model and serve it as `name`."""
+    """Build `family`'s folder with `save_model`'s model and serve it as `name`
+    (`overrides`: more engine settings)."""
     base_dir: Path = request.getfixturevalue(f"{FAMILIES[family].base}_tokenizer_dir")
     folder = build_family(
         family, base_dir, tmp_path_factory.mktemp(name) / "model", save_model=save_model
     )
     assert json.loads((folder / "config.json").read_text())["architectures"] == [architecture]
-    overrides = {
+    settings = {
         "model": str(folder),
         "served_model_name": name,
         "kv_cache_memory_gb": kv_cache_memory_gb,
+        **(overrides or {}),
     }
-    with private_server(request, tmp_path_factory, overrides, f"{name}-server") as server:
+    with private_server(request, tmp_path_factory, settings, f"{name}-server") as server:
         client = openai.OpenAI(
             base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120
         )

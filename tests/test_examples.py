@@ -18,9 +18,8 @@ from flashserve.config import EngineConfig
 REPO_ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*/config.yaml"))
 CONFIGS = [REPO_ROOT / "config.yaml", *EXAMPLES]
-# Engine settings an example may name before the engine has them: the multi-GPU key is
-# being built beside these configs (examples/README.md says so).
-PENDING_ENGINE_KEYS = {"tensor_parallel_size"}
+# Engine settings an example may name before the engine has them (none now).
+PENDING_ENGINE_KEYS: set[str] = set()
 # truss 0.18.36 / Baseten: start-up may be extended to at most 50 minutes.
 MAX_STARTUP_SECONDS = 3000
 

@@ -58,6 +58,19 @@ class EngineConfig:
     tool_call_parser: str = "auto"
     reasoning_parser: str = "auto"
     cpu_threads: int | None = None
+    # Ranks (one device each) the model is split over: attention heads, MLP and expert
+    # intermediate sizes and the vocabulary (distributed/, docs/DESIGN.md). None: on
+    # CUDA the GPU count config.yaml's resources.accelerator declares (`H100:4` -> 4),
+    # on a CPU 1. Ranks > 0 are worker processes the engine starts.
+    tensor_parallel_size: int | None = None
+    # Local rendezvous port of the ranks' process group (tcp://127.0.0.1:<port>);
+    # multi-node deployments rendezvous through MASTER_ADDR/MASTER_PORT instead.
+    tensor_parallel_port: int = 29517
+    # How MoE experts are split: "tensor" (every rank a slice of every expert);
+    # "expert" (experts spread over ranks) is refused, see docs/DESIGN.md.
+    moe_parallelism: str = "tensor"
+    # Longest rank 0 waits for the other ranks to load their shards.
+    tensor_parallel_load_timeout_s: float = 1800.0
     # Test-only: raise inside the engine loop after this many steps (never set in production).
     fault_after_steps: int | None = None
 
@@ -70,7 +83,24 @@ class EngineConfig:
             raise ValueError(f"unknown engine settings in model_metadata.engine: {unknown}")
         config = cls(**raw)
         config.check_speculative()
+        config.check_parallel()
         return config
+
+    def check_parallel(self) -> None:
+        """Reject tensor-parallel settings that cannot work, naming the key."""
+        size = self.tensor_parallel_size
+        if size is not None and (not isinstance(size, int) or size < 1):
+            raise ValueError(f"tensor_parallel_size must be a positive integer, got {size!r}")
+        port = self.tensor_parallel_port
+        if not isinstance(port, int) or not 1 <= port <= 65535:
+            raise ValueError(f"tensor_parallel_port must be a port number, got {port!r}")
+        if self.moe_parallelism == "expert":
+            raise ValueError(
+                "moe_parallelism 'expert' (experts spread over the ranks) is not supported; "
+                "'tensor' splits every expert over the ranks instead"
+            )
+        if self.moe_parallelism != "tensor":
+            raise ValueError(f"moe_parallelism must be 'tensor', got {self.moe_parallelism!r}")
 
     def check_speculative(self) -> None:
         """Reject speculative settings that cannot work, naming the key."""
@@ -97,3 +127,15 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def declared_gpu_count(resources: dict[str, Any] | None) -> int | None:
+    """GPUs config.yaml's `resources.accelerator` asks for (`H100:4` -> 4, `A10G` -> 1)."""
+    accelerator = (resources or {}).get("accelerator")
+    if not accelerator:
+        return None
+    _, _, count = str(accelerator).partition(":")
+    try:
+        return int(count) if count else 1
+    except ValueError:
+        raise ValueError(f"resources.accelerator {accelerator!r}: count is not a number") from None

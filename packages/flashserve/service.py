@@ -16,7 +16,7 @@ from flashserve.api.endpoints.request_schema import RequestValidator
 from flashserve.api.endpoints.responses import ResponsesEndpoint
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.params import ModelDefaults
-from flashserve.config import EngineConfig
+from flashserve.config import EngineConfig, declared_gpu_count
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.llm_engine import LLMEngine
 from flashserve.metrics import register_engine
@@ -51,6 +51,7 @@ def build_service(
     started = time.monotonic()
     metadata = truss_config.get("model_metadata") or {}
     config = EngineConfig.from_dict(metadata.get("engine"))
+    config = with_tensor_parallel_default(config, truss_config.get("resources"))
     hf_token = _secret(secrets, "hf_access_token")
     model_dir = resolve_model_dir(
         config.model,
@@ -93,6 +94,17 @@ def build_service(
         ", ".join(f"{name} {seconds:.1f} s" for name, seconds in phases.items()),
     )
     return service
+
+
+def with_tensor_parallel_default(config: EngineConfig, resources: Any) -> EngineConfig:
+    """tensor_parallel_size unset: the GPUs `resources.accelerator` declares on CUDA, else 1."""
+    if config.tensor_parallel_size is not None:
+        return config
+    import torch
+
+    on_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    gpus = declared_gpu_count(resources) if on_cuda else None
+    return config.replace(tensor_parallel_size=gpus or 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -78,15 +78,41 @@ class AsyncEngine:
 
     def start(self) -> None:
         self._thread.start()
+        if getattr(self.engine, "ranks", None) is not None and self.stall_timeout_s:
+            threading.Thread(
+                target=self._watch_stall, name="flashserve-stall-watch", daemon=True
+            ).start()
 
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()
         self._thread.join(timeout=10)
+        close = getattr(self.engine, "close", None)
+        if close is not None and not self._thread.is_alive():
+            close()  # the tensor-parallel worker ranks, once no step can run
 
     @property
     def healthy(self) -> bool:
-        return self.error is None and self._thread.is_alive() and not self.stalled
+        return (
+            self.error is None
+            and self._thread.is_alive()
+            and not self.stalled
+            and getattr(self.engine, "failure", None) is None
+        )
+
+    def _watch_stall(self) -> None:
+        """Tensor parallel: a step stuck past the stall timeout means a rank hangs. Killing
+        the ranks makes rank 0's collective fail, so the loop ends every request with an
+        error (at size 1 nothing can interrupt a step; health reports it)."""
+        while not self._stopping and self.error is None:
+            if self.stalled:
+                logger.error(
+                    "engine step stuck for over %.0f s: stopping the tensor-parallel ranks",
+                    self.stall_timeout_s,
+                )
+                self.engine.abandon()
+                return
+            time.sleep(min(1.0, self.stall_timeout_s / 4))
 
     @property
     def stalled(self) -> bool:
@@ -177,6 +203,9 @@ class AsyncEngine:
         try:
             while not self._stopping:
                 self.last_beat = time.monotonic()
+                failure = getattr(self.engine, "failure", None)
+                if failure is not None:  # a tensor-parallel rank died
+                    raise RuntimeError(failure)
                 self._drain_inbox()
                 if not self.engine.has_work():
                     self._stats = self.engine.stats()
@@ -190,6 +219,9 @@ class AsyncEngine:
             logger.exception("engine loop failed")
             self.error = exc
             self._fail_all(exc)
+            abandon = getattr(self.engine, "abandon", None)
+            if abandon is not None:
+                abandon()  # no worker rank outlives the loop that drives it
 
     def _drain_inbox(self) -> None:
         while True:

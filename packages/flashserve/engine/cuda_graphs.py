@@ -41,6 +41,7 @@ import torch
 
 from flashserve.engine.async_scheduling import PENDING_TOKEN
 from flashserve.engine.sequence import Sequence
+from flashserve.engine.step_inputs import StepInputs
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.models.base import CausalLM
 
@@ -241,6 +242,37 @@ class DecodeGraphs:
         rows = host.rows
         self._h_ids, self._h_pos, self._h_slots = h64[:rows], h64[rows : 2 * rows], h64[2 * rows :]
         self._h_ctx, self._h_tables = h32[:rows], h32[rows:].reshape(rows, -1)
+
+    def step_inputs(self, batch: DecodeBatch) -> StepInputs:
+        """A prepared step's real rows, for the other tensor-parallel ranks (`load`)."""
+        n = batch.num_rows
+        width = batch.key[1]
+        return StepInputs(
+            self._h_ids[:n].tolist(),
+            self._h_pos[:n].tolist(),
+            self._h_slots[:n].tolist(),
+            [1] * n,
+            self._h_ctx[:n].tolist(),
+            self._h_tables[:n, :width].tolist(),
+            batch.sample_rows,
+            batch.key,
+        )
+
+    def load(self, inputs: StepInputs) -> DecodeBatch:
+        """Ranks > 0: write rank 0's prepared step into this rank's static inputs."""
+        assert inputs.graph_key is not None
+        rows, width = inputs.graph_key
+        n = len(inputs.input_ids)
+        self._h_tables[:rows, :width] = self.scratch_block
+        self._h_ids[:n] = inputs.input_ids
+        self._h_pos[:n] = inputs.positions
+        self._h_slots[:n] = inputs.slots
+        self._h_ctx[:n] = inputs.context_lens
+        if n:
+            self._h_tables[:n, :width] = inputs.block_tables
+        self._pad_rows(n, rows)
+        self._upload(rows)
+        return DecodeBatch(inputs.graph_key, n, list(inputs.logit_rows), [])
 
     def _pad_rows(self, start: int, stop: int) -> None:
         """Rows [start, stop): token 0 at position 0, KV into the scratch slot, context 1."""

@@ -16,6 +16,22 @@ from pathlib import Path
 import torch
 
 from flashserve.config import EngineConfig
+from flashserve.distributed.parallel_state import (
+    TensorParallel,
+    check_port_free,
+    destroy_tensor_parallel,
+    init_tensor_parallel,
+    rendezvous,
+    set_tensor_parallel,
+    tensor_parallel,
+)
+from flashserve.distributed.workers import (
+    RankGroup,
+    all_ranks_succeeded,
+    share_from_first,
+    smallest_over_ranks,
+    start_workers,
+)
 from flashserve.engine.async_scheduling import (
     PENDING_TOKEN,
     StepInFlight,
@@ -40,9 +56,11 @@ from flashserve.engine.scheduler import Scheduler
 from flashserve.engine.sequence import Sequence, SequenceOutput, SequenceStatus, TokenLogprob
 from flashserve.engine.speculative.speculator import SpeculationStats, Speculator
 from flashserve.engine.speculative.verify import Emission, verify_step
+from flashserve.engine.step_inputs import send_shutdown
 from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
-from flashserve.layers.attention import select_backend
-from flashserve.models.loader import load_model
+from flashserve.layers.attention import AttentionBackend, select_backend
+from flashserve.models.base import CausalLM
+from flashserve.models.loader import check_model_builds, load_model
 from flashserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -66,8 +84,14 @@ class LLMEngine:
     ) -> None:
         self.config = config
         self.device = _pick_device(config.device)
+        self.tensor_parallel_size = config.tensor_parallel_size or 1
+        config.check_parallel()
+        # CPU threads per rank: the cores shared among the ranks unless set.
+        self.cpu_threads = config.cpu_threads or max(
+            1, (os.cpu_count() or 1) // self.tensor_parallel_size
+        )
         if self.device.type == "cpu":
-            torch.set_num_threads(config.cpu_threads or max(1, os.cpu_count() or 1))
+            torch.set_num_threads(self.cpu_threads)
         self.model_config = ModelConfig.from_pretrained(model_dir)
         mc = self.model_config
         self.dtype = pick_dtype(config.dtype, self.device, mc.hidden_size, mc.intermediate_size)
@@ -90,14 +114,28 @@ class LLMEngine:
             config.attention_backend, self.device, self.dtype, config.block_size
         )
         self.attention_backend = backend.name
-        block_size = config.block_size
-        if block_size == "auto":
-            block_size = 256 if backend.name == "flash_attn" else 16
-        self.block_size = int(block_size)
+        self.block_size = block_size_for(config.block_size, backend)
         # Seconds per start-up phase, in order; each is also logged as it ends.
         self.startup_seconds: dict[str, float] = {}
         started = time.monotonic()
+        self.eos_token_ids = tuple(eos_token_ids) or mc.eos_token_ids
+        # Ranks 1..N-1 (tensor parallel): worker processes following this one.
+        self.ranks: RankGroup | None = None
+        if self.tensor_parallel_size > 1:
+            self._start_ranks(model_dir, backend)
+        try:
+            self._load_and_size(model_dir, backend, started)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def _load_and_size(
+        self, model_dir: str | Path, backend: AttentionBackend, started: float
+    ) -> None:
+        config, mc = self.config, self.model_config
         self.model = load_model(model_dir, mc, backend, self.dtype, self.device, self.max_model_len)
+        if self.ranks is not None:
+            self.ranks.wait_loaded(config.tensor_parallel_load_timeout_s)
         _sync(self.device)
         placed = sum(p.numel() * p.element_size() for p in self.model.parameters())
         seconds = self._phase_done("weights placed", started)
@@ -111,6 +149,8 @@ class LLMEngine:
         )
         started = time.monotonic()
         num_blocks = self._num_kv_blocks()
+        if self.ranks is not None:
+            num_blocks = smallest_over_ranks(num_blocks)
         if num_blocks * self.block_size < self.max_model_len:
             logger.warning(
                 "KV cache holds %d tokens; lowering max_model_len from %d",
@@ -118,7 +158,6 @@ class LLMEngine:
                 self.max_model_len,
             )
             self.max_model_len = num_blocks * self.block_size
-        self.eos_token_ids = tuple(eos_token_ids) or mc.eos_token_ids
         self.runner = ModelRunner(
             self.model,
             self.device,
@@ -143,13 +182,18 @@ class LLMEngine:
             spec.num_layers,
         )
         graph_problem = self.model.decode_graph_problem if self._use_cuda_graphs else None
+        capture = graph_problem is None and self._use_cuda_graphs
+        graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs) if capture else 0
+        if self.ranks is not None:
+            # Every rank captures the same graphs (their collectives are inside).
+            share_from_first([self.max_model_len, graph_batch], 2)
         if graph_problem is not None:
             logger.info("cuda_graphs: off, decode steps run eagerly: %s", graph_problem)
         elif self._use_cuda_graphs:
             started = time.monotonic()
-            captured = self.runner.enable_decode_graphs(
-                min(config.cuda_graph_max_batch, config.max_num_seqs)
-            )
+            captured = self.runner.enable_decode_graphs(graph_batch)
+            if self.ranks is not None and not all_ranks_succeeded(captured):
+                captured, self.runner.graphs = False, None
             graphs = self.runner.graphs
             logger.info(
                 "startup: CUDA graphs %s in %.1f s (%d graphs, %.0f MiB)",
@@ -179,9 +223,13 @@ class LLMEngine:
         )
         # Outputs due before the next step's (a resumed generation_only request's first token).
         self._pending_outputs: list[SequenceOutput] = []
-        # Async scheduling (engine/async_scheduling.py); drafts need the host's tokens.
+        # Async scheduling (engine/async_scheduling.py). Off with speculation (drafts need
+        # the host's tokens) and under tensor parallel (the other ranks get a step's token
+        # ids from rank 0's host, which a pending draw has not reached yet).
         self.async_scheduling = (
-            overlap_enabled(config.async_scheduling, self.device) and self.speculator is None
+            overlap_enabled(config.async_scheduling, self.device)
+            and self.speculator is None
+            and self.tensor_parallel_size == 1
         )
         self._in_flight: StepInFlight | None = None
         self.overlapped_steps = 0  # launched while the previous step's draws were in flight
@@ -211,6 +259,95 @@ class LLMEngine:
             self.max_model_len,
         )
 
+    def _start_ranks(self, model_dir: str | Path, backend: AttentionBackend) -> None:
+        """Check the model splits over tensor_parallel_size ranks, start ranks 1..N-1 and
+        join the process group as rank 0."""
+        size, config = self.tensor_parallel_size, self.config
+        if tensor_parallel().enabled:
+            raise RuntimeError(
+                "a tensor-parallel engine already runs in this process (one process group "
+                "per process): close it first"
+            )
+        if self.device.type == "cuda":
+            present = torch.cuda.device_count()
+            if size > present:
+                raise ValueError(
+                    f"tensor_parallel_size {size} needs {size} GPUs; this machine has {present}"
+                )
+            self.device = torch.device("cuda", 0)
+        elif size > (os.cpu_count() or 1):
+            logger.warning(
+                "tensor_parallel_size %d on %d CPU cores: ranks share cores",
+                size,
+                os.cpu_count() or 1,
+            )
+        previous = set_tensor_parallel(TensorParallel(0, size))
+        try:  # divisibility (heads, KV heads, sizes, vocabulary) before any process starts
+            check_model_builds(self.model_config, backend, self.dtype, self.max_model_len)
+        finally:
+            set_tensor_parallel(previous)
+        where = rendezvous(size, config.tensor_parallel_port)
+        if where.first_rank != 0:
+            raise ValueError(
+                f"this node's first rank is {where.first_rank} (NODE_RANK is set): only node 0 "
+                "serves; the other nodes run `python -m flashserve.distributed.node`"
+            )
+        if where.port is not None:
+            check_port_free(where.port)
+        timeout = config.engine_stall_timeout_s or 300.0
+        self.ranks = start_workers(
+            where,
+            model_dir,
+            config,
+            self.dtype,
+            self.device.type,
+            self.max_model_len,
+            self.eos_token_ids,
+            timeout,
+            self.cpu_threads,
+        )
+        try:
+            init_tensor_parallel(0, where, self.device, timeout)
+        except BaseException:
+            self.abandon()
+            raise
+        logger.info(
+            "tensor parallel: %d ranks (%s, %s), workers %s",
+            size,
+            "nccl" if self.device.type == "cuda" else "gloo",
+            where.init_method,
+            self.ranks.pids,
+        )
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine cannot step any more (a tensor-parallel rank died), or None."""
+        return self.ranks.failure if self.ranks is not None else None
+
+    def close(self) -> None:
+        """Stop the worker ranks (after the engine's last step; nothing at size 1)."""
+        ranks = self.ranks
+        if ranks is None:
+            return
+        if ranks.failure is None:
+            try:
+                send_shutdown()
+            except Exception:  # noqa: BLE001 - a rank already gone: kill the rest below
+                logger.warning("tensor parallel: shutdown broadcast failed", exc_info=True)
+            ranks.close()
+        else:
+            ranks.kill()
+        self.ranks = None
+        destroy_tensor_parallel()
+
+    def abandon(self) -> None:
+        """Kill the worker ranks without any collective (the engine failed)."""
+        if self.ranks is None:
+            return  # size 1, or already closed: no group of ours to leave
+        self.ranks.kill()
+        self.ranks = None
+        destroy_tensor_parallel()
+
     def _phase_done(self, phase: str, started: float) -> float:
         seconds = time.monotonic() - started
         self.startup_seconds[phase] = seconds
@@ -221,26 +358,7 @@ class LLMEngine:
         return self.config.cuda_graphs and self.device.type == "cuda"
 
     def _num_kv_blocks(self) -> int:
-        per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
-        if self.device.type == "cuda":
-            free = measure_free_memory(CudaMemory(self.device))
-            # Leave the decode graphs' memory pool room.
-            reserve = (
-                graph_memory_reserve(self.model.attention_backend) if self._use_cuda_graphs else 0
-            )
-            budget = kv_cache_budget(free, self.config.kv_cache_memory_fraction, reserve)
-            logger.info(
-                "device memory after weights: %.2f GiB allocated, %.2f GiB released from "
-                "the allocator cache, %.2f of %.2f GiB free; KV budget %.2f GiB",
-                free.allocated / (1 << 30),
-                free.released / (1 << 30),
-                free.free / (1 << 30),
-                free.total / (1 << 30),
-                budget / (1 << 30),
-            )
-        else:
-            budget = self.config.kv_cache_memory_gb * (1 << 30)
-        return max(1, int(budget // per_block))
+        return kv_block_count(self.model, self.device, self.config, self.block_size, self.dtype)
 
     # -- requests ---------------------------------------------------------
 
@@ -513,6 +631,43 @@ class LLMEngine:
                 dataclasses.replace(self.speculator.stats) if self.speculator is not None else None
             ),
         )
+
+
+def block_size_for(setting: int | str, backend: AttentionBackend) -> int:
+    """`block_size`, with `auto` resolved for the attention backend."""
+    if setting == "auto":
+        return 256 if backend.name == "flash_attn" else 16
+    return int(setting)
+
+
+def kv_block_count(
+    model: CausalLM,
+    device: torch.device,
+    config: EngineConfig,
+    block_size: int,
+    dtype: torch.dtype,
+) -> int:
+    """KV blocks this rank's memory holds after its weights (every rank asks; the
+    tensor-parallel group takes the smallest answer)."""
+    per_block = ModelRunner.bytes_per_block(model, block_size, dtype)
+    if device.type == "cuda":
+        free = measure_free_memory(CudaMemory(device))
+        # Leave the decode graphs' memory pool room.
+        use_graphs = config.cuda_graphs
+        reserve = graph_memory_reserve(model.attention_backend) if use_graphs else 0
+        budget = kv_cache_budget(free, config.kv_cache_memory_fraction, reserve)
+        logger.info(
+            "device memory after weights: %.2f GiB allocated, %.2f GiB released from "
+            "the allocator cache, %.2f of %.2f GiB free; KV budget %.2f GiB",
+            free.allocated / (1 << 30),
+            free.released / (1 << 30),
+            free.free / (1 << 30),
+            free.total / (1 << 30),
+            budget / (1 << 30),
+        )
+    else:
+        budget = config.kv_cache_memory_gb * (1 << 30)
+    return max(1, int(budget // per_block))
 
 
 def _token_output(

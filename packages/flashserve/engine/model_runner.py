@@ -8,12 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.distributed.parallel_state import tensor_parallel
 from flashserve.engine.async_scheduling import PENDING_TOKEN
 from flashserve.engine.cuda_graphs import DecodeGraphs
 from flashserve.engine.host_transfer import upload
 from flashserve.engine.sampler import SampledBatch, Sampler, SamplerOutput
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence
+from flashserve.engine.step_inputs import StepInputs, send_step
 from flashserve.layers.attention import AttentionMetadata
 from flashserve.models.base import CausalLM
 
@@ -76,6 +78,10 @@ class ModelRunner:
         self.use_graphs = True  # benchmarks turn replay off to compare with eager steps
         # The last launch's draws on the device, and each sampled sequence's row in them.
         self._last: tuple[torch.Tensor, dict[Sequence, int]] | None = None
+        # Rank 0 of a tensor-parallel group sends every step's inputs to the other
+        # ranks before running it (ranks > 0 run `follow`); never at size 1.
+        tp = tensor_parallel()
+        self.leads_ranks = tp.enabled and tp.rank == 0
 
     def enable_decode_graphs(self, max_batch: int, capture: bool = True) -> bool:
         """Set up static decode inputs for batches up to max_batch and capture their graphs.
@@ -198,30 +204,60 @@ class ModelRunner:
         if not sampled:
             self._last = None
             return LaunchedStep([], None)
-        if len(sample_rows) != hidden.shape[0]:  # else every row (a pure decode step)
-            hidden = hidden.index_select(0, upload(sample_rows, torch.long, self.device))
-        draws = self.sampler.sample(self.model.compute_logits(hidden), sampled)
+        draws = self.sampler.sample(self.logits(hidden, sample_rows), sampled)
         self._last = (draws.tokens, {seq: row for row, seq in enumerate(sampled)})
         return LaunchedStep(sampled, draws)
 
+    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """fp32 logits of hidden-state `rows` (whole vocabulary on rank 0). Under tensor
+        parallel every rank calls this with the rows the step's inputs named."""
+        if len(rows) != hidden.shape[0]:  # else every row (a pure decode step)
+            hidden = hidden.index_select(0, upload(rows, torch.long, self.device))
+        return self.model.compute_logits(hidden)
+
     @torch.inference_mode()
     def forward(
-        self, items: list[tuple[Sequence, int]]
+        self, items: list[tuple[Sequence, int]], every_row_logits: bool = False
     ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         """Run the model over the scheduled tokens (blocks already allocated).
 
         Returns the hidden states of every token, the rows that end a
         sequence's known tokens, and those sequences. A pure-decode step runs
         through the decode graphs when they are set up and it fits one.
+        Under tensor parallel the caller then computes `logits` of exactly the
+        returned rows when any sequence was sampled (of every row with
+        `every_row_logits`), since the other ranks join that collective.
         """
-        if self.graphs is not None and self.use_graphs:
+        if self.graphs is not None and self.use_graphs and not every_row_logits:
             batch = self.graphs.prepare(items)
             if batch is not None:
                 self._fill_pending(self.graphs.input_ids, batch.pending)
+                if self.leads_ranks:
+                    send_step(self.graphs.step_inputs(batch))
                 return self.graphs.run(batch), batch.sample_rows, batch.sampled
-        return self._forward_eager(items)
+        return self._forward_eager(items, every_row_logits)
 
-    def _fill_pending(self, input_ids: torch.Tensor, pending: list[tuple[int, Sequence]]) -> None:
+    @torch.inference_mode()
+    def follow(self, inputs: StepInputs) -> None:
+        """Ranks > 0: run rank 0's step on this rank's shards, and join its logits."""
+        if inputs.graph_key is not None:
+            assert self.graphs is not None, "rank 0 replays decode graphs this rank lacks"
+            hidden = self.graphs.run(self.graphs.load(inputs))
+        else:
+            hidden = self._run_eager(
+                inputs.input_ids,
+                inputs.positions,
+                inputs.slots,
+                inputs.query_lens,
+                inputs.context_lens,
+                inputs.block_tables,
+            )
+        if inputs.logit_rows:
+            self.logits(hidden, inputs.logit_rows)
+
+    def _fill_pending(
+        self, input_ids: torch.Tensor, pending: list[tuple[int, Sequence]] | None
+    ) -> None:
         """Write the previous launch's draws, on the device, where inputs hold PENDING_TOKEN."""
         if not pending:
             return
@@ -233,7 +269,7 @@ class ModelRunner:
         input_ids.index_copy_(0, index, tokens.index_select(0, source))
 
     def _forward_eager(
-        self, items: list[tuple[Sequence, int]]
+        self, items: list[tuple[Sequence, int]], every_row_logits: bool = False
     ) -> tuple[torch.Tensor, list[int], list[Sequence]]:
         # Single-token entries (decodes) first: the torch backend batches them.
         items = sorted(items, key=lambda item: item[1] != 1)
@@ -266,11 +302,33 @@ class ModelRunner:
                 for row in range(len(input_ids) - 1 - max(drafted, 0), len(input_ids)):
                     sample_rows.append(row)
                     sampled.append(seq)
+        max_blocks = max(len(seq.block_ids) for seq, _ in items)
+        tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq, _ in items]
+        if self.leads_ranks:
+            logit_rows = list(range(len(input_ids))) if every_row_logits else sample_rows
+            send_step(
+                StepInputs(
+                    input_ids, positions, slots, query_lens, context_lens, tables, logit_rows
+                )
+            )
+        hidden = self._run_eager(
+            input_ids, positions, slots, query_lens, context_lens, tables, pending
+        )
+        return hidden, sample_rows, sampled
+
+    def _run_eager(
+        self,
+        input_ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        query_lens: list[int],
+        context_lens: list[int],
+        tables: list[list[int]],
+        pending: list[tuple[int, Sequence]] | None = None,
+    ) -> torch.Tensor:
         num_decode = 0
         while num_decode < len(query_lens) and query_lens[num_decode] == 1:
             num_decode += 1
-        max_blocks = max(len(seq.block_ids) for seq, _ in items)
-        tables = [seq.block_ids + [0] * (max_blocks - len(seq.block_ids)) for seq, _ in items]
         dev = self.device
         cu = [0]
         for n in query_lens:
@@ -288,5 +346,4 @@ class ModelRunner:
         )
         ids = upload(input_ids, torch.int64, dev)
         self._fill_pending(ids, pending)
-        hidden = self.model(ids, upload(positions, torch.int64, dev), self.kv_caches, meta)
-        return hidden, sample_rows, sampled
+        return self.model(ids, upload(positions, torch.int64, dev), self.kv_caches, meta)

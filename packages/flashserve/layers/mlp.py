@@ -1,4 +1,9 @@
-"""The SwiGLU feed-forward block of Llama-family decoders (and of MoE models' dense layers)."""
+"""The SwiGLU feed-forward block of Llama-family decoders (and of MoE models' dense layers).
+
+Tensor parallel: gate|up column-parallel and down row-parallel over the
+intermediate size, so the only collective is down's all-reduce (none with
+`reduce=False`, for a shared expert summed with the routed experts first).
+"""
 
 from __future__ import annotations
 
@@ -6,18 +11,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.layers.linear import PackedLinear
+from flashserve.layers.linear import PackedLinear, RowParallelLinear, split_evenly
 
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        what: str = "intermediate_size",
+        reduce: bool = True,
+    ) -> None:
         super().__init__()
+        part = split_evenly(intermediate_size, what)
         self.gate_up_proj = PackedLinear(
-            hidden_size, {"gate": intermediate_size, "up": intermediate_size}, bias=False
+            hidden_size,
+            {"gate": intermediate_size, "up": intermediate_size},
+            bias=False,
+            ranges={"gate": part, "up": part},
         )
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.down_proj = RowParallelLinear(
+            intermediate_size, hidden_size, bias=False, what=what, reduce=reduce
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj.split(x)

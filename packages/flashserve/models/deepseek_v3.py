@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.distributed.parallel_state import tensor_parallel
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.layers.embedding import VocabEmbedding
 from flashserve.layers.linear import PackedLinear
@@ -219,6 +220,14 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
 
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         super().__init__()
+        tp = tensor_parallel().size
+        if tp > 1:
+            # Splitting MLA by heads is possible (the latent cache replicated per rank)
+            # but not built: its absorbed decode and latent cache run on one device.
+            raise ValueError(
+                f"{cfg.architecture}: multi-head latent attention is not tensor-parallel in "
+                f"this engine; tensor_parallel_size must be 1 (got {tp})"
+            )
         raw = cfg.raw
         missing = [key for key in REQUIRED_KEYS if raw.get(key) is None]
         if missing:

@@ -40,6 +40,10 @@ class Glm4MoeForCausalLM(MoeDecoderLM):
                 routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             ),
             StackedExperts(num_experts, cfg.hidden_size, expert_size),
-            shared=MLP(cfg.hidden_size, expert_size * shared) if shared else None,
+            shared=(
+                MLP(cfg.hidden_size, expert_size * shared, "shared experts' intermediate size")
+                if shared
+                else None
+            ),
             shared_name="shared_experts",
         )

@@ -10,12 +10,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from flashserve.distributed.parallel_state import tensor_parallel
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
-from flashserve.layers.embedding import VocabEmbedding
-from flashserve.layers.linear import PackedLinear
+from flashserve.layers.embedding import LMHead, VocabEmbedding, vocab_logits
+from flashserve.layers.linear import PackedLinear, RowParallelLinear, split_evenly
 from flashserve.layers.mlp import MLP
 from flashserve.layers.norm import RMSNorm
 from flashserve.layers.rotary import RotaryEmbedding
@@ -30,26 +30,52 @@ PACKED_PROJECTION_RULES = (
 )
 
 
+def local_kv_heads(num_kv_heads: int) -> tuple[int, int]:
+    """(first KV head, count) this rank holds: an equal part when tensor_parallel_size
+    divides the KV heads, else one head replicated over tp / num_kv_heads ranks."""
+    tp = tensor_parallel()
+    if num_kv_heads % tp.size == 0:
+        return split_evenly(num_kv_heads, "num_key_value_heads")
+    if tp.size % num_kv_heads:
+        raise ValueError(
+            f"num_key_value_heads ({num_kv_heads}) and tensor_parallel_size {tp.size}: "
+            "neither divides the other, so the KV heads can be neither split nor replicated"
+        )
+    return tp.rank // (tp.size // num_kv_heads), 1
+
+
 class Attention(nn.Module):
-    """Grouped-query attention with rope, optional q/k/v bias and per-head q/k RMSNorm."""
+    """Grouped-query attention with rope, optional q/k/v bias and per-head q/k RMSNorm.
+
+    Tensor parallel: each rank holds num_heads / tp query heads and their KV
+    heads (q|k|v column-parallel, o row-parallel); the rank's KV cache holds
+    only its KV heads.
+    """
 
     def __init__(
         self, cfg: ModelConfig, rotary: RotaryEmbedding, backend: AttentionBackend
     ) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = (
-            cfg.num_heads,
-            cfg.num_kv_heads,
-            cfg.head_dim,
-        )
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        head_dim = cfg.head_dim
+        first_head, num_heads = split_evenly(cfg.num_heads, "num_attention_heads")
+        first_kv, num_kv = local_kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv, head_dim
+        self.q_size = num_heads * head_dim
+        self.kv_size = num_kv * head_dim
+        kv_range = (first_kv * head_dim, self.kv_size)
         self.qkv_proj = PackedLinear(
             cfg.hidden_size,
-            {"q": self.q_size, "k": self.kv_size, "v": self.kv_size},
+            {
+                "q": cfg.num_heads * head_dim,
+                "k": cfg.num_kv_heads * head_dim,
+                "v": cfg.num_kv_heads * head_dim,
+            },
             bias=cfg.qkv_bias,
+            ranges={"q": (first_head * head_dim, self.q_size), "k": kv_range, "v": kv_range},
         )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.o_proj = RowParallelLinear(
+            cfg.num_heads * head_dim, cfg.hidden_size, bias=False, what="num_attention_heads"
+        )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.rotary = rotary
@@ -117,20 +143,18 @@ class DecoderOnlyLM(CausalLM):
             max(max_positions, cfg.max_position_embeddings),
         )
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size)
+        self.num_local_kv_heads = local_kv_heads(cfg.num_kv_heads)[1]
         self.layers = nn.ModuleList(
             DecoderLayer(cfg, rotary, backend, make_mlp(i)) for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = (
-            None
-            if cfg.tie_word_embeddings
-            else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        )
+        self.lm_head = None if cfg.tie_word_embeddings else LMHead(cfg.vocab_size, cfg.hidden_size)
 
     @property
     def kv_cache_spec(self) -> KVCacheSpec:
         cfg = self.config
-        return KVCacheSpec(cfg.num_kv_heads, cfg.head_dim, tuple(range(cfg.num_layers)))
+        # This rank's KV heads (all of them without tensor parallel).
+        return KVCacheSpec(self.num_local_kv_heads, cfg.head_dim, tuple(range(cfg.num_layers)))
 
     def forward(
         self,
@@ -145,8 +169,8 @@ class DecoderOnlyLM(CausalLM):
         return self.norm(hidden)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        table = self.embed_tokens if self.lm_head is None else self.lm_head
+        return vocab_logits(hidden, table)
 
 
 class LlamaForCausalLM(DecoderOnlyLM):

@@ -6,6 +6,10 @@ the serving dtype, then each one is allocated once on the target device
 (models/safetensors_stream.py) and copied, with any cast, into their
 parameters by the parameters' own `weight_loader`s; so the peak is the
 model plus the largest checkpoint tensor.
+
+Tensor parallel (size > 1): the tensors come as unread slices
+(`iter_slices`); each parameter's loader narrows its to the rank's shard and
+reads only those bytes. Quantized checkpoints are dequantized whole first.
 """
 
 from __future__ import annotations
@@ -19,13 +23,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flashserve.distributed.parallel_state import tensor_parallel
 from flashserve.layers.attention import AttentionBackend
 from flashserve.layers.linear import weight_loader_of
 from flashserve.models.base import CausalLM
 from flashserve.models.model_config import ModelConfig
 from flashserve.models.quantization import NamedTensors, checkpoint_quantization
 from flashserve.models.registry import model_class
-from flashserve.models.safetensors_stream import iter_tensors
+from flashserve.models.safetensors_stream import iter_slices, iter_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +43,16 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(previous)
+
+
+def check_model_builds(
+    cfg: ModelConfig, backend: AttentionBackend, dtype: torch.dtype, max_positions: int
+) -> None:
+    """Construct the model on the meta device (no memory, no weights) so that a shape the
+    current tensor-parallel layout cannot split fails here, before any process starts."""
+    cls = model_class(cfg.architecture)
+    with torch.device("meta"), _default_dtype(dtype):
+        cls(cfg, backend, max_positions)
 
 
 def build_model(
@@ -102,8 +117,10 @@ def load_model(
 
 def _checkpoint_tensors(model: CausalLM, files: list[Path]) -> NamedTensors:
     """(file, name, tensor) of every checkpoint tensor, quantized weights dequantized."""
-    stream = ((path, name, tensor) for path in files for name, tensor in iter_tensors(path))
     quantization = checkpoint_quantization(model.config.raw)
+    if quantization is None and tensor_parallel().size > 1:
+        return ((path, name, lazy) for path in files for name, lazy in iter_slices(path))
+    stream = ((path, name, tensor) for path in files for name, tensor in iter_tensors(path))
     if quantization is None:
         return stream
     device = next(model.parameters()).device

@@ -41,6 +41,8 @@ class MixtralForCausalLM(MoeDecoderLM):
                 SoftmaxTopKRouter(
                     cfg.hidden_size, num_experts, raw["num_experts_per_tok"], renormalize=True
                 ),
-                StackedExperts(num_experts, cfg.hidden_size, cfg.intermediate_size),
+                StackedExperts(
+                    num_experts, cfg.hidden_size, cfg.intermediate_size, "intermediate_size"
+                ),
             ),
         )

@@ -67,7 +67,11 @@ class Qwen2MoeForCausalLM(MoeDecoderLM):
                 bool(raw.get("norm_topk_prob", False)),
             ),
             StackedExperts(_num_experts(cfg), cfg.hidden_size, raw["moe_intermediate_size"]),
-            shared=MLP(cfg.hidden_size, shared_size) if shared_size else None,
+            shared=(
+                MLP(cfg.hidden_size, shared_size, "shared_expert_intermediate_size")
+                if shared_size
+                else None
+            ),
             shared_name="shared_expert",
             shared_gate=nn.Linear(cfg.hidden_size, 1, bias=False) if shared_size else None,
         )

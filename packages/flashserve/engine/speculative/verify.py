@@ -137,8 +137,7 @@ def verify_step(
     hidden, sample_rows, sampled = runner.forward(items)
     if not sampled:
         return []
-    device = runner.device
-    logits = runner.model.compute_logits(hidden[torch.tensor(sample_rows, device=device)])
+    logits = runner.logits(hidden, sample_rows)
     emissions: list[Emission] = []
     views: list[Sequence | PositionView] = []
     # Per emission: its first row and its draft (empty for ordinary decodes/prefills).

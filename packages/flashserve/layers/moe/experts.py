@@ -16,6 +16,10 @@ placed on their device (`init_buffers`) and logged once by the model.
 Each token sums its top-k rows in fp32 in an order fixed by its own expert
 ids (`combine_rows`), so a token's output does not depend on what else is in
 the batch.
+
+Tensor parallel inside the experts: every rank holds every expert, but only
+its slice of the intermediate size (gate|up rows, down columns); the output
+is a partial sum that the MoE block all-reduces (layers/moe/block.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashserve.layers.linear import copy_into
+from flashserve.distributed.parallel_state import single_device, tensor_parallel
+from flashserve.layers.linear import copy_into, split_evenly
 from flashserve.layers.moe import cpu_expert_kernel
 
 logger = logging.getLogger(__name__)
@@ -65,7 +70,8 @@ def grouped_path_problem(
 ) -> str | None:
     """Why the grouped-GEMM forward pass fails for experts of this shape here (None: it runs)."""
     try:
-        experts = StackedExperts(2, hidden, intermediate).to(device=device, dtype=dtype)
+        with single_device():  # `intermediate` is already this rank's slice
+            experts = StackedExperts(2, hidden, intermediate).to(device=device, dtype=dtype)
         experts.path = GROUPED_MM
         with torch.no_grad():
             experts.gate_up_proj.zero_()
@@ -100,9 +106,19 @@ def combine_rows(
 
 
 class StackedExperts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size: int,
+        what: str = "moe_intermediate_size",
+    ) -> None:
         super().__init__()
         self.num_experts = num_experts
+        # The checkpoint's expert size, and the slice of it this rank holds.
+        self.full_intermediate_size = intermediate_size
+        self.part_start, intermediate_size = split_evenly(intermediate_size, what)
+        self.sliced = tensor_parallel().size > 1
         self.intermediate_size = intermediate_size
         self.gate_up_proj = nn.Parameter(
             torch.empty(num_experts, 2 * intermediate_size, hidden_size)
@@ -115,19 +131,44 @@ class StackedExperts(nn.Module):
 
     # -- loading: per-expert tensors of hub checkpoints, or already stacked ones --
 
-    def load_gate_up(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> int:
+    def load_gate_up(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> int:
+        full, part = self.full_intermediate_size, self.intermediate_size
         if shard_id is None:  # stacked [E, 2I, H] (transformers' in-memory layout)
-            return copy_into(param.data, loaded, "stacked experts gate|up")
+            if not self.sliced:
+                return copy_into(param.data, loaded, "stacked experts gate|up")
+            self._check_rows(loaded, 1, 2 * full, "stacked experts gate|up")
+            written = 0
+            for half, rows in enumerate((0, full)):
+                target = param.data.narrow(1, half * part, part)
+                piece = loaded.narrow(1, rows + self.part_start, part)
+                written += copy_into(target, piece, "stacked experts gate|up")
+            return written
         expert, which = self._expert(shard_id)
-        rows = {"gate": 0, "up": self.intermediate_size}[which]
-        target = param.data[expert].narrow(0, rows, self.intermediate_size)
+        rows = {"gate": 0, "up": part}[which]
+        target = param.data[expert].narrow(0, rows, part)
+        if self.sliced:
+            self._check_rows(loaded, 0, full, f"expert {expert} {which}_proj")
+            loaded = loaded.narrow(0, self.part_start, part)
         return copy_into(target, loaded, f"expert {expert} {which}_proj")
 
-    def load_down(self, param: nn.Parameter, loaded: torch.Tensor, shard_id: Any) -> int:
+    def load_down(self, param: nn.Parameter, loaded: Any, shard_id: Any) -> int:
+        last = len(loaded.shape) - 1
+        if self.sliced:
+            what = "stacked experts down" if shard_id is None else "expert down_proj"
+            self._check_rows(loaded, last, self.full_intermediate_size, what)
+            loaded = loaded.narrow(last, self.part_start, self.intermediate_size)
         if shard_id is None:
             return copy_into(param.data, loaded, "stacked experts down")
         expert, _ = self._expert(shard_id)
         return copy_into(param.data[expert], loaded, f"expert {expert} down_proj")
+
+    @staticmethod
+    def _check_rows(loaded: Any, dim: int, expected: int, what: str) -> None:
+        if len(loaded.shape) <= dim or loaded.shape[dim] != expected:
+            raise ValueError(
+                f"{what}: checkpoint tensor has shape {tuple(loaded.shape)}, expected "
+                f"{expected} along dimension {dim}"
+            )
 
     def _expert(self, shard_id: Any) -> tuple[int, str]:
         expert, which = shard_id
