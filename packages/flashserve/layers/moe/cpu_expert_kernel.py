@@ -1,4 +1,4 @@
-"""Routed experts on the CPU for short runs of rows: csrc/expert_mlp.c.
+"""Routed experts on the CPU for short runs of rows: csrc/skinny_gemm.c.
 
 A decode step gives each expert a handful of rows. A BLAS GEMM with so few
 rows spends most of its time packing the expert's weights. The kernel reads each active expert's weights once and multiplies them by all of that
@@ -8,37 +8,17 @@ Longer runs (prefill) stay with the BLAS GEMMs, which are faster there.
 
 from __future__ import annotations
 
-import ctypes
 import os
 from itertools import accumulate
 
 import torch
 
-from flashserve.layers.native import NativeLibrary
+from flashserve.layers.skinny_gemm import KERNELS
 
 # Runs up to this many rows go to the kernel. Above it a BLAS GEMM's packing is paid
 # back over the rows (bench/moe_kernel.py measures both; RESULTS.md has the crossover).
 MAX_RUN = 64
 LANES = 8
-
-KERNELS = NativeLibrary(
-    "expert_mlp.c",
-    "MoE experts (CPU)",
-    {
-        "expert_mlp_f32": [
-            ctypes.c_void_p,  # rows [n, hidden], sorted by expert
-            ctypes.c_void_p,  # offsets int64 [experts + 1]
-            ctypes.c_int64,  # experts
-            ctypes.c_void_p,  # gate_up [experts, 2I, hidden]
-            ctypes.c_void_p,  # down [experts, hidden, I]
-            ctypes.c_void_p,  # scratch [n, 2I]
-            ctypes.c_void_p,  # out [n, hidden]
-            ctypes.c_int64,  # hidden
-            ctypes.c_int64,  # I
-            ctypes.c_int,  # threads
-        ]
-    },
-)
 
 # Benchmarks and tests switch the kernel off to compare with the torch paths.
 enabled = os.environ.get("FLASHSERVE_CPU_EXPERT_KERNEL", "1") != "0"

@@ -1,11 +1,16 @@
-/* Routed experts' SwiGLU MLP for short runs of rows (CPU, fp32).
+/* Matrix products of a few rows by a weight matrix (CPU, fp32): y = x . W^T.
  *
- * The rows arrive sorted by expert: expert e owns rows offsets[e] .. offsets[e+1].
+ * `linear_f32`: one weight matrix (a decode step's projections and lm_head, a
+ * speculative verification). `expert_mlp_f32`: routed experts' SwiGLU MLP,
+ * each expert over its own short run of rows.
+ *
+ * For expert_mlp_f32 the rows arrive sorted by expert: expert e owns rows offsets[e] .. offsets[e+1].
  * For each expert with rows:  h = x . gate_up[e]^T  ([n, 2I]),
  *                             a = silu(h[:, :I]) * h[:, I:],
  *                             y = a . down[e]^T     ([n, H]).
- * In a decode step an expert sees a handful of rows, and a BLAS GEMM with so
- * few rows spends its time packing the weights; here each weight row is read
+ * With a handful of rows a BLAS GEMM spends its time packing the weights (and
+ * torch's CPU linear runs one matrix-vector product per row below ~5 rows);
+ * here each weight row is read
  * once from memory and multiplied by all of the expert's rows while it sits in
  * registers (blocks of 4 weight rows x 3 input rows), prefetching the next
  * block's rows meanwhile, so the cost is one pass over the active experts'
@@ -15,8 +20,8 @@
  * depends only on its own input row, so a token's result is the same bits alone
  * or in any batch, with any number of threads.
  *
- * Work is split across threads as (expert, block of output features) items in
- * two phases (gate|up, then down) with one barrier between them.
+ * Work is split across threads as blocks of output features (of each expert,
+ * for the experts in two phases, gate|up then down, one barrier between them).
  * Built at first use by layers/native.py (cc -O3 -march=native -fopenmp).
  */
 #include <math.h>
@@ -119,6 +124,23 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
             for (int64_t j = 0; j < inter; j++) h[j] = silu(h[j]) * h[inter + j];
         }
         expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden);
+    }
+    return 0;
+}
+
+/* y [rows, features] (row stride ldy) = x [rows, k] (row stride ldx) . w [features, k]^T
+ * (+ bias [features] if not NULL). k and features multiples of LANES. Returns 0. */
+int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_t features,
+               int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
+    int64_t items = (features + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t item = 0; item < items; item++) {
+        int64_t f0 = item * FEATURES_PER_ITEM;
+        int64_t f1 = f0 + FEATURES_PER_ITEM < features ? f0 + FEATURES_PER_ITEM : features;
+        rows_times_weights(x, ldx, rows, w, k, f0, f1, y, ldy);
+        if (bias)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t f = f0; f < f1; f++) y[r * ldy + f] += bias[f];
     }
     return 0;
 }

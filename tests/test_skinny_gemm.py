@@ -1,0 +1,74 @@
+"""Linear layers of a few rows on the CPU (layers/csrc/skinny_gemm.c via layers/skinny_gemm.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashserve.layers import skinny_gemm
+
+pytestmark = pytest.mark.skipif(
+    skinny_gemm.KERNELS.load() is None, reason="no C compiler: torch's linear serves"
+)
+
+
+def _weights(features: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(features, k, generator=gen), torch.randn(features, generator=gen)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 5, 7, 16, 64])
+def test_equals_the_product_in_double_precision(rows):
+    weight, bias = _weights(40, 96)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        got = skinny_gemm.linear(x, weight, bias)
+    want = (x.double() @ weight.double().T + bias.double()).float()
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_a_row_has_the_same_bits_alone_in_a_batch_and_with_any_thread_count():
+    weight, _ = _weights(64, 128, seed=1)
+    x = torch.randn(11, 128)
+    threads = torch.get_num_threads()
+    with torch.inference_mode():
+        together = skinny_gemm.linear(x, weight)
+        alone = skinny_gemm.linear(x[6:7], weight)
+        try:
+            torch.set_num_threads(1)
+            one_thread = skinny_gemm.linear(x, weight)
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(together[6], alone[0])
+    assert torch.equal(together, one_thread)
+
+
+def test_rows_of_a_wider_tensor_are_read_where_they_lie():
+    weight, _ = _weights(24, 32, seed=2)
+    wide = torch.randn(5, 80)
+    view = wide[:, 16:48]  # row stride 80
+    with torch.inference_mode():
+        got = skinny_gemm.linear(view, weight)
+    torch.testing.assert_close(got, F.linear(view.contiguous(), weight), atol=1e-5, rtol=1e-5)
+
+
+def test_what_the_kernel_does_not_take_is_torchs_linear(monkeypatch):
+    calls = []
+    library = skinny_gemm.KERNELS.load()
+
+    class Counting:
+        def linear_f32(self, *args):
+            calls.append(args[2])
+            return library.linear_f32(*args)
+
+    monkeypatch.setattr(skinny_gemm.KERNELS, "load", lambda: Counting())
+    weight, _ = _weights(16, 32)
+    with torch.inference_mode():
+        skinny_gemm.linear(torch.randn(3, 32), weight)
+        skinny_gemm.linear(torch.randn(skinny_gemm.MAX_ROWS + 1, 32), weight)  # a prefill
+        skinny_gemm.linear(torch.randn(3, 32).bfloat16(), weight.bfloat16())
+        skinny_gemm.linear(torch.randn(3, 20), torch.randn(16, 20))  # k not a multiple of 8
+        skinny_gemm.linear(torch.randn(2, 3, 32), weight)  # not 2-D
+    skinny_gemm.linear(torch.randn(3, 32), weight)  # autograd on: torch keeps the graph
+    assert calls == [3]
