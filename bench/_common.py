@@ -65,6 +65,16 @@ def machine() -> str:
     return f"{os.cpu_count()} x {cpu}, {mem:.0f} GiB, {platform.system()} {platform.release()}"
 
 
+def time_ms(fn: Callable[[], Any], reps: int) -> float:
+    """Mean wall milliseconds of fn over reps calls, after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    started = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    return (time.perf_counter() - started) / reps * 1e3
+
+
 def today() -> str:
     return _dt.datetime.now().strftime("%Y-%m-%d %H:%M")
 

@@ -13,18 +13,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from _common import machine, today
-
-
-def _time_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps * 1e3
+from _common import machine, time_ms, today
 
 
 def _time_paths(experts, rows, counts: list[int]) -> tuple[float, float]:
@@ -33,8 +23,8 @@ def _time_paths(experts, rows, counts: list[int]) -> tuple[float, float]:
     reps = max(3, 1600 // len(rows))
     weights = (experts.gate_up_proj, experts.down_proj)
     return (
-        _time_ms(lambda: cpu_expert_kernel.expert_mlp(rows, counts, *weights), reps),
-        _time_ms(lambda: experts._per_expert(rows, counts), reps),
+        time_ms(lambda: cpu_expert_kernel.expert_mlp(rows, counts, *weights), reps),
+        time_ms(lambda: experts._per_expert(rows, counts), reps),
     )
 
 

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
-from _common import machine, today
+from _common import machine, time_ms, today
 
 SHAPES = {
     "1B q|k|v": (3072, 2048),
@@ -24,15 +23,6 @@ SHAPES = {
 }
 
 
-def _time_ms(fn, reps: int) -> float:
-    for _ in range(2):
-        fn()
-    started = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - started) / reps * 1e3
-
-
 def _pair(x, weight) -> tuple[float, float]:
     import torch.nn.functional as F
 
@@ -40,8 +30,8 @@ def _pair(x, weight) -> tuple[float, float]:
 
     reps = max(3, int(2e8 // weight.numel()))
     return (
-        _time_ms(lambda: skinny_gemm.linear(x, weight), reps),
-        _time_ms(lambda: F.linear(x, weight), reps),
+        time_ms(lambda: skinny_gemm.linear(x, weight), reps),
+        time_ms(lambda: F.linear(x, weight), reps),
     )
 
 

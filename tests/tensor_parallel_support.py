@@ -45,3 +45,12 @@ def two_ranks() -> dict:
 
 def worker_pids() -> list[int]:
     return [p.pid for p in psutil.Process().children(recursive=True) if p.is_running()]
+
+
+def spawned_workers(server_pid: int) -> list[psutil.Process]:
+    """A server's tensor-parallel worker processes (multiprocessing spawn children)."""
+    try:
+        children = psutil.Process(server_pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]

@@ -18,22 +18,14 @@ import psutil
 import pytest
 
 from tests.ops_client import CHAT, sample, scrape, seeded, stream_chat, wait_until
-from tests.private_server import PrivateServer, private_server
-from tests.tensor_parallel_support import free_port
+from tests.private_server import private_server
+from tests.tensor_parallel_support import free_port, spawned_workers
 
 pytest_plugins = ["tests.server_fixture"]
 
 HELLO = [{"role": "user", "content": "Say something about the sea."}]
 ENDLESS = seeded(HELLO, 2000)
 STALL_TIMEOUT_S = 8
-
-
-def spawned_workers(server: PrivateServer) -> list[psutil.Process]:
-    try:
-        children = psutil.Process(server.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
 
 
 def tp2_server(request, tmp_path_factory, name: str):
@@ -52,7 +44,7 @@ def test_a_worker_that_dies_or_hangs_mid_stream_fails_requests_and_health(
 ) -> None:
     with tp2_server(request, tmp_path_factory, f"tp_{fault}_server") as server:
         url = server.url
-        workers = spawned_workers(server)
+        workers = spawned_workers(server.proc.pid)
         assert len(workers) == 1
         assert httpx.get(f"{url}/v1/models/model", timeout=10).status_code == 200
 
@@ -80,7 +72,7 @@ def test_a_worker_that_dies_or_hangs_mid_stream_fails_requests_and_health(
         assert sample(scrape(url), "flashserve_engine_healthy") == 0
         reply = httpx.post(f"{url}{CHAT}", json=seeded(HELLO, 2), timeout=10)
         assert reply.status_code == 503 and reply.json()["error"]["code"] == "engine_dead"
-        assert wait_until(lambda: not spawned_workers(server), 10)
+        assert wait_until(lambda: not spawned_workers(server.proc.pid), 10)
 
 
 @pytest.mark.slow
@@ -91,7 +83,7 @@ def test_a_stopped_or_killed_server_leaves_no_process(request, tmp_path_factory,
     with tp2_server(request, tmp_path_factory, f"tp_{sig.name.lower()}_server") as server:
         reply = httpx.post(f"{server.url}{CHAT}", json=seeded(HELLO, 4), timeout=60)
         assert reply.status_code == 200
-        assert len(spawned_workers(server)) == 1
+        assert len(spawned_workers(server.proc.pid)) == 1
         # Everything the server started (workers, multiprocessing's helpers).
         descendants = psutil.Process(server.proc.pid).children(recursive=True)
         os.kill(server.proc.pid, sig)  # the server alone, not its process group

@@ -26,7 +26,7 @@ import pytest
 from tests.ops_client import sample, scrape, wait_until
 from tests.private_server import PrivateServer
 from tests.served_checkpoint import check_streamed_chat_equals_the_whole_answer, serve_family
-from tests.tensor_parallel_support import free_port
+from tests.tensor_parallel_support import free_port, spawned_workers
 from tests.tiny_models import save_tiny_qwen3_moe
 from tests.tool_calling_cases import ASK, SCHEMAS, TOOLS
 
@@ -38,15 +38,6 @@ FP32 = {"dtype": "float32"}
 # ~60 blocks of 16 tokens per rank (976 tokens: room for the tool prompt and its
 # answer), while sixteen concurrent answers of ~150 tokens need ~180: they preempt.
 SMALL_KV_GB = 0.00025
-
-
-def spawned_workers(server: PrivateServer) -> list[psutil.Process]:
-    """The server's tensor-parallel worker processes (multiprocessing spawn children)."""
-    try:
-        children = psutil.Process(server.proc.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
-    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +67,7 @@ def chat(client: openai.OpenAI, **kwargs) -> dict:
 @pytest.mark.slow
 def test_streamed_chat_is_the_whole_answer_and_tp1s(single, split) -> None:
     server, client = split
-    assert len(spawned_workers(server)) == 1
+    assert len(spawned_workers(server.proc.pid)) == 1
     kwargs = dict(model=NAME, messages=ASK, max_tokens=8, temperature=0, extra_body=THINKING_OFF)
     check_streamed_chat_equals_the_whole_answer(client, kwargs)
     assert chat(client, max_tokens=24, temperature=0, extra_body=THINKING_OFF) == chat(
@@ -151,11 +142,11 @@ def test_preemption_and_prefix_caching_keep_tp1s_tokens(single, split) -> None:
 @pytest.mark.slow
 def test_sigterm_to_the_server_leaves_no_worker(split) -> None:
     server, _ = split
-    workers = spawned_workers(server)
+    workers = spawned_workers(server.proc.pid)
     assert workers
     os.kill(server.proc.pid, signal.SIGTERM)  # the server alone, not its process group
     server.proc.wait(timeout=30)
     gone, alive = psutil.wait_procs(workers, timeout=15)
     assert not alive, [p.pid for p in alive]
     time.sleep(0.1)
-    assert wait_until(lambda: not spawned_workers(server), 5)
+    assert wait_until(lambda: not spawned_workers(server.proc.pid), 5)
