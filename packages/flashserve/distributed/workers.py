@@ -108,7 +108,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     _watch_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"[tp rank {spec.rank}] %(message)s")
     # Imported here: llm_engine imports this module.
-    from flashserve.engine.llm_engine import block_size_for, kv_block_count
+    from flashserve.engine.kv_sizing import block_size_for, kv_block_count
     from flashserve.engine.model_runner import ModelRunner
 
     config = spec.config

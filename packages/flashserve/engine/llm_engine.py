@@ -40,8 +40,6 @@ from flashserve.engine.async_scheduling import (
     overlap_enabled,
 )
 from flashserve.engine.block_manager import BlockManager
-from flashserve.engine.cuda_graphs import memory_reserve as graph_memory_reserve
-from flashserve.engine.device_memory import CudaMemory, kv_cache_budget, measure_free_memory
 from flashserve.engine.disaggregation import (
     CONTEXT_ONLY,
     GENERATION_ONLY,
@@ -50,6 +48,7 @@ from flashserve.engine.disaggregation import (
     resumed_sequence,
 )
 from flashserve.engine.dtype_choice import pick_dtype
+from flashserve.engine.kv_sizing import block_size_for, kv_block_count
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
@@ -59,7 +58,6 @@ from flashserve.engine.speculative.verify import Emission, verify_step
 from flashserve.engine.step_inputs import send_shutdown
 from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
 from flashserve.layers.attention import AttentionBackend, select_backend
-from flashserve.models.base import CausalLM
 from flashserve.models.loader import check_model_builds, load_model
 from flashserve.models.model_config import ModelConfig
 
@@ -631,43 +629,6 @@ class LLMEngine:
                 dataclasses.replace(self.speculator.stats) if self.speculator is not None else None
             ),
         )
-
-
-def block_size_for(setting: int | str, backend: AttentionBackend) -> int:
-    """`block_size`, with `auto` resolved for the attention backend."""
-    if setting == "auto":
-        return 256 if backend.name == "flash_attn" else 16
-    return int(setting)
-
-
-def kv_block_count(
-    model: CausalLM,
-    device: torch.device,
-    config: EngineConfig,
-    block_size: int,
-    dtype: torch.dtype,
-) -> int:
-    """KV blocks this rank's memory holds after its weights (every rank asks; the
-    tensor-parallel group takes the smallest answer)."""
-    per_block = ModelRunner.bytes_per_block(model, block_size, dtype)
-    if device.type == "cuda":
-        free = measure_free_memory(CudaMemory(device))
-        # Leave the decode graphs' memory pool room.
-        use_graphs = config.cuda_graphs
-        reserve = graph_memory_reserve(model.attention_backend) if use_graphs else 0
-        budget = kv_cache_budget(free, config.kv_cache_memory_fraction, reserve)
-        logger.info(
-            "device memory after weights: %.2f GiB allocated, %.2f GiB released from "
-            "the allocator cache, %.2f of %.2f GiB free; KV budget %.2f GiB",
-            free.allocated / (1 << 30),
-            free.released / (1 << 30),
-            free.free / (1 << 30),
-            free.total / (1 << 30),
-            budget / (1 << 30),
-        )
-    else:
-        budget = config.kv_cache_memory_gb * (1 << 30)
-    return max(1, int(budget // per_block))
 
 
 def _token_output(
