@@ -14,6 +14,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
+from fastapi import HTTPException
+
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.messages import MessagesEndpoint
 from tests.tool_models import build_family, template
@@ -134,3 +137,27 @@ def streamed_message(events: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]
             message.update(data["delta"])
             message["usage"] = data["usage"]
     return message
+
+
+def refusal(endpoint: MessagesEndpoint, request: dict[str, Any]) -> dict[str, Any]:
+    with pytest.raises(HTTPException) as caught:
+        call(endpoint, request)
+    assert caught.value.status_code == 400
+    return caught.value.detail
+
+
+def without_ids(message: dict[str, Any]) -> dict[str, Any]:
+    """The message less what differs between two runs of one request: ids, and how much
+    of the prompt the prefix cache held."""
+    blocks = [{k: v for k, v in b.items() if k != "id"} for b in message["content"]]
+    usage = message["usage"]
+    return {
+        **{k: v for k, v in message.items() if k != "id"},
+        "content": blocks,
+        "usage": (usage["input_tokens"] + usage["cache_read_input_tokens"], usage["output_tokens"]),
+    }
+
+
+# A tool call and its result, as content blocks.
+CALL = {"type": "tool_use", "id": "toolu_1", "name": "get_time", "input": {"city": "Oslo"}}
+RESULT = {"type": "tool_result", "tool_use_id": "toolu_1", "content": "12:00"}
