@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,9 @@ class AttentionMetadata:
     # Every row is one decoding token and every tensor has a fixed shape (a
     # CUDA graph's static inputs): attend over all columns of block_tables.
     fixed_shape_decode: bool = False
+    # The torch backend's CPU rows for the paged kernel, built by the first layer of a step
+    # (every layer reads the same ones).
+    cpu_query_rows: Any = None
 
 
 class AttentionBackend:
@@ -152,6 +156,24 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
     with the step's decodes, and each position's arithmetic is that of a decode
     at that position. False (nothing written) where the kernel does not run.
     """
+    if meta.cpu_query_rows is None:  # the same rows for every layer: built once a step
+        meta.cpu_query_rows = _query_rows(meta, starts, k_cache.shape[1])
+    plan = meta.cpu_query_rows
+    if plan is False:
+        return False
+    index, tables, lens, max_context = plan
+    rows = cpu_decode_attention.paged_decode(
+        q.index_select(0, index), k_cache, v_cache, tables, lens, scale, max_context
+    )
+    if rows is None:
+        return False
+    out.index_copy_(0, index, rows)
+    return True
+
+
+def _query_rows(meta, starts, block_size):
+    """(token index, block tables, context lens, max context) of the decode rows and one row
+    per query of each short chunk; False when there are none."""
     tokens, table_rows, lens = list(range(meta.num_decode_tokens)), [], []
     table_rows.extend(tokens)
     lens.extend(meta.context_lens_host[: meta.num_decode_tokens])
@@ -164,21 +186,8 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
     if not tokens:
         return False
     max_context = max(lens)
-    blocks_needed = -(-max_context // k_cache.shape[1])
-    index = torch.tensor(tokens)
-    rows = cpu_decode_attention.paged_decode(
-        q.index_select(0, index),
-        k_cache,
-        v_cache,
-        meta.block_tables[torch.tensor(table_rows), :blocks_needed],
-        torch.tensor(lens, dtype=torch.int32),
-        scale,
-        max_context,
-    )
-    if rows is None:
-        return False
-    out.index_copy_(0, index, rows)
-    return True
+    tables = meta.block_tables[torch.tensor(table_rows), : -(-max_context // block_size)]
+    return torch.tensor(tokens), tables, torch.tensor(lens, dtype=torch.int32), max_context
 
 
 def _cpu_decode(q, k_cache, v_cache, tables, context_lens, scale, max_context):
