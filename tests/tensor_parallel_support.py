@@ -53,4 +53,11 @@ def spawned_workers(server_pid: int) -> list[psutil.Process]:
         children = psutil.Process(server_pid).children(recursive=True)
     except psutil.NoSuchProcess:
         return []
-    return [c for c in children if "spawn_main" in " ".join(c.cmdline())]
+    workers = []
+    for child in children:
+        try:
+            if "spawn_main" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.NoSuchProcess:  # gone, or a zombie (exited, not reaped): not a worker
+            continue
+    return workers
