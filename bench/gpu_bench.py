@@ -281,7 +281,7 @@ def engine_decode(
         cuda_graph_max_batch=max(batches), tensor_parallel_size=tensor_parallel,
     )  # fmt: skip
     if model_dir is None:
-        with mock.patch("flashserve.engine.llm_engine.load_model", load_random_model):
+        with mock.patch("flashserve.engine.startup.load_model", load_random_model):
             engine = LLMEngine(config, write_random_model_config(shape))
     else:
         engine = LLMEngine(config, model_dir)

@@ -1,6 +1,6 @@
 """Ranks 1..N-1 of a tensor-parallel engine: worker processes that follow rank 0.
 
-Rank 0 (the Truss process, `LLMEngine`) starts them with torch.multiprocessing
+Rank 0 (the Truss process, distributed/rank_zero.py) starts them with torch.multiprocessing
 (spawn: CUDA cannot be forked). A worker joins the process group, loads its
 shard of the weights, reports over its pipe, then agrees with rank 0 on the KV
 cache (block count, graphs) and loops: receive a step's inputs (broadcast),
