@@ -24,7 +24,7 @@ from flashserve.distributed.parallel_state import (
     set_tensor_parallel,
     tensor_parallel,
 )
-from flashserve.distributed.workers import RankGroup, start_workers
+from flashserve.distributed.workers import RankGroup, worker_specs
 from flashserve.engine.step_inputs import send_shutdown
 from flashserve.layers.attention import AttentionBackend
 from flashserve.models.loader import check_model_builds
@@ -89,16 +89,19 @@ class RankZero:
         if where.port is not None:
             check_port_free(where.port)
         timeout = config.engine_stall_timeout_s or 300.0
-        workers = start_workers(
-            where,
-            model_dir,
-            config,
-            dtype,
-            device.type,
-            max_model_len,
-            eos_token_ids,
-            timeout,
-            cpu_threads,
+        workers = RankGroup(
+            worker_specs(
+                where,
+                range(1, where.local_size),
+                model_dir,
+                config,
+                dtype,
+                device.type,
+                max_model_len,
+                eos_token_ids,
+                timeout,
+                cpu_threads,
+            )
         )
         try:
             init_tensor_parallel(0, where, device, timeout)
