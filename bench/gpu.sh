@@ -10,13 +10,15 @@
 # 1. pytest -m gpu (tests/test_gpu.py): backends, decode graphs captured for every
 #    bucket and their memory report, graphs on vs off (same greedy tokens in fp32;
 #    close logits in bf16), every KV block freed. Capped at 150 s.
-# 2. bench/gpu_bench.py, capped at 300 s: the load-memory probe (a 2 GB Llama-3.2-1B-
+# 2. bench/gpu_bench.py, capped at 240 s: the load-memory probe (a 2 GB Llama-3.2-1B-
 #    shaped checkpoint written to disk and loaded by the real loader: peak allocated
 #    vs the bf16 weights, reserved vs allocated, free memory, KV blocks sized from it),
 #    engine logits vs transformers (fp32 and bf16), copy bandwidth, and decode tok/s
 #    at batch 1 and 64 on a Llama-3-8B-shaped model with graphs off and on, each
 #    against the bandwidth floor (weight bytes / copy bandwidth) and transformers.
-# 3. The summary: one table (check | result | verdict), printed last.
+# 3. bench/gpu_async_scheduling.py, capped at 90 s: the same decode with graphs on and
+#    async scheduling off, then on (tok/s, share of the floor, on / off).
+# 4. The summaries: one table each (check | result | verdict), printed last.
 #
 # Tensor-parallel mode, on a machine with several GPUs:
 #
@@ -26,10 +28,12 @@
 # and runs bench/tensor_parallel.py on it: W1 on one GPU against tensor_parallel_size N
 # (NCCL, decode CUDA graphs per rank with the all-reduces inside), alternating, with
 # tok/s, ms per step and the time rank 0 spends in collectives -> $OUT/tensor_parallel.txt.
+# (Decode rates per step at tp=N against the bandwidth floor, by hand on the same
+# checkpoint: python3 bench/gpu_tensor_parallel.py --model-dir build/bench_model_8b --tp N.)
 #
 # Everything lands in $OUT (the device tool brings that folder back), else build/gpu_out:
 # nvidia-smi.txt, versions.txt, pytest_gpu.txt, gpu_bench.log, gpu_bench.json,
-# gpu_bench.txt (the table).
+# gpu_bench.txt (its table), gpu_async_scheduling.log / .json / .txt.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_out}"
@@ -80,12 +84,22 @@ tail -15 "$OUT/pytest_gpu.txt"
 
 log "bench/gpu_bench.py"
 # The table is rewritten after every section, so a run cut short still reports.
-timeout 300 $PY bench/gpu_bench.py --out "$OUT" --attention torch \
+timeout 240 $PY bench/gpu_bench.py --out "$OUT" --attention torch \
     --pytest-log "$OUT/pytest_gpu.txt" 2>&1 \
     | grep --line-buffered -v -E "Loading weights|Writing model shards|it/s\]" \
     > "$OUT/gpu_bench.log"
 status=$?
 grep -E "^\[|Error|error" "$OUT/gpu_bench.log" | tail -20
-log "done (gpu_bench exit $status)"
+log "gpu_bench exit $status"
+
+log "bench/gpu_async_scheduling.py"
+timeout 90 $PY bench/gpu_async_scheduling.py --out "$OUT" --attention torch \
+    > "$OUT/gpu_async_scheduling.log" 2>&1
+async_status=$?
+grep -E "^\[|Error|error" "$OUT/gpu_async_scheduling.log" | tail -10
+log "done (gpu_bench exit $status, gpu_async_scheduling exit $async_status)"
 echo
 cat "$OUT/gpu_bench.txt" 2>/dev/null || echo "no summary table: see $OUT/gpu_bench.log"
+echo
+cat "$OUT/gpu_async_scheduling.txt" 2>/dev/null \
+    || echo "no async scheduling table: see $OUT/gpu_async_scheduling.log"

@@ -18,12 +18,16 @@
    weight bytes / bandwidth.
 3. Decode throughput on a Llama-3-8B-shaped random bf16 model at each batch size,
    with the engine's decode CUDA graphs off and on (one engine, one process,
-   `--attention` backend, torch by default): 128 random prompt tokens, 128 output
-   tokens (ignore_eos, T=0.8, top_p=0.95, top_k=50). Decode tok/s counts the
-   steps after the prefill only; it is compared with the bandwidth floor and
-   with transformers `generate`. The weights are drawn on the device (no 16 GB
-   checkpoint to write and read back); transformers gets its own random weights
-   of the same shapes. `--model-dir DIR` uses a checkpoint folder instead.
+   `--attention` backend, torch by default; async scheduling on): 128 random
+   prompt tokens, 128 output tokens (ignore_eos, T=0.8, top_p=0.95, top_k=50).
+   Decode tok/s counts the steps after the prefill only; it is compared with the
+   bandwidth floor and with transformers `generate`. The weights are drawn on the
+   device (no 16 GB checkpoint to write and read back); transformers gets its own
+   random weights of the same shapes. `--model-dir DIR` uses a checkpoint folder
+   instead.
+
+Async scheduling on against off is bench/gpu_async_scheduling.py; decode at
+tensor_parallel_size N, bench/gpu_tensor_parallel.py (helpers: bench/gpu_common.py).
 
 The table has a row per check with a verdict; the decode target is batch-1 decode
 with CUDA graphs at >= 85% of the bandwidth floor. `--pytest-log` adds the
@@ -35,34 +39,34 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import re
 import sys
 import tempfile
 import time
-import traceback
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-for path in (REPO_ROOT / "packages", REPO_ROOT, REPO_ROOT / "bench"):
-    sys.path.insert(0, str(path))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from gpu_common import (  # noqa: E402
+    GIB,
+    REPO_ROOT,
+    SAMPLING,
+    GpuReport,
+    Row,
+    copy_bandwidth,
+    decode_engine,
+    decode_rows,
+    decode_summary_rows,
+    decode_weight_bytes,
+    graphs_report,
+    sync,
+    write_random_model_config,
+)
 
 from flashserve.config import EngineConfig  # noqa: E402
 from flashserve.engine.llm_engine import LLMEngine  # noqa: E402
-from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
-
-SAMPLING = dict(temperature=0.8, top_p=0.95, top_k=50)
-SEED = 20261129
-INIT_STD = 0.02
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def check_logits(device: torch.device) -> list[dict[str, Any]]:
@@ -108,9 +112,6 @@ def check_logits(device: torch.device) -> list[dict[str, Any]]:
             )
         del engine
     return rows
-
-
-GIB = 1 << 30
 
 
 def _memory(device: torch.device) -> dict[str, float]:
@@ -179,89 +180,6 @@ def load_probe(device: torch.device, shape: str, attention: str) -> dict[str, An
     return report
 
 
-def copy_bandwidth(device: torch.device, gib: float = 2.0) -> float:
-    """Bytes read + written per second by a large device-to-device copy."""
-    src = torch.empty(int(gib * (1 << 30)), dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    sync(device)
-    reps = 10
-    started = time.perf_counter()
-    for _ in range(reps):
-        dst.copy_(src)
-    sync(device)
-    return 2 * src.numel() * reps / (time.perf_counter() - started)
-
-
-def write_random_model_config(shape: str) -> Path:
-    """A folder with only config.json (+ generation_config.json) for the given shape."""
-    from make_bench_model import make_config
-
-    folder = Path(tempfile.mkdtemp(prefix=f"random-{shape}-"))
-    (folder / "config.json").write_text(json.dumps(make_config(shape), indent=2))
-    (folder / "generation_config.json").write_text(
-        json.dumps({"bos_token_id": 1, "eos_token_id": 2})
-    )
-    return folder
-
-
-def load_random_model(model_dir, cfg, backend, dtype, device, max_positions):
-    """Stands in for flashserve.models.loader.load_model: random weights drawn on the device."""
-    from flashserve.models.loader import build_model
-
-    model = build_model(cfg, backend, dtype, device, max_positions)
-    gen = torch.Generator(device).manual_seed(SEED)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() == 1:
-                param.fill_(1.0)  # RMSNorm weights; the bench shapes have no biases
-            else:
-                param.normal_(0.0, INIT_STD, generator=gen)
-    return model
-
-
-def decode_weight_bytes(model) -> int:
-    """Bytes of weights one decode step reads: all but the input embedding (one row each)."""
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
-    if model.lm_head is not None:
-        embed = model.embed_tokens.weight
-        total -= embed.numel() * embed.element_size()
-    return total
-
-
-def run_batch(engine: LLMEngine, device, batch: int, prompt_len: int, output_len: int, tag: str):
-    vocab = engine.model_config.vocab_size
-    gen = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING)
-    for i in range(batch):
-        prompt = torch.randint(1000, vocab, (prompt_len,), generator=gen).tolist()
-        engine.add_request(f"{tag}-{batch}-{i}", prompt, params)
-    graphs = engine.runner.graphs
-    replays = graphs.replays if graphs is not None else 0
-    sync(device)
-    started = time.perf_counter()
-    tokens = sum(len(o.new_token_ids) for o in engine.step())  # the prefill (one step)
-    sync(device)
-    prefilled = time.perf_counter()
-    steps = 0
-    while engine.has_work():
-        tokens += sum(len(o.new_token_ids) for o in engine.step())
-        steps += 1
-    sync(device)
-    done = time.perf_counter()
-    return {
-        "batch": batch,
-        "attention": engine.attention_backend,
-        "prefill_s": prefilled - started,
-        "decode_steps": steps,
-        "graph_replays": (graphs.replays if graphs is not None else 0) - replays,
-        "decode_step_ms": (done - prefilled) / max(steps, 1) * 1e3,
-        "decode_tok_s": (tokens - batch) / (done - prefilled),
-        "end_to_end_tok_s": tokens / (done - started),
-    }
-
-
 def engine_decode(
     model_dir: Path | None,
     shape: str,
@@ -271,51 +189,17 @@ def engine_decode(
     output_len: int,
     report: dict[str, Any],
     attention: str = "torch",
-    tensor_parallel: int = 1,
 ) -> list[dict[str, Any]]:
-    """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start);
-    at tensor_parallel > 1 over that many GPUs."""
-    config = EngineConfig(
-        device=device.type, dtype="bfloat16", max_model_len=2048, attention_backend=attention,
-        kv_cache_memory_fraction=0.3, kv_cache_memory_gb=2.0,
-        cuda_graph_max_batch=max(batches), tensor_parallel_size=tensor_parallel,
-    )  # fmt: skip
-    if model_dir is None:
-        with mock.patch("flashserve.engine.llm_engine.load_model", load_random_model):
-            engine = LLMEngine(config, write_random_model_config(shape))
-    else:
-        engine = LLMEngine(config, model_dir)
+    """Decode rates with CUDA graphs off, then on, in one engine (graphs captured at start)."""
+    engine = decode_engine(model_dir, shape, device, batches, attention)
     report["weight_bytes"] = decode_weight_bytes(engine.model)
-    graphs = engine.runner.graphs
+    graphs = graphs_report(engine)
     if graphs is not None:
-        report["cuda_graphs"] = {
-            "count": len(graphs.keys),
-            "batch_sizes": graphs.batch_sizes,
-            "table_widths": graphs.table_widths,
-            "capture_s": graphs.capture_seconds,
-            "capture_mib": graphs.capture_bytes / (1 << 20),
-        }
-    rows = []
-    # (CUDA graphs, async scheduling): eager, then graphs without and with the overlap.
-    for use_graphs, overlap in ((False, True), (True, False), (True, True)):
-        if use_graphs and graphs is None:
-            break  # CPU, or capture failed (the engine logged why)
-        engine.runner.use_graphs = use_graphs
-        engine.async_scheduling = overlap
-        tag = f"g{use_graphs}a{overlap}"
-        try:
-            run_batch(engine, device, 1, prompt_len, 16, "warm")
-            for batch in batches:
-                row = run_batch(engine, device, batch, prompt_len, output_len, tag)
-                rows.append({"cuda_graphs": use_graphs, "async_scheduling": overlap, **row})
-                print(f"[engine] {json.dumps(rows[-1])}", flush=True)
-        except Exception as exc:  # keep the eager rows if the graphs fail
-            if not use_graphs:
-                raise
-            report["engine_graphs_error"] = f"{type(exc).__name__}: {exc}"
-            traceback.print_exc()
+        report["cuda_graphs"] = graphs
+    modes = [(False, True), (True, True)]  # (CUDA graphs, async scheduling)
+    rows = decode_rows(engine, device, modes, batches, prompt_len, output_len, report)
     engine.close()
-    del engine, graphs
+    del engine
     gc.collect()
     return rows
 
@@ -367,22 +251,6 @@ def hf_generate(
     return rows
 
 
-def section(report: dict[str, Any], name: str, fn, *args) -> Any:
-    """Run one part, keep its result or its error, and rewrite the summary table."""
-    started = time.perf_counter()
-    try:
-        report[name] = fn(*args)
-    except Exception as exc:  # noqa: BLE001 - one failed section must not lose the others
-        report[name] = {"error": f"{type(exc).__name__}: {exc}", "trace": traceback.format_exc()}
-        print(f"[{name}] FAILED: {exc}", flush=True)
-    print(f"[{name}] {time.perf_counter() - started:.0f}s", flush=True)
-    out = report.get("out_dir")
-    if out is not None:  # a run cut short by gpu.sh's timeout still leaves its table
-        Path(out).mkdir(parents=True, exist_ok=True)
-        (Path(out) / "gpu_bench.txt").write_text(summary(report) + "\n")
-    return report[name]
-
-
 def _pytest_result(log: Path | None) -> tuple[str, str]:
     """pytest's final counts line from its log, and ok / FAILED."""
     if log is None or not log.is_file():
@@ -395,9 +263,9 @@ def _pytest_result(log: Path | None) -> tuple[str, str]:
     return last, "FAILED" if re.search(r"failed|error", last) else "ok"
 
 
-def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(check, result, verdict) rows: everything gpu.sh reports, in one table."""
-    rows: list[tuple[str, str, str]] = []
+def summary_rows(report: dict[str, Any]) -> list[Row]:
+    """(check, result, verdict) rows: everything gpu_bench reports, in one table."""
+    rows: list[Row] = []
     result, verdict = _pytest_result(report.get("pytest_log"))
     rows.append(("pytest -m gpu", result, verdict))
 
@@ -460,79 +328,8 @@ def summary_rows(report: dict[str, Any]) -> list[tuple[str, str, str]]:
     elif isinstance(logits, dict):
         rows.append(("logits vs transformers", logits.get("error", "?")[:100], "FAILED"))
 
-    bw = report.get("copy_bandwidth_gb_s")
-    wb = report.get("weight_bytes")
-    floor_ms = wb / (bw * 1e9) * 1e3 if isinstance(bw, float) and wb else None
-    if floor_ms:
-        rows.append(
-            (
-                "bandwidth floor",
-                f"copy {bw:.0f} GB/s; {wb / 1e9:.2f} GB of weights per decode step -> "
-                f"{floor_ms:.2f} ms/step",
-                "-",
-            )
-        )
-    graphs = report.get("cuda_graphs")
-    if graphs:
-        rows.append(
-            (
-                "CUDA graphs captured",
-                f"{graphs['count']} (batch {graphs['batch_sizes'][0]}..{graphs['batch_sizes'][-1]}, "
-                f"widths {graphs['table_widths']}) in {graphs['capture_s']:.1f} s, "
-                f"{graphs['capture_mib']:.0f} MiB",
-                "ok" if graphs["capture_mib"] > 0 else "0 MiB?",
-            )
-        )
-    hf = {r["batch"]: r for r in report.get("hf", []) if isinstance(report.get("hf"), list)}
-    engine = report.get("engine")
-    if isinstance(engine, list):
-        eager = {r["batch"]: r for r in engine if not r["cuda_graphs"]}
-        serial = {r["batch"]: r for r in engine if not r.get("async_scheduling", True)}
-        for r in engine:
-            mode = "graphs on " if r["cuda_graphs"] else "graphs off"
-            overlap = r.get("async_scheduling", True)
-            mode += ", async scheduling" if overlap else ", no overlap"
-            result = f"{r['decode_tok_s']:.0f} tok/s, {r['decode_step_ms']:.2f} ms/step"
-            verdict = "-"
-            if floor_ms:
-                ceiling = r["batch"] / floor_ms * 1e3
-                result += f", {r['decode_tok_s'] / ceiling:.0%} of the floor's {ceiling:.0f}"
-            if r["cuda_graphs"]:
-                result += f" ({r['graph_replays']}/{r['decode_steps']} replayed"
-                if r["batch"] in eager:
-                    result += f", {r['decode_tok_s'] / eager[r['batch']]['decode_tok_s']:.2f}x off"
-                if overlap and r["batch"] in serial:
-                    ratio = r["decode_tok_s"] / serial[r["batch"]]["decode_tok_s"]
-                    result += f", {ratio:.2f}x no overlap"
-                result += ")"
-                if r["batch"] == 1 and floor_ms and overlap:
-                    share = r["decode_tok_s"] * floor_ms / 1e3
-                    verdict = "met" if share >= 0.85 else "NOT met (target 85%)"
-            if r["batch"] in hf:
-                result += f"; transformers {hf[r['batch']]['decode_tok_s']:.0f} tok/s"
-            rows.append((f"decode batch {r['batch']}, {mode} ({r['attention']})", result, verdict))
-    for name in ("engine", "hf", "copy_bandwidth_gb_s"):
-        if isinstance(report.get(name), dict) and "error" in report[name]:
-            rows.append((name, report[name]["error"][:100], "FAILED"))
-    if "engine_graphs_error" in report:
-        rows.append(("engine with CUDA graphs", report["engine_graphs_error"][:100], "FAILED"))
+    rows.extend(decode_summary_rows(report))
     return rows
-
-
-def summary(report: dict[str, Any]) -> str:
-    """One markdown table: what gpu.sh checked, what it found, and whether that is right."""
-    head = (
-        f"GPU checks: {report['device_name']}, torch {report['torch']}, "
-        f"flash_attn {report['flash_attn']}"
-    )
-    rows = [("check", "result", "verdict"), *summary_rows(report)]
-    widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [head, ""]
-    for n, row in enumerate(rows):
-        lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |")
-        if n == 0:
-            lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -550,48 +347,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")
     parser.add_argument("--probe-shape", default="llama3-1b", help="checkpoint for the load probe")
     parser.add_argument("--pytest-log", type=Path, default=None, help="pytest -m gpu output")
-    parser.add_argument(
-        "--tensor-parallel",
-        type=int,
-        default=1,
-        help="decode at this tensor_parallel_size (needs --model-dir: the worker ranks load "
-        "it from disk); bench/gpu.sh tensor-parallel runs bench/tensor_parallel.py instead",
-    )
     args = parser.parse_args(argv)
-    if args.tensor_parallel > 1 and args.model_dir is None:
-        parser.error("--tensor-parallel needs --model-dir (e.g. bench/make_bench_model.py's)")
     device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    try:
-        import flash_attn
-
-        flash = flash_attn.__version__
-    except ImportError:
-        flash = "not installed"
-    report: dict[str, Any] = {
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__,
-        "flash_attn": flash,
-    }
+    gpu = GpuReport(device, args.out, "gpu_bench", summary_rows)
+    report = gpu.data
     report["pytest_log"] = args.pytest_log
     report["out_dir"] = args.out
-    section(report, "load_probe", load_probe, device, args.probe_shape, args.attention)
-    section(report, "logits", check_logits, device)
-    section(report, "copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
+    gpu.section("load_probe", load_probe, device, args.probe_shape, args.attention)
+    gpu.section("logits", check_logits, device)
+    gpu.section("copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
 
     shape = (args.model_dir, args.shape, device, batches, args.prompt_len, args.output_len)
     # transformers first: should the engine's graphs break the CUDA context, the rest is in.
     if not args.skip_hf:
-        section(report, "hf", hf_generate, *shape)
+        gpu.section("hf", hf_generate, *shape)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    section(report, "engine", engine_decode, *shape, report, args.attention, args.tensor_parallel)
-    text = summary(report)
-    print("\n" + text, flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_bench.json").write_text(json.dumps(report, indent=2, default=str))
-    (args.out / "gpu_bench.txt").write_text(text + "\n")
+    gpu.section("engine", engine_decode, *shape, report, args.attention)
+    gpu.finish()
     return 0
 
 

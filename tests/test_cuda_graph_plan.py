@@ -91,7 +91,7 @@ def test_smallest_bucket():
 
 
 def test_cpu_engine_ignores_cuda_graphs(model_dir, caplog):
-    with caplog.at_level("INFO", logger="flashserve.engine.llm_engine"):
+    with caplog.at_level("INFO", logger="flashserve.engine.startup"):
         engine = make_engine(model_dir, cuda_graphs=True)
     assert engine.runner.graphs is None
     assert "cuda_graphs: ignored on cpu" in caplog.text

@@ -1,110 +1,37 @@
 """/v1/responses in process: the request mapped onto the shared path, output items, the
-event stream, the store behind previous_response_id, and every refusal naming its field.
+event stream and the store behind previous_response_id.
 
-The endpoint runs over the embedded model (Mistral-format tools, no reasoning) and, for
-thinking, over the tiny Qwen3-style "hermes" model (tests/tool_models.py). The SDK's view
-of the same endpoint through the real server is in test_responses_openai.py.
+The endpoint runs over the embedded model (Mistral-format tools, no reasoning,
+tests/responses_fixtures.py); thinking is tests/test_responses_reasoning.py, refusals
+tests/test_responses_validation.py. The SDK's view of the same endpoint through the real
+server is in test_responses_openai.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import jsonschema
 import pytest
-from fastapi import HTTPException
 
-from flashserve.api.endpoints.base import first_or_error
 from flashserve.api.endpoints.chat import ChatEndpoint
 from flashserve.api.endpoints.responses import ResponsesEndpoint
-from flashserve.api.endpoints.responses_format import PreparedResponse
 from flashserve.api.endpoints.responses_store import ResponseStore
-from flashserve.engine.structured import EBNF, GrammarSpec
-from tests.chat_harness import call, make_service, recorded_tokens
-from tests.tool_calling_cases import SCHEMAS, TOOLS
+from tests.chat_harness import call, recorded_tokens
+from tests.responses_support import (
+    ASK,
+    FLAT_TOOLS,
+    STORY,
+    answer,
+    final,
+    output_text,
+    refusal,
+    without_ids,
+)
+from tests.tool_calling_cases import SCHEMAS
 
-pytest_plugins = ["tests.tokenizer_fixtures", "tests.tool_fixtures"]
-
-FLAT_TOOLS = [{"type": "function", **tool["function"]} for tool in TOOLS]
-ASK = "What is the weather in Paris?"
-STORY = "Tell me a story."
-
-
-@pytest.fixture(scope="module")
-def chat() -> Iterator[ChatEndpoint]:
-    service = make_service()
-    yield service
-    service.frontend.engine.shutdown()
-
-
-@pytest.fixture(scope="module")
-def responses(chat: ChatEndpoint) -> ResponsesEndpoint:
-    return ResponsesEndpoint(chat.frontend)
-
-
-def parse_events(raw: str) -> list[dict[str, Any]]:
-    """SSE text -> the events' JSON, checking each `event:` line names its data's type."""
-    events = []
-    for block in raw.split("\n\n"):
-        if not block.strip():
-            continue
-        lines = dict(line.split(": ", 1) for line in block.split("\n"))
-        event = json.loads(lines["data"])
-        assert lines["event"] == event["type"]
-        events.append(event)
-    return events
-
-
-async def _answer(endpoint: ResponsesEndpoint, body: dict[str, Any]) -> Any:
-    response = await endpoint.create(body)
-    if isinstance(response, dict):
-        return response
-    chunks = [c.decode() if isinstance(c, bytes) else c async for c in response.body_iterator]
-    return parse_events("".join(chunks))
-
-
-def answer(endpoint: ResponsesEndpoint, body: dict[str, Any]) -> Any:
-    """The response body, or for a stream its events."""
-    return asyncio.run(_answer(endpoint, body))
-
-
-def refusal(endpoint: ResponsesEndpoint, body: Any) -> dict[str, Any]:
-    """The error object of a refused request (asserting it is a 400)."""
-    with pytest.raises(HTTPException) as caught:
-        answer(endpoint, body)
-    assert caught.value.status_code == 400, caught.value.detail
-    return caught.value.detail
-
-
-def output_text(body: dict[str, Any]) -> str:
-    return "".join(
-        part["text"]
-        for item in body["output"]
-        if item["type"] == "message"
-        for part in item["content"]
-        if part["type"] == "output_text"
-    )
-
-
-def final(events: list[dict[str, Any]]) -> dict[str, Any]:
-    return events[-1]["response"]
-
-
-def without_ids(body: dict[str, Any]) -> dict[str, Any]:
-    """A response with its generated ids and times blanked, to compare two runs."""
-    text = json.dumps(body)
-    for item in body["output"]:
-        text = text.replace(item["id"], "ID")
-        if "call_id" in item:
-            text = text.replace(item["call_id"], "CALL")
-    out = json.loads(text.replace(body["id"], "RESP"))
-    out["created_at"] = out["completed_at"] = 0
-    # Prefix caching: a repeat of the same prompt finds it cached.
-    out["usage"]["input_tokens_details"]["cached_tokens"] = 0
-    return out
+pytest_plugins = ["tests.responses_fixtures"]
 
 
 # --------------------------------------------------------------------------- output
@@ -129,7 +56,7 @@ def test_plain_text_is_one_message_item(responses: ResponsesEndpoint) -> None:
     assert body["model"] == "m" and body["store"] is True and body["error"] is None
 
 
-def test_same_tokens_as_chat(chat: ChatEndpoint, responses: ResponsesEndpoint) -> None:
+def test_same_tokens_as_chat(embedded_chat: ChatEndpoint, responses: ResponsesEndpoint) -> None:
     sampling = {"temperature": 1, "top_p": 0.9, "seed": 7}
     instructions = "Answer in French."
     chat_body = {
@@ -142,8 +69,8 @@ def test_same_tokens_as_chat(chat: ChatEndpoint, responses: ResponsesEndpoint) -
         **sampling,
     }
     request = {"instructions": instructions, "input": STORY, "max_output_tokens": 16, **sampling}
-    with recorded_tokens(chat) as produced:
-        via_chat = call(chat, chat_body)
+    with recorded_tokens(embedded_chat) as produced:
+        via_chat = call(embedded_chat, chat_body)
         via_responses = answer(responses, request)
     assert produced[via_chat["id"]] == produced[via_responses["id"]]
     assert len(produced[via_chat["id"]]) == 16
@@ -181,11 +108,12 @@ def test_stream_events_in_order_and_equal_to_the_body(responses: ResponsesEndpoi
 
 
 def test_a_blank_answer_is_still_one_message(
-    chat: ChatEndpoint, responses: ResponsesEndpoint
+    embedded_chat: ChatEndpoint, responses: ResponsesEndpoint
 ) -> None:
     # Greedy, the embedded model writes nothing visible: chat's content is blank here.
-    content = call(chat, {"model": "m", "messages": [{"role": "user", "content": STORY}],
-                          "max_tokens": 8, "temperature": 0})["choices"][0]["message"]["content"]  # fmt: skip
+    asked = {"model": "m", "messages": [{"role": "user", "content": STORY}]}
+    reply = call(embedded_chat, {**asked, "max_tokens": 8, "temperature": 0})
+    content = reply["choices"][0]["message"]["content"]
     assert not content.strip()
     body = answer(responses, {"input": STORY, "max_output_tokens": 8, "temperature": 0})
     assert [item["type"] for item in body["output"]] == ["message"]
@@ -416,206 +344,3 @@ def test_metadata_user_and_sampling_are_echoed(responses: ResponsesEndpoint) -> 
     assert body["metadata"] == {"team": "a"} and body["user"] == "u1"
     assert body["top_p"] == 0.5 and body["temperature"] == pytest.approx(0.7)
     assert body["reasoning"] == {"effort": "low", "summary": None}
-
-
-# --------------------------------------------------------------------------- reasoning
-
-
-def forced(endpoint: ResponsesEndpoint, body: dict[str, Any], text: str) -> Any:
-    """The endpoint's answer with the model's output forced to `text` (a grammar on the
-    prepared request), so the random tiny model writes a reasoning block."""
-
-    async def run() -> Any:
-        prepared: PreparedResponse = endpoint.prepare(body)
-        spec = GrammarSpec(EBNF, f"root ::= {json.dumps(text)}")
-        prepared.generation.params.grammar = endpoint.frontend.structured.compile(spec)
-        pieces = endpoint.frontend.generate(prepared.generation)
-        first = await first_or_error(pieces)
-        response = await endpoint.respond(prepared, first, pieces, None)
-        if isinstance(response, dict):
-            return response
-        chunks = [c.decode() if isinstance(c, bytes) else c async for c in response.body_iterator]
-        return parse_events("".join(chunks))
-
-    return asyncio.run(run())
-
-
-def test_reasoning_effort_switches_thinking(services) -> None:
-    hermes = ResponsesEndpoint(services("hermes").frontend)
-
-    def prompt(**fields: Any) -> str:
-        generation = hermes.prepare({"input": "Is 7 prime?", **fields}).generation
-        return hermes.frontend.tokenizer.decode(generation.prompt_ids)
-
-    for effort in ("none", "minimal"):
-        assert prompt(reasoning={"effort": effort}).endswith("<think>\n\n</think>\n\n")
-    for effort in ("low", "medium", "high"):
-        assert prompt(reasoning={"effort": effort}).endswith("<|im_start|>assistant\n")
-    assert prompt().endswith("<|im_start|>assistant\n")  # the model's default: thinking
-
-
-def test_reasoning_item_then_message(services) -> None:
-    hermes = ResponsesEndpoint(services("hermes").frontend)
-    text = "<think>\nSeven has no divisors.\n</think>\n\nYes."
-    body = {"input": "Is 7 prime?", "max_output_tokens": 100, "temperature": 1, "seed": 5}
-    whole = forced(hermes, body, text)
-    reasoning, message = whole["output"]
-    assert reasoning["type"] == "reasoning" and reasoning["id"].startswith("rs_")
-    assert reasoning["summary"] == []
-    assert reasoning["content"] == [{"type": "reasoning_text", "text": "Seven has no divisors."}]
-    assert output_text(whole) == "Yes." and message["status"] == "completed"
-    usage = whole["usage"]
-    assert 0 < usage["output_tokens_details"]["reasoning_tokens"] < usage["output_tokens"]
-
-    events = forced(hermes, {**body, "stream": True}, text)
-    kinds = [e["type"] for e in events]
-    thinking = kinds.count("response.reasoning_text.delta")
-    answering = kinds.count("response.output_text.delta")
-    assert kinds == [
-        "response.created",
-        "response.in_progress",
-        "response.output_item.added",
-        "response.content_part.added",
-        *["response.reasoning_text.delta"] * thinking,
-        "response.reasoning_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.output_item.added",
-        "response.content_part.added",
-        *["response.output_text.delta"] * answering,
-        "response.output_text.done",
-        "response.content_part.done",
-        "response.output_item.done",
-        "response.completed",
-    ]
-    assert without_ids(final(events)) == without_ids(whole)
-
-    # Sent back, the reasoning is the assistant turn's reasoning_content for the template.
-    follow = {"input": [{"role": "user", "content": "Is 7 prime?"}, *whole["output"]]}
-    sent_back = hermes.prepare(follow).generation.prompt_ids
-    prompt = hermes.frontend.tokenizer.decode(sent_back)
-    assert "<think>\nSeven has no divisors.\n</think>\n\nYes.<|im_end|>" in prompt
-
-    # include reasoning.encrypted_content: a client that keeps no state sends only that.
-    sealed = forced(hermes, {**body, "include": ["reasoning.encrypted_content"]}, text)
-    reasoning = sealed["output"][0]
-    assert reasoning["encrypted_content"] and reasoning["content"] == whole["output"][0]["content"]
-    opaque = {
-        "type": "reasoning",
-        "summary": [],
-        "encrypted_content": reasoning["encrypted_content"],
-    }
-    follow = {"input": [{"role": "user", "content": "Is 7 prime?"}, opaque, sealed["output"][1]]}
-    assert hermes.prepare(follow).generation.prompt_ids == sent_back
-
-
-# --------------------------------------------------------------------------- refusals
-
-REFUSED = [
-    ({"input": "x", "temprature": 1}, "temprature"),
-    ({}, "input"),
-    ({"input": 5}, "input"),
-    ({"input": []}, "input"),
-    ({"input": "x", "temperature": 3}, "temperature"),
-    ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
-    ({"input": "x", "top_p": 0}, "top_p"),
-    ({"input": [{"role": "robot", "content": "x"}]}, "input[0].role"),
-    ({"input": [{"type": "computer_call_output", "call_id": "c", "output": {}}]}, "input[0].type"),
-    ({"input": [{"type": "item_reference", "id": "msg_1"}]}, "input[0]"),
-    (
-        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]},
-        "input[0].content[0]",
-    ),
-    (
-        {"input": [{"type": "reasoning", "summary": [], "encrypted_content": "gAAA"}]},
-        "input[0].encrypted_content",
-    ),
-    (
-        {
-            "input": [
-                {"role": "user", "content": "x"},
-                {"type": "function_call_output", "call_id": "call_9", "output": "1"},
-            ]
-        },
-        "input[1].call_id",
-    ),  # fmt: skip
-    ({"input": "x", "tools": [{"type": "web_search"}]}, "tools[0].type"),
-    ({"input": "x", "tools": [{"type": "function", "name": "a b"}]}, "tools[0].name"),
-    ({"input": "x", "tools": TOOLS}, "tools[0].function"),
-    (
-        {
-            "input": "x",
-            "tools": [{"type": "function", "name": "f", "parameters": {"type": "array"}}],
-        },
-        "tools[0].parameters",
-    ),
-    (
-        {"input": "x", "tools": [{"type": "function", "name": "f", "extra": 1}]},
-        "tools[0].extra",
-    ),
-    (
-        {"input": "x", "tools": FLAT_TOOLS, "tool_choice": {"type": "function", "name": "nope"}},
-        "tool_choice.name",
-    ),
-    ({"input": "x", "tool_choice": {"type": "file_search"}}, "tool_choice.type"),
-    (
-        {
-            "input": "x",
-            "tools": FLAT_TOOLS,
-            "tool_choice": {
-                "type": "allowed_tools",
-                "mode": "auto",
-                "tools": [{"type": "function", "name": "nope"}],
-            },
-        },
-        "tool_choice.tools[0].name",
-    ),  # fmt: skip
-    ({"input": "x", "tool_choice": "required"}, "tool_choice"),
-    (
-        {"input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}},
-        "text.format.schema",
-    ),
-    (
-        {
-            "input": "x",
-            "text": {"format": {"type": "json_schema", "name": "n", "schema": {"type": "wrong"}}},
-        },
-        "text.format.schema",
-    ),  # fmt: skip
-    ({"input": "x", "text": {"verbosity": "low"}}, "text.verbosity"),
-    ({"input": "x", "reasoning": {"effort": "huge"}}, "reasoning.effort"),
-    ({"input": "x", "include": ["file_search_call.results"]}, "include[0]"),
-    ({"input": "x", "background": True}, "background"),
-    ({"input": "x", "metadata": {"k": "v" * 513}}, "metadata.k"),
-    ({"input": "x", "stream_options": {"include_obfuscation": False}}, "stream_options"),
-    ({"input": "x" * 200_000}, "input"),
-]
-
-
-@pytest.mark.parametrize(("body", "param"), REFUSED, ids=[param for _, param in REFUSED])
-def test_refusals_name_the_field(responses: ResponsesEndpoint, body: dict, param: str) -> None:
-    error = refusal(responses, body)
-    assert error["param"] == param
-    assert error["type"] == "invalid_request_error"
-    assert param.split("[")[0].split(".")[0] in error["message"]
-
-
-@pytest.mark.parametrize(
-    "items",
-    [
-        [{"type": ["message"], "role": "user", "content": "x"}],
-        [{"type": {"type": "x"}, "call_id": "c", "output": "1"}],
-        [{"role": "user", "content": [{"type": ["input_text"], "text": "x"}]}],
-        [{"role": "user", "content": [{"type": {}, "text": "x"}]}],
-    ],
-)
-def test_a_type_that_is_not_a_string_is_a_400(responses: ResponsesEndpoint, items: list) -> None:
-    """An item's or a part's `type` of the wrong JSON type is refused, never a 500 (it was
-    looked up in a set of names before the schema check)."""
-    error = refusal(responses, {"input": items})
-    assert error["param"].startswith("input[0]"), error
-
-
-def test_a_body_that_is_not_an_object(responses: ResponsesEndpoint) -> None:
-    error = refusal(responses, ["input"])
-    assert error["param"] is None and "JSON object" in error["message"]

@@ -3,11 +3,13 @@
 Speculative decoding at tensor_parallel_size 2 keeps greedy tokens; shapes
 that cannot split fail at load naming what does not divide, before any
 process starts; expert parallel, MLA at tp > 1 and a taken port are clear
-load errors; closing the engine leaves no worker behind; the default size.
+load errors; closing the engine leaves no worker behind; the default size;
+the worker specs of a node past the first.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -117,6 +119,20 @@ def test_multi_node_rendezvous_comes_from_the_environment() -> None:
     assert rendezvous(2, 29517, {}).init_method == "tcp://127.0.0.1:29517"
     with pytest.raises(ValueError, match="WORLD_SIZE 16"):
         rendezvous(8, 29517, env)
+
+
+def test_a_node_past_the_first_runs_all_its_ranks_as_workers(tmp_path, monkeypatch) -> None:
+    from flashserve.distributed.node import node_specs
+
+    env = {"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29600", "WORLD_SIZE": "4",
+           "NODE_RANK": "1", "LOCAL_WORLD_SIZE": "2"}  # fmt: skip
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    specs = node_specs(EngineConfig(tensor_parallel_size=4), save_tiny_llama(tmp_path / "model"))
+    assert [spec.rank for spec in specs] == [2, 3]
+    assert {(s.device_type, s.dtype, s.cpu_threads, s.parent_pid) for s in specs} == {
+        ("cuda", torch.bfloat16, 1, os.getpid())
+    }
 
 
 def test_stacked_experts_and_fused_projections_load_each_ranks_slice() -> None:

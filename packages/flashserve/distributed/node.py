@@ -23,7 +23,7 @@ import yaml
 
 from flashserve.config import EngineConfig
 from flashserve.distributed.parallel_state import rendezvous
-from flashserve.distributed.workers import WATCH_INTERVAL_S, RankGroup, WorkerSpec
+from flashserve.distributed.workers import WATCH_INTERVAL_S, RankGroup, WorkerSpec, worker_specs
 from flashserve.engine.dtype_choice import DTYPES
 from flashserve.models.model_config import ModelConfig
 
@@ -43,22 +43,18 @@ def node_specs(config: EngineConfig, model_dir: Path) -> list[WorkerSpec]:
     # As rank 0 decides them on GPUs: bf16 for `auto`, the same context length.
     dtype = DTYPES["bfloat16" if config.dtype == "auto" else config.dtype]
     max_len = min(config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings)
-    return [
-        WorkerSpec(
-            rank=where.first_rank + i,
-            rendezvous=where,
-            model_dir=str(model_dir),
-            config=config,
-            dtype=dtype,
-            device_type="cuda",
-            max_model_len=max_len,
-            eos_token_ids=mc.eos_token_ids,
-            parent_pid=os.getpid(),
-            timeout_s=config.engine_stall_timeout_s or 300.0,
-            cpu_threads=1,
-        )
-        for i in range(where.local_size)
-    ]
+    return worker_specs(
+        where,
+        range(where.local_size),
+        model_dir,
+        config,
+        dtype,
+        "cuda",
+        max_len,
+        mc.eos_token_ids,
+        config.engine_stall_timeout_s or 300.0,
+        cpu_threads=1,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """Ranks 1..N-1 of a tensor-parallel engine: worker processes that follow rank 0.
 
-Rank 0 (the Truss process, `LLMEngine`) starts them with torch.multiprocessing
+Rank 0 (the Truss process, distributed/rank_zero.py) starts them with torch.multiprocessing
 (spawn: CUDA cannot be forked). A worker joins the process group, loads its
 shard of the weights, reports over its pipe, then agrees with rank 0 on the KV
 cache (block count, graphs) and loops: receive a step's inputs (broadcast),
@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 import torch.distributed as dist
@@ -37,13 +36,12 @@ from flashserve.distributed.parallel_state import (
     init_tensor_parallel,
     tensor_parallel,
 )
+from flashserve.engine.kv_sizing import block_size_for, kv_block_count
+from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.step_inputs import receive_step
 from flashserve.layers.attention import select_backend
 from flashserve.models.loader import load_model
 from flashserve.models.model_config import ModelConfig
-
-if TYPE_CHECKING:
-    from flashserve.engine.model_runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -107,10 +105,6 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     """A worker process's entry point (rank spec.rank)."""
     _watch_parent(spec.parent_pid)
     logging.basicConfig(level=logging.INFO, format=f"[tp rank {spec.rank}] %(message)s")
-    # Imported here: llm_engine imports this module.
-    from flashserve.engine.kv_sizing import block_size_for, kv_block_count
-    from flashserve.engine.model_runner import ModelRunner
-
     config = spec.config
     device = device_for_rank(spec.device_type, spec.rank - spec.rendezvous.first_rank)
     try:
@@ -230,8 +224,9 @@ class RankGroup:
             process.join(5)
 
 
-def start_workers(
+def worker_specs(
     where: Rendezvous,
+    local_ranks: range,
     model_dir: str | Path,
     config: EngineConfig,
     dtype: torch.dtype,
@@ -240,9 +235,10 @@ def start_workers(
     eos_token_ids: tuple[int, ...],
     timeout_s: float,
     cpu_threads: int,
-) -> RankGroup:
-    """Start this node's ranks other than its first (rank 0 on a single node)."""
-    specs = [
+) -> list[WorkerSpec]:
+    """Specs for this node's `local_ranks` (0 is its first rank), each watching this process:
+    range(1, local_size) from rank 0's process, all of them on nodes > 0."""
+    return [
         WorkerSpec(
             rank=where.first_rank + i,
             rendezvous=where,
@@ -256,6 +252,5 @@ def start_workers(
             timeout_s=timeout_s,
             cpu_threads=cpu_threads,
         )
-        for i in range(1, where.local_size)
+        for i in local_ranks
     ]
-    return RankGroup(specs)

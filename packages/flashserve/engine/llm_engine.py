@@ -1,14 +1,14 @@
 """The synchronous engine: add requests, step, collect outputs.
 
 `AsyncEngine` (engine/async_engine.py) runs this on its own thread; tests and
-benchmarks can drive it directly.
+benchmarks can drive it directly. Loading and sizing are engine/startup.py; the
+other tensor-parallel ranks, distributed/rank_zero.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,22 +16,7 @@ from pathlib import Path
 import torch
 
 from flashserve.config import EngineConfig
-from flashserve.distributed.parallel_state import (
-    TensorParallel,
-    check_port_free,
-    destroy_tensor_parallel,
-    init_tensor_parallel,
-    rendezvous,
-    set_tensor_parallel,
-    tensor_parallel,
-)
-from flashserve.distributed.workers import (
-    RankGroup,
-    all_ranks_succeeded,
-    share_from_first,
-    smallest_over_ranks,
-    start_workers,
-)
+from flashserve.distributed.rank_zero import RankZero
 from flashserve.engine.async_scheduling import (
     PENDING_TOKEN,
     StepInFlight,
@@ -47,19 +32,13 @@ from flashserve.engine.disaggregation import (
     ContextTable,
     resumed_sequence,
 )
-from flashserve.engine.dtype_choice import pick_dtype
-from flashserve.engine.kv_sizing import block_size_for, kv_block_count
-from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.scheduler import Scheduler
 from flashserve.engine.sequence import Sequence, SequenceOutput, SequenceStatus, TokenLogprob
 from flashserve.engine.speculative.speculator import SpeculationStats, Speculator
 from flashserve.engine.speculative.verify import Emission, verify_step
-from flashserve.engine.step_inputs import send_shutdown
+from flashserve.engine.startup import finish_startup, load_engine_model
 from flashserve.engine.structured import accept_sampled_token, grammar_terminated, make_matcher
-from flashserve.layers.attention import AttentionBackend, select_backend
-from flashserve.models.loader import check_model_builds, load_model
-from flashserve.models.model_config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -81,127 +60,24 @@ class LLMEngine:
         self, config: EngineConfig, model_dir: str | Path, eos_token_ids: tuple[int, ...] = ()
     ) -> None:
         self.config = config
-        self.device = _pick_device(config.device)
         self.tensor_parallel_size = config.tensor_parallel_size or 1
-        config.check_parallel()
-        # CPU threads per rank: the cores shared among the ranks unless set.
-        self.cpu_threads = config.cpu_threads or max(
-            1, (os.cpu_count() or 1) // self.tensor_parallel_size
-        )
-        if self.device.type == "cpu":
-            torch.set_num_threads(self.cpu_threads)
-        self.model_config = ModelConfig.from_pretrained(model_dir)
-        mc = self.model_config
-        self.dtype = pick_dtype(config.dtype, self.device, mc.hidden_size, mc.intermediate_size)
-        self.max_model_len = min(
-            config.max_model_len or mc.max_position_embeddings, mc.max_position_embeddings
-        )
-        if mc.sliding_window is not None and mc.sliding_window < self.max_model_len:
-            # Paged attention here always reads the whole context; within the
-            # window that is exactly what sliding-window attention computes.
-            logger.warning(
-                "%s attends over a sliding window of %d tokens: max_model_len lowered "
-                "from %d to %d",
-                mc.architecture,
-                mc.sliding_window,
-                self.max_model_len,
-                mc.sliding_window,
-            )
-            self.max_model_len = mc.sliding_window
-        backend = select_backend(
-            config.attention_backend, self.device, self.dtype, config.block_size
-        )
-        self.attention_backend = backend.name
-        self.block_size = block_size_for(config.block_size, backend)
-        # Seconds per start-up phase, in order; each is also logged as it ends.
-        self.startup_seconds: dict[str, float] = {}
-        started = time.monotonic()
-        self.eos_token_ids = tuple(eos_token_ids) or mc.eos_token_ids
-        # Ranks 1..N-1 (tensor parallel): worker processes following this one.
-        self.ranks: RankGroup | None = None
-        if self.tensor_parallel_size > 1:
-            self._start_ranks(model_dir, backend)
+        loaded = load_engine_model(config, model_dir, eos_token_ids, self.tensor_parallel_size)
+        self.device, self.cpu_threads, self.dtype = loaded.device, loaded.cpu_threads, loaded.dtype
+        self.model_config, self.max_model_len = loaded.model_config, loaded.max_model_len
+        self.attention_backend, self.block_size = loaded.attention_backend, loaded.block_size
+        self.eos_token_ids, self.startup_seconds = loaded.eos_token_ids, loaded.startup_seconds
+        self.ranks: RankZero | None = loaded.ranks
+        self.model, self.runner = loaded.model, loaded.runner
         try:
-            self._load_and_size(model_dir, backend, started)
+            self._build_step_state(loaded.num_blocks)
+            finish_startup(loaded, config)
         except BaseException:
             self.abandon()
             raise
 
-    def _load_and_size(
-        self, model_dir: str | Path, backend: AttentionBackend, started: float
-    ) -> None:
-        config, mc = self.config, self.model_config
-        self.model = load_model(model_dir, mc, backend, self.dtype, self.device, self.max_model_len)
-        if self.ranks is not None:
-            self.ranks.wait_loaded(config.tensor_parallel_load_timeout_s)
-        _sync(self.device)
-        placed = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        seconds = self._phase_done("weights placed", started)
-        logger.info(
-            "startup: weights placed in %.1f s: %.2f GB of %s weights on %s (%.2f GB/s)",
-            seconds,
-            placed / 1e9,
-            self.dtype,
-            self.device,
-            placed / 1e9 / max(seconds, 1e-6),
-        )
-        started = time.monotonic()
-        num_blocks = self._num_kv_blocks()
-        if self.ranks is not None:
-            num_blocks = smallest_over_ranks(num_blocks)
-        if num_blocks * self.block_size < self.max_model_len:
-            logger.warning(
-                "KV cache holds %d tokens; lowering max_model_len from %d",
-                num_blocks * self.block_size,
-                self.max_model_len,
-            )
-            self.max_model_len = num_blocks * self.block_size
-        self.runner = ModelRunner(
-            self.model,
-            self.device,
-            num_blocks,
-            self.block_size,
-            self.dtype,
-            self.eos_token_ids,
-            self.max_model_len,
-        )
-        per_block = ModelRunner.bytes_per_block(self.model, self.block_size, self.dtype)
-        spec = self.model.kv_cache_spec
-        logger.info(
-            "startup: KV cache sized in %.1f s: %d blocks x %d tokens = %d tokens, %.2f GiB; "
-            "%d KV bytes per token (%s per layer x %d layers)",
-            self._phase_done("KV cache sized", started),
-            num_blocks,
-            self.block_size,
-            num_blocks * self.block_size,
-            num_blocks * per_block / (1 << 30),
-            per_block // self.block_size,
-            spec.token_layout(self.dtype),
-            spec.num_layers,
-        )
-        graph_problem = self.model.decode_graph_problem if self._use_cuda_graphs else None
-        capture = graph_problem is None and self._use_cuda_graphs
-        graph_batch = min(config.cuda_graph_max_batch, config.max_num_seqs) if capture else 0
-        if self.ranks is not None:
-            # Every rank captures the same graphs (their collectives are inside).
-            share_from_first([self.max_model_len, graph_batch], 2)
-        if graph_problem is not None:
-            logger.info("cuda_graphs: off, decode steps run eagerly: %s", graph_problem)
-        elif self._use_cuda_graphs:
-            started = time.monotonic()
-            captured = self.runner.enable_decode_graphs(graph_batch)
-            if self.ranks is not None and not all_ranks_succeeded(captured):
-                captured, self.runner.graphs = False, None
-            graphs = self.runner.graphs
-            logger.info(
-                "startup: CUDA graphs %s in %.1f s (%d graphs, %.0f MiB)",
-                "captured" if captured else "FAILED, decode runs eagerly",
-                self._phase_done("CUDA graphs captured", started),
-                len(graphs.keys) if captured and graphs is not None else 0,
-                graphs.capture_bytes / (1 << 20) if captured and graphs is not None else 0,
-            )
-        elif config.cuda_graphs:
-            logger.info("cuda_graphs: ignored on %s; decode steps run eagerly", self.device.type)
+    def _build_step_state(self, num_blocks: int) -> None:
+        """The scheduler and what it schedules over: KV blocks, parked contexts, drafts."""
+        config = self.config
         self.block_manager = BlockManager(num_blocks, self.block_size, config.enable_prefix_caching)
         # Parked context_only requests; the scheduler takes their blocks back when
         # nothing else can make room.
@@ -215,7 +91,7 @@ class LLMEngine:
         self.sequences: dict[str, Sequence] = {}
         config.check_speculative()
         self.speculator = (
-            Speculator(config, mc.vocab_size, self.max_model_len)
+            Speculator(config, self.model_config.vocab_size, self.max_model_len)
             if config.speculative_method == "ngram"
             else None
         )
@@ -232,90 +108,8 @@ class LLMEngine:
         self._in_flight: StepInFlight | None = None
         self.overlapped_steps = 0  # launched while the previous step's draws were in flight
         self.steps = 0
-        if config.warmup:
-            # After the decode graphs exist, so the decode step replays one.
-            started = time.monotonic()
-            done = self.runner.warm_up(config.max_num_seqs, config.max_num_batched_tokens)
-            self._phase_done("warm-up", started)
-            logger.info(
-                "startup: warm-up: prefill step of %d tokens (%d sequences), decode step of "
-                "%d rows (context %d), in %.2f s",
-                done.prefill_tokens,
-                done.prefill_seqs,
-                done.decode_rows,
-                done.decode_context,
-                done.seconds,
-            )
-        logger.info(
-            "engine ready: %s on %s (%s), attention=%s, %d KV blocks x %d tokens, max_model_len=%d",
-            mc.architecture,
-            self.device,
-            self.dtype,
-            backend.name,
-            num_blocks,
-            self.block_size,
-            self.max_model_len,
-        )
 
-    def _start_ranks(self, model_dir: str | Path, backend: AttentionBackend) -> None:
-        """Check the model splits over tensor_parallel_size ranks, start ranks 1..N-1 and
-        join the process group as rank 0."""
-        size, config = self.tensor_parallel_size, self.config
-        if tensor_parallel().enabled:
-            raise RuntimeError(
-                "a tensor-parallel engine already runs in this process (one process group "
-                "per process): close it first"
-            )
-        if self.device.type == "cuda":
-            present = torch.cuda.device_count()
-            if size > present:
-                raise ValueError(
-                    f"tensor_parallel_size {size} needs {size} GPUs; this machine has {present}"
-                )
-            self.device = torch.device("cuda", 0)
-        elif size > (os.cpu_count() or 1):
-            logger.warning(
-                "tensor_parallel_size %d on %d CPU cores: ranks share cores",
-                size,
-                os.cpu_count() or 1,
-            )
-        previous = set_tensor_parallel(TensorParallel(0, size))
-        try:  # divisibility (heads, KV heads, sizes, vocabulary) before any process starts
-            check_model_builds(self.model_config, backend, self.dtype, self.max_model_len)
-        finally:
-            set_tensor_parallel(previous)
-        where = rendezvous(size, config.tensor_parallel_port)
-        if where.first_rank != 0:
-            raise ValueError(
-                f"this node's first rank is {where.first_rank} (NODE_RANK is set): only node 0 "
-                "serves; the other nodes run `python -m flashserve.distributed.node`"
-            )
-        if where.port is not None:
-            check_port_free(where.port)
-        timeout = config.engine_stall_timeout_s or 300.0
-        self.ranks = start_workers(
-            where,
-            model_dir,
-            config,
-            self.dtype,
-            self.device.type,
-            self.max_model_len,
-            self.eos_token_ids,
-            timeout,
-            self.cpu_threads,
-        )
-        try:
-            init_tensor_parallel(0, where, self.device, timeout)
-        except BaseException:
-            self.abandon()
-            raise
-        logger.info(
-            "tensor parallel: %d ranks (%s, %s), workers %s",
-            size,
-            "nccl" if self.device.type == "cuda" else "gloo",
-            where.init_method,
-            self.ranks.pids,
-        )
+    # -- tensor-parallel ranks (distributed/rank_zero.py) -------------------
 
     @property
     def failure(self) -> str | None:
@@ -324,39 +118,15 @@ class LLMEngine:
 
     def close(self) -> None:
         """Stop the worker ranks (after the engine's last step; nothing at size 1)."""
-        ranks = self.ranks
-        if ranks is None:
-            return
-        if ranks.failure is None:
-            try:
-                send_shutdown()
-            except Exception:  # noqa: BLE001 - a rank already gone: kill the rest below
-                logger.warning("tensor parallel: shutdown broadcast failed", exc_info=True)
+        ranks, self.ranks = self.ranks, None
+        if ranks is not None:
             ranks.close()
-        else:
-            ranks.kill()
-        self.ranks = None
-        destroy_tensor_parallel()
 
     def abandon(self) -> None:
         """Kill the worker ranks without any collective (the engine failed)."""
-        if self.ranks is None:
-            return  # size 1, or already closed: no group of ours to leave
-        self.ranks.kill()
-        self.ranks = None
-        destroy_tensor_parallel()
-
-    def _phase_done(self, phase: str, started: float) -> float:
-        seconds = time.monotonic() - started
-        self.startup_seconds[phase] = seconds
-        return seconds
-
-    @property
-    def _use_cuda_graphs(self) -> bool:
-        return self.config.cuda_graphs and self.device.type == "cuda"
-
-    def _num_kv_blocks(self) -> int:
-        return kv_block_count(self.model, self.device, self.config, self.block_size, self.dtype)
+        ranks, self.ranks = self.ranks, None
+        if ranks is not None:  # None: size 1, or already closed
+            ranks.abandon()
 
     # -- requests ---------------------------------------------------------
 
@@ -657,15 +427,3 @@ def _token_output(
 def _context_only(seq: Sequence) -> bool:
     disaggregated = seq.params.disaggregated
     return disaggregated is not None and disaggregated.request_type == CONTEXT_ONLY
-
-
-def _pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    # Copies to a GPU are asynchronous: a phase ends when the device has finished it.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
