@@ -1,0 +1,457 @@
+"""Every architecture the registry claims, in the config variants an outside check would
+build, against transformers' own implementation: logits and greedy tokens.
+
+    python scripts/parity_sweep.py [--only SUBSTRING ...] [--init default|perturbed] [--list]
+
+Each case makes a tiny random checkpoint the usual way (`AutoConfig.for_model(type,
+<small sizes>, <the variant's keys>)`, every other key at transformers' default,
+`AutoModelForCausalLM.from_config`, `save_pretrained`, possibly in bfloat16 and in
+shards), loads it back into transformers in fp32 as the reference, serves it with the
+engine (fp32, CPU) and prints one line: the largest |logit difference| over the prompt
+computed whole, in chunks of 37 and token by token, and whether 16 greedy tokens equal
+`generate(do_sample=False)`. A case the engine refuses on purpose passes when its load
+error names the expected key. Exit status 1 on any mismatch or unexpected load error.
+
+`--init perturbed` (the default) adds N(0, 0.05) noise to transformers' initial
+weights, so norms and biases differ from 1 and 0 and every term shows in the logits;
+`--init default` keeps transformers' initialisation, as a plain random checkpoint has.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO_ROOT / "packages"), str(REPO_ROOT)]
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from flashserve.config import EngineConfig  # noqa: E402
+from flashserve.engine.llm_engine import LLMEngine  # noqa: E402
+from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
+from flashserve.engine.sequence import Sequence  # noqa: E402
+
+VOCAB = 512
+PROMPT_LEN = 120
+GREEDY_TOKENS = 16
+CHUNKS = (PROMPT_LEN, 37, 1)
+ATOL, RTOL = 2e-4, 1e-4
+
+DENSE = dict(
+    vocab_size=VOCAB,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+)
+ODD = dict(DENSE, hidden_size=48, num_attention_heads=3, intermediate_size=80)
+QWEN_MOE = dict(DENSE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
+MIXTRAL = dict(DENSE, num_local_experts=4, num_experts_per_tok=2)
+GLM_MOE = dict(
+    DENSE, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1
+)
+MLA = dict(
+    DENSE,
+    num_key_value_heads=4,
+    q_lora_rank=48,
+    kv_lora_rank=32,
+    qk_nope_head_dim=16,
+    qk_rope_head_dim=8,
+    v_head_dim=24,
+    # 16 experts: DeepSeek-V3's default 8 groups (top 4) need two experts per group.
+    n_routed_experts=16,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+)
+# DeepSeek-V3 and Kimi K2 ship yarn with mscale = mscale_all_dim; V2 ships 0.707.
+YARN_MSCALE = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 40.0,
+    "original_max_position_embeddings": 128,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 1.0,
+}
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "rope_theta": 500000.0,
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 128,
+}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    model_type: str
+    settings: dict[str, Any]
+    save_dtype: torch.dtype = torch.float32
+    shard_size: str | None = None
+    # A substring of the load error when the engine refuses this variant on purpose.
+    refused: str | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+
+def _cases() -> list[Case]:
+    bf16 = torch.bfloat16
+    return [
+        # Llama
+        Case("llama-defaults", "llama", DENSE),
+        Case("llama-tied", "llama", dict(DENSE, tie_word_embeddings=True)),
+        Case("llama-attention-bias", "llama", dict(DENSE, attention_bias=True)),
+        Case("llama-mlp-bias", "llama", dict(DENSE, mlp_bias=True)),
+        Case("llama-head-dim-32", "llama", dict(DENSE, head_dim=32)),
+        Case("llama-odd-h48-heads3-kv1", "llama", dict(ODD, num_key_value_heads=1)),
+        Case("llama-odd-h48-heads3-kv3", "llama", dict(ODD, num_key_value_heads=3)),
+        Case("llama-llama3-rope", "llama", dict(DENSE, rope_parameters=LLAMA3_ROPE)),
+        Case(
+            "llama-linear-rope",
+            "llama",
+            dict(DENSE, rope_parameters={"rope_type": "linear", "factor": 2.0}),
+        ),
+        Case(
+            "llama-dynamic-rope",
+            "llama",
+            dict(DENSE, rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+            refused="rope_type",
+        ),
+        Case("llama-bf16-sharded", "llama", DENSE, save_dtype=bf16, shard_size="100KB"),
+        # Mistral (default sliding_window 4096 > the context here)
+        Case("mistral-defaults", "mistral", DENSE),
+        Case("mistral-head-dim-32", "mistral", dict(DENSE, head_dim=32)),
+        Case("mistral-tied-bf16", "mistral", dict(DENSE, tie_word_embeddings=True), bf16),
+        # Qwen2 (q/k/v bias by architecture)
+        Case("qwen2-defaults", "qwen2", DENSE),
+        Case("qwen2-tied", "qwen2", dict(DENSE, tie_word_embeddings=True)),
+        Case(
+            "qwen2-sliding-window-on",
+            "qwen2",
+            dict(DENSE, use_sliding_window=True, sliding_window=256, max_window_layers=1),
+        ),
+        Case(
+            "qwen2-odd-kv3-sharded", "qwen2", dict(ODD, num_key_value_heads=3), shard_size="100KB"
+        ),
+        # Qwen3 (q/k norm; default head_dim is its own key)
+        Case("qwen3-defaults", "qwen3", DENSE),
+        Case("qwen3-head-dim-32-tied", "qwen3", dict(DENSE, head_dim=32, tie_word_embeddings=True)),
+        Case("qwen3-attention-bias", "qwen3", dict(DENSE, attention_bias=True)),
+        Case("qwen3-bf16", "qwen3", DENSE, save_dtype=bf16),
+        # Qwen2-MoE
+        Case("qwen2-moe-defaults", "qwen2_moe", dict(QWEN_MOE, shared_expert_intermediate_size=48)),
+        Case(
+            "qwen2-moe-unshrunk-experts",
+            "qwen2_moe",
+            dict(DENSE, num_experts=60, num_experts_per_tok=4),
+        ),
+        Case(
+            "qwen2-moe-no-qkv-bias",
+            "qwen2_moe",
+            dict(QWEN_MOE, shared_expert_intermediate_size=48, qkv_bias=False),
+        ),
+        Case(
+            "qwen2-moe-step2-renorm",
+            "qwen2_moe",
+            dict(
+                QWEN_MOE,
+                shared_expert_intermediate_size=48,
+                decoder_sparse_step=2,
+                norm_topk_prob=True,
+            ),
+        ),
+        Case(
+            "qwen2-moe-mlp-only-tied",
+            "qwen2_moe",
+            dict(
+                QWEN_MOE,
+                shared_expert_intermediate_size=48,
+                mlp_only_layers=[0],
+                tie_word_embeddings=True,
+            ),
+        ),
+        # Qwen3-MoE
+        Case("qwen3-moe-defaults", "qwen3_moe", QWEN_MOE),
+        Case(
+            "qwen3-moe-head-dim-renorm",
+            "qwen3_moe",
+            dict(QWEN_MOE, head_dim=32, norm_topk_prob=True, mlp_only_layers=[0]),
+        ),
+        Case("qwen3-moe-attention-bias", "qwen3_moe", dict(QWEN_MOE, attention_bias=True)),
+        Case("qwen3-moe-step2", "qwen3_moe", dict(QWEN_MOE, decoder_sparse_step=2)),
+        Case(
+            "qwen3-moe-bf16-sharded",
+            "qwen3_moe",
+            QWEN_MOE,
+            save_dtype=bf16,
+            shard_size="100KB",
+        ),
+        # Mixtral
+        Case("mixtral-defaults", "mixtral", MIXTRAL),
+        Case(
+            "mixtral-head-dim-32-tied",
+            "mixtral",
+            dict(MIXTRAL, head_dim=32, tie_word_embeddings=True),
+        ),
+        Case(
+            "mixtral-odd-kv1",
+            "mixtral",
+            dict(ODD, num_local_experts=4, num_experts_per_tok=2, num_key_value_heads=1),
+        ),
+        Case("mixtral-bf16-sharded", "mixtral", MIXTRAL, save_dtype=bf16, shard_size="100KB"),
+        # GLM-4.5 (partial rope 0.5, one group, scaling 1.0 by default)
+        Case("glm4-moe-defaults", "glm4_moe", GLM_MOE),
+        Case(
+            "glm4-moe-glm45-like",
+            "glm4_moe",
+            dict(
+                GLM_MOE,
+                head_dim=32,
+                attention_bias=True,
+                use_qk_norm=True,
+                routed_scaling_factor=2.5,
+                n_group=1,
+                topk_group=1,
+            ),
+        ),
+        Case(
+            "glm4-moe-groups-no-renorm",
+            "glm4_moe",
+            dict(GLM_MOE, n_group=4, topk_group=2, norm_topk_prob=False, first_k_dense_replace=0),
+        ),
+        Case(
+            "glm4-moe-full-rotary-tied",
+            "glm4_moe",
+            dict(
+                GLM_MOE,
+                rope_parameters={
+                    "rope_type": "default",
+                    "rope_theta": 10000.0,
+                    "partial_rotary_factor": 1.0,
+                },
+                tie_word_embeddings=True,
+            ),
+        ),
+        Case("glm4-moe-bf16", "glm4_moe", GLM_MOE, save_dtype=bf16),
+        # DeepSeek-V2 (softmax routing; num_experts_per_tok has no usable default)
+        Case("deepseek-v2-defaults", "deepseek_v2", MLA),
+        Case(
+            "deepseek-v2-lite",
+            "deepseek_v2",
+            dict(MLA, q_lora_rank=None, first_k_dense_replace=1, n_shared_experts=2),
+        ),
+        Case(
+            "deepseek-v2-group-limited-yarn",
+            "deepseek_v2",
+            dict(
+                MLA,
+                topk_method="group_limited_greedy",
+                n_group=4,
+                topk_group=2,
+                routed_scaling_factor=16.0,
+                rope_parameters=dict(YARN_MSCALE, mscale=0.707, mscale_all_dim=0.707),
+            ),
+        ),
+        Case("deepseek-v2-norm-topk", "deepseek_v2", dict(MLA, norm_topk_prob=True)),
+        Case(
+            "deepseek-v2-mlp-bias",
+            "deepseek_v2",
+            dict(MLA, mlp_bias=True, first_k_dense_replace=1),
+        ),
+        # DeepSeek-V3 / Kimi K2
+        # first_k_dense_replace defaults to 3: with 2 layers every one is dense.
+        Case("deepseek-v3-defaults", "deepseek_v3", MLA),
+        Case("deepseek-v3-default-groups-moe", "deepseek_v3", dict(MLA, first_k_dense_replace=1)),
+        Case(
+            "deepseek-v3-attention-bias",
+            "deepseek_v3",
+            dict(MLA, attention_bias=True, first_k_dense_replace=1),
+        ),
+        Case(
+            "deepseek-v3-yarn-mscale",
+            "deepseek_v3",
+            dict(MLA, rope_parameters=YARN_MSCALE, first_k_dense_replace=1),
+        ),
+        Case(
+            "deepseek-v3-no-q-lora-not-interleaved",
+            "deepseek_v3",
+            dict(MLA, q_lora_rank=None, rope_interleave=False, first_k_dense_replace=0),
+        ),
+        Case(
+            "kimi-k2-like",
+            "deepseek_v3",
+            dict(
+                MLA,
+                n_group=1,
+                topk_group=1,
+                routed_scaling_factor=2.827,
+                first_k_dense_replace=1,
+                rope_parameters=dict(YARN_MSCALE, factor=32.0),
+            ),
+        ),
+        Case("deepseek-v3-tied-bf16", "deepseek_v3", dict(MLA, tie_word_embeddings=True), bf16),
+    ]
+
+
+@dataclass
+class Result:
+    name: str
+    status: str  # PASS, FAIL, REFUSED (as expected), ERROR
+    detail: str
+
+
+def build_checkpoint(case: Case, path: Path, init: str, seed: int) -> transformers.PreTrainedModel:
+    """Write the case's random checkpoint to `path`; return transformers' fp32 model of it."""
+    torch.manual_seed(seed)
+    config = transformers.AutoConfig.for_model(case.model_type, **case.settings)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    if init == "perturbed":
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(torch.randn_like(param) * 0.05)
+            for name, buffer in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buffer.copy_(torch.randn_like(buffer) * 0.05)
+    model.to(case.save_dtype)
+    kwargs = {"max_shard_size": case.shard_size} if case.shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    # transformers' own reading of the same files is the reference (bf16 weights upcast).
+    reference = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return reference.eval()
+
+
+def engine_logits(engine: LLMEngine, token_ids: list[int], chunk: int) -> torch.Tensor:
+    seq = Sequence("parity", token_ids, SamplingParams())
+    rows = []
+    while seq.num_computed_tokens < seq.num_tokens:
+        n = min(chunk, seq.num_uncomputed_tokens)
+        assert engine.block_manager.allocate(seq, n)
+        hidden, _, _ = engine.runner.forward([(seq, n)])
+        rows.append(engine.model.compute_logits(hidden).float())
+        seq.num_computed_tokens += n
+    engine.block_manager.release(seq)
+    return torch.cat(rows)
+
+
+def engine_greedy(engine: LLMEngine, prompt: list[int], steps: int) -> list[int]:
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    engine.add_request("greedy", prompt, params)
+    produced: list[int] = []
+    while engine.has_work():
+        for out in engine.step():
+            produced.extend(out.new_token_ids)
+    return produced
+
+
+def reference_greedy(model, prompt: list[int], steps: int) -> list[int]:
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt]),
+            max_new_tokens=steps,
+            min_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, len(prompt) :].tolist()
+
+
+def _top_two_margin(model, ids: list[int]) -> float:
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0, -1].float()
+    top = logits.topk(2).values
+    return float(top[0] - top[1])
+
+
+def run_case(case: Case, init: str, seed: int) -> Result:
+    with tempfile.TemporaryDirectory() as scratch:
+        path = Path(scratch)
+        reference = build_checkpoint(case, path, init, seed)
+        settings = dict(
+            device="cpu", dtype="float32", kv_cache_memory_gb=0.02, max_model_len=512, cpu_threads=1
+        )
+        try:
+            engine = LLMEngine(EngineConfig(**settings), path)
+        except Exception as exc:  # the case's verdict, printed on its line
+            message = f"{type(exc).__name__}: {exc}"
+            if case.refused and case.refused in str(exc):
+                return Result(case.name, "REFUSED", message)
+            return Result(case.name, "ERROR", message)
+        if case.refused:
+            return Result(case.name, "FAIL", f"loaded; expected a load error naming {case.refused}")
+        gen = torch.Generator().manual_seed(seed + 1)
+        prompt = torch.randint(
+            0, case.settings["vocab_size"], (PROMPT_LEN,), generator=gen
+        ).tolist()
+        with torch.no_grad():
+            expected = reference(torch.tensor([prompt])).logits[0].float()
+        diffs, ok = [], True
+        for chunk in CHUNKS:
+            got = engine_logits(engine, prompt, chunk)
+            diff = (got - expected).abs()
+            diffs.append(f"{float(diff.max()):.1e}")
+            ok &= bool((diff <= ATOL + RTOL * expected.abs()).all())
+        want = reference_greedy(reference, prompt, GREEDY_TOKENS)
+        got_tokens = engine_greedy(engine, prompt, GREEDY_TOKENS)
+        greedy = "greedy ok"
+        if got_tokens != want:
+            at = next(i for i, (a, b) in enumerate(zip(got_tokens, want)) if a != b)
+            margin = _top_two_margin(reference, prompt + want[:at])
+            if margin < 10 * ATOL:  # a near-tie in the reference: either choice is right
+                greedy = f"greedy differs at {at}, a near-tie (margin {margin:.1e})"
+            else:
+                greedy = f"greedy DIFFERS at {at} (margin {margin:.1e})"
+                ok = False
+        scale = f"|logits| max {float(expected.abs().max()):.2f}"
+        detail = f"max|diff| whole/37/1 = {'/'.join(diffs)}; {greedy}; {scale}"
+        return Result(case.name, "PASS" if ok else "FAIL", detail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--only", nargs="*", default=[], help="run cases whose name contains one of these"
+    )
+    parser.add_argument("--init", choices=("perturbed", "default"), default="perturbed")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--list", action="store_true", help="print the case names and exit")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    torch.set_num_threads(1)
+    cases = [c for c in _cases() if not args.only or any(s in c.name for s in args.only)]
+    if args.list:
+        print("\n".join(c.name for c in cases))
+        return 0
+    failed = 0
+    width = max(len(c.name) for c in cases)
+    for case in cases:
+        started = time.monotonic()
+        try:
+            result = run_case(case, args.init, args.seed)
+        except Exception as exc:  # a crash after loading is that case's failure, not the sweep's
+            result = Result(case.name, "ERROR", f"{type(exc).__name__}: {exc}")
+        failed += result.status in ("FAIL", "ERROR")
+        seconds = time.monotonic() - started
+        print(
+            f"{result.name:<{width}}  {result.status:<7}  {result.detail}  ({seconds:.0f}s)",
+            flush=True,
+        )
+    print(f"{len(cases) - failed}/{len(cases)} cases pass (init {args.init})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
