@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -78,3 +80,14 @@ def test_logits_match_transformers(name, tmp_path):
     ).tolist()
     # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
     assert_logits_match(engine, reference, token_ids, (200, 37, 1), name)
+
+
+def test_checkpoint_tensor_without_a_place_is_a_load_error(tmp_path):
+    """Weights the config does not announce (here q/k/v/o biases with attention_bias
+    false) fail the load by name rather than being dropped."""
+    _save_random_model(transformers.LlamaConfig, dict(attention_bias=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_bias"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has no place for: \[.*self_attn\.[qkvo]_proj\.bias"):
+        make_engine(tmp_path, kv_cache_memory_gb=0.01, max_model_len=512)
