@@ -59,6 +59,12 @@ ARCHITECTURES = {
         ),
     ),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(tie_word_embeddings=True, head_dim=32)),
+    # attention_bias puts a bias on q, k, v and o; mlp_bias on gate, up and down.
+    "llama-attention-and-mlp-bias": (
+        transformers.LlamaConfig,
+        dict(attention_bias=True, mlp_bias=True),
+    ),
+    "qwen3-attention-bias": (transformers.Qwen3Config, dict(attention_bias=True)),
 }
 
 
