@@ -54,7 +54,10 @@ DENSE = dict(
     num_key_value_heads=2,
     max_position_embeddings=512,
 )
-ODD = dict(DENSE, hidden_size=48, num_attention_heads=3, intermediate_size=80)
+# 3 heads of 16: num_key_value_heads must be 1 or 3.
+ODD = dict(
+    DENSE, hidden_size=48, num_attention_heads=3, intermediate_size=80, num_key_value_heads=1
+)
 QWEN_MOE = dict(DENSE, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 MIXTRAL = dict(DENSE, num_local_experts=4, num_experts_per_tok=2)
 GLM_MOE = dict(
@@ -115,7 +118,7 @@ def _cases() -> list[Case]:
         Case("llama-attention-bias", "llama", dict(DENSE, attention_bias=True)),
         Case("llama-mlp-bias", "llama", dict(DENSE, mlp_bias=True)),
         Case("llama-head-dim-32", "llama", dict(DENSE, head_dim=32)),
-        Case("llama-odd-h48-heads3-kv1", "llama", dict(ODD, num_key_value_heads=1)),
+        Case("llama-odd-h48-heads3-kv1", "llama", ODD),
         Case("llama-odd-h48-heads3-kv3", "llama", dict(ODD, num_key_value_heads=3)),
         Case("llama-llama3-rope", "llama", dict(DENSE, rope_parameters=LLAMA3_ROPE)),
         Case(
@@ -128,6 +131,19 @@ def _cases() -> list[Case]:
             "llama",
             dict(DENSE, rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
             refused="rope_type",
+        ),
+        Case("llama-gelu", "llama", dict(DENSE, hidden_act="gelu"), refused="hidden_act"),
+        Case(
+            "llama-yarn",
+            "llama",
+            dict(
+                DENSE,
+                rope_parameters={
+                    "rope_type": "yarn",
+                    "factor": 4.0,
+                    "original_max_position_embeddings": 128,
+                },
+            ),
         ),
         Case("llama-bf16-sharded", "llama", DENSE, save_dtype=bf16, shard_size="100KB"),
         # Mistral (default sliding_window 4096 > the context here)
@@ -150,6 +166,11 @@ def _cases() -> list[Case]:
         Case("qwen3-head-dim-32-tied", "qwen3", dict(DENSE, head_dim=32, tie_word_embeddings=True)),
         Case("qwen3-attention-bias", "qwen3", dict(DENSE, attention_bias=True)),
         Case("qwen3-bf16", "qwen3", DENSE, save_dtype=bf16),
+        Case(
+            "qwen3-sliding-window-on",
+            "qwen3",
+            dict(DENSE, use_sliding_window=True, sliding_window=256, max_window_layers=1),
+        ),
         # Qwen2-MoE
         Case("qwen2-moe-defaults", "qwen2_moe", dict(QWEN_MOE, shared_expert_intermediate_size=48)),
         Case(
@@ -191,6 +212,16 @@ def _cases() -> list[Case]:
         ),
         Case("qwen3-moe-attention-bias", "qwen3_moe", dict(QWEN_MOE, attention_bias=True)),
         Case("qwen3-moe-step2", "qwen3_moe", dict(QWEN_MOE, decoder_sparse_step=2)),
+        Case(
+            "qwen3-moe-odd-top1",
+            "qwen3_moe",
+            dict(ODD, num_experts=6, num_experts_per_tok=1, moe_intermediate_size=24),
+        ),
+        Case(
+            "qwen3-moe-top-all",
+            "qwen3_moe",
+            dict(QWEN_MOE, num_experts=4, num_experts_per_tok=4, norm_topk_prob=True),
+        ),
         Case(
             "qwen3-moe-bf16-sharded",
             "qwen3_moe",
@@ -245,6 +276,12 @@ def _cases() -> list[Case]:
             ),
         ),
         Case("glm4-moe-bf16", "glm4_moe", GLM_MOE, save_dtype=bf16),
+        # head_dim 12: partial rope rotates 6 dims (3 pairs).
+        Case(
+            "glm4-moe-odd-head-dim-12",
+            "glm4_moe",
+            dict(GLM_MOE, hidden_size=48, num_key_value_heads=1, first_k_dense_replace=0),
+        ),
         # DeepSeek-V2 (softmax routing; num_experts_per_tok has no usable default)
         Case("deepseek-v2-defaults", "deepseek_v2", MLA),
         Case(
@@ -300,6 +337,11 @@ def _cases() -> list[Case]:
                 first_k_dense_replace=1,
                 rope_parameters=dict(YARN_MSCALE, factor=32.0),
             ),
+        ),
+        Case(
+            "deepseek-v3-odd-heads3",
+            "deepseek_v3",
+            dict(MLA, hidden_size=48, num_attention_heads=3, first_k_dense_replace=1, n_group=4),
         ),
         Case("deepseek-v3-tied-bf16", "deepseek_v3", dict(MLA, tie_word_embeddings=True), bf16),
     ]
