@@ -130,6 +130,19 @@ def _cases() -> list[Case]:
             "llama-dynamic-rope",
             "llama",
             dict(DENSE, rope_parameters={"rope_type": "dynamic", "factor": 2.0}),
+        ),
+        Case(
+            "llama-longrope",
+            "llama",
+            dict(
+                DENSE,
+                rope_parameters={
+                    "rope_type": "longrope",
+                    "short_factor": [1.0] * 8,
+                    "long_factor": [2.0] * 8,
+                    "original_max_position_embeddings": 128,
+                },
+            ),
             refused="rope_type",
         ),
         Case("llama-gelu", "llama", dict(DENSE, hidden_act="gelu"), refused="hidden_act"),

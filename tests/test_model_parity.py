@@ -44,6 +44,11 @@ ARCHITECTURES = {
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         ),
     ),
+    # Dynamic NTK changes nothing up to max_position_embeddings, where max_model_len stops.
+    "llama-dynamic-rope": (
+        transformers.LlamaConfig,
+        dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    ),
     "mistral": (transformers.MistralConfig, dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2-bias-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen2-yarn": (
