@@ -25,6 +25,8 @@ MODELS = {
     "llama": save_tiny_llama,
     # One KV head: at tp=2 each rank keeps a replica of it.
     "llama-one-kv-head": lambda path: save_tiny_llama(path, num_key_value_heads=1),
+    # o_proj's and down_proj's biases (row-parallel) are added once, on rank 0.
+    "llama-biases": lambda path: save_tiny_llama(path, attention_bias=True, mlp_bias=True),
     "qwen3-qk-norm": save_tiny_qwen3,
     "qwen3-moe": save_tiny_qwen3_moe,
     "glm4.5-moe": save_tiny_glm4_moe,

@@ -32,6 +32,8 @@ CONFIGS = {
     "v2-lite-greedy-no-q-lora": dict(
         config_cls=transformers.DeepseekV2Config, topk_method="greedy", q_lora_rank=None
     ),
+    # DeepSeek-V2's mlp_bias: the dense layers' and the shared experts' projections.
+    "v2-mlp-bias": dict(config_cls=transformers.DeepseekV2Config, mlp_bias=True),
     "plain-rope-not-interleaved": dict(
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, rope_interleave=False
     ),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import transformers
@@ -42,6 +44,11 @@ ARCHITECTURES = {
             rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
         ),
     ),
+    # Dynamic NTK changes nothing up to max_position_embeddings, where max_model_len stops.
+    "llama-dynamic-rope": (
+        transformers.LlamaConfig,
+        dict(rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0}),
+    ),
     "mistral": (transformers.MistralConfig, dict(tie_word_embeddings=False, sliding_window=None)),
     "qwen2-bias-tied": (transformers.Qwen2Config, dict(tie_word_embeddings=True)),
     "qwen2-yarn": (
@@ -57,6 +64,12 @@ ARCHITECTURES = {
         ),
     ),
     "qwen3-qk-norm": (transformers.Qwen3Config, dict(tie_word_embeddings=True, head_dim=32)),
+    # attention_bias puts a bias on q, k, v and o; mlp_bias on gate, up and down.
+    "llama-attention-and-mlp-bias": (
+        transformers.LlamaConfig,
+        dict(attention_bias=True, mlp_bias=True),
+    ),
+    "qwen3-attention-bias": (transformers.Qwen3Config, dict(attention_bias=True)),
 }
 
 
@@ -78,3 +91,14 @@ def test_logits_match_transformers(name, tmp_path):
     ).tolist()
     # Whole prompt at once, in chunks that straddle KV blocks, and one token at a time.
     assert_logits_match(engine, reference, token_ids, (200, 37, 1), name)
+
+
+def test_checkpoint_tensor_without_a_place_is_a_load_error(tmp_path):
+    """Weights the config does not announce (here q/k/v/o biases with attention_bias
+    false) fail the load by name rather than being dropped."""
+    _save_random_model(transformers.LlamaConfig, dict(attention_bias=True), tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["attention_bias"] = False
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"has no place for: \[.*self_attn\.[qkvo]_proj\.bias"):
+        make_engine(tmp_path, kv_cache_memory_gb=0.01, max_model_len=512)

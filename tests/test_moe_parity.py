@@ -94,6 +94,22 @@ ARCHITECTURES = {
             tie_word_embeddings=True,
         ),
     ),
+    # Qwen2-MoE's own qkv_bias key (true by default) switches the q/k/v bias off.
+    "qwen2-moe-no-qkv-bias": (
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=48,
+            qkv_bias=False,
+        ),
+    ),
+    # attention_bias: q, k, v and o.
+    "qwen3-moe-attention-bias": (
+        transformers.Qwen3MoeConfig,
+        dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, attention_bias=True),
+    ),
     "qwen2-moe-shared-expert": (
         transformers.Qwen2MoeConfig,
         dict(

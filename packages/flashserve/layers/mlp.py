@@ -15,7 +15,7 @@ from flashserve.layers.linear import PackedLinear, RowParallelLinear, split_even
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x)), each projection with an optional bias."""
 
     def __init__(
         self,
@@ -23,17 +23,18 @@ class MLP(nn.Module):
         intermediate_size: int,
         what: str = "intermediate_size",
         reduce: bool = True,
+        bias: bool = False,
     ) -> None:
         super().__init__()
         part = split_evenly(intermediate_size, what)
         self.gate_up_proj = PackedLinear(
             hidden_size,
             {"gate": intermediate_size, "up": intermediate_size},
-            bias=False,
+            bias=bias,
             ranges={"gate": part, "up": part},
         )
         self.down_proj = RowParallelLinear(
-            intermediate_size, hidden_size, bias=False, what=what, reduce=reduce
+            intermediate_size, hidden_size, bias=bias, what=what, reduce=reduce
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

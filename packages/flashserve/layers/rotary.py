@@ -21,13 +21,20 @@ def inverse_frequencies(
     kind = rope.get("rope_type", "default")
     if kind == "default":
         return inv_freq, 1.0
+    if kind == "dynamic":
+        # Dynamic NTK raises the base only for sequences longer than
+        # max_position_embeddings, and the engine never serves one (max_model_len is
+        # capped there): within that range it is the plain rope, as in transformers.
+        return inv_freq, 1.0
     if kind == "linear":
         return inv_freq / float(rope["factor"]), 1.0
     if kind == "llama3":
         return _llama3(inv_freq, rope), 1.0
     if kind == "yarn":
         return _yarn(inv_freq, rope, dim, base, max_positions)
-    raise ValueError(f"rope_type {kind!r} is not supported (default, linear, llama3, yarn)")
+    raise ValueError(
+        f"rope_type {kind!r} is not supported (default, linear, dynamic, llama3, yarn)"
+    )
 
 
 def _rotated_dims(rope: dict[str, Any], head_dim: int) -> int:

@@ -54,7 +54,7 @@ DEEPSEEK_WEIGHT_RULES = PER_EXPERT_RULES + (
         named_shard(1),
     ),
     # Dense MLPs and shared experts: gate|up packed.
-    WeightRule(r"\.(gate|up)_proj\.weight$", r".gate_up_proj.weight", named_shard(1)),
+    WeightRule(r"\.(gate|up)_proj\.(weight|bias)$", r".gate_up_proj.\2", named_shard(1)),
 )
 
 
@@ -253,7 +253,7 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
                 cfg,
                 rotary,
                 self.interleaved_rope(raw),
-                MLP(cfg.hidden_size, cfg.intermediate_size)
+                MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
                 if i < dense_layers
                 else self._moe_block(cfg),
             )
@@ -346,6 +346,8 @@ class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):
                 routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
             ),
             StackedExperts(num_experts, cfg.hidden_size, expert_size),
-            shared=MLP(cfg.hidden_size, expert_size * shared) if shared else None,
+            shared=(
+                MLP(cfg.hidden_size, expert_size * shared, bias=cfg.mlp_bias) if shared else None
+            ),
             shared_name="shared_experts",
         )

@@ -26,7 +26,7 @@ from flashserve.models.model_config import ModelConfig
 # Separate q/k/v and gate/up tensors -> their shards of the packed projections.
 PACKED_PROJECTION_RULES = (
     WeightRule(r"\.(q|k|v)_proj\.(weight|bias)$", r".qkv_proj.\2", named_shard(1)),
-    WeightRule(r"\.(gate|up)_proj\.weight$", r".gate_up_proj.weight", named_shard(1)),
+    WeightRule(r"\.(gate|up)_proj\.(weight|bias)$", r".gate_up_proj.\2", named_shard(1)),
 )
 
 
@@ -74,7 +74,7 @@ class Attention(nn.Module):
             ranges={"q": (first_head * head_dim, self.q_size), "k": kv_range, "v": kv_range},
         )
         self.o_proj = RowParallelLinear(
-            cfg.num_heads * head_dim, cfg.hidden_size, bias=False, what="num_attention_heads"
+            cfg.num_heads * head_dim, cfg.hidden_size, bias=cfg.o_bias, what="num_attention_heads"
         )
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
@@ -179,5 +179,5 @@ class LlamaForCausalLM(DecoderOnlyLM):
             cfg,
             backend,
             max_positions,
-            lambda _layer: MLP(cfg.hidden_size, cfg.intermediate_size),
+            lambda _layer: MLP(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias),
         )

@@ -133,6 +133,10 @@ def _checkpoint_tensors(model: CausalLM, files: list[Path]) -> NamedTensors:
 def load_weights(model: CausalLM, files: list[Path]) -> None:
     params = dict(model.named_parameters())
     written: dict[str, int] = defaultdict(int)
+    # A tensor with no parameter to fill is a term of the checkpoint's model that this
+    # one lacks (a bias the config did not announce): served without it, the logits
+    # would be silently wrong.
+    unplaced: list[str] = []
     for path, name, tensor in _checkpoint_tensors(model, files):
         target = model.checkpoint_target(name)
         if target is None:
@@ -140,13 +144,19 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
         param_name, shard = target
         param = params.get(param_name)
         if param is None:
-            logger.warning("ignoring checkpoint tensor %s", name)
+            unplaced.append(name)
             continue
         try:
             written[param_name] += weight_loader_of(param)(param, tensor, shard)
         except ValueError as exc:
             raise ValueError(f"{path.name}: tensor {name}: {exc}") from None
+    folder = files[0].parent
+    if unplaced:
+        raise ValueError(
+            f"checkpoint in {folder} has tensors {model.config.architecture} as configured "
+            f"has no place for: {unplaced[:8]}{' ...' if len(unplaced) > 8 else ''} "
+            "(does config.json say what they are, e.g. a bias switch?)"
+        )
     missing = sorted(name for name, p in params.items() if written[name] < p.numel())
     if missing:
-        folder = files[0].parent
         raise ValueError(f"checkpoint in {folder} lacks tensors for: {missing[:8]}")

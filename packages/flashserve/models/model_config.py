@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from flashserve.models.quantization import checkpoint_quantization
-from flashserve.models.registry import UnsupportedModelError, architecture
+from flashserve.models.registry import UnsupportedModelError, architecture, switch_value
 
 __all__ = ["ModelConfig", "UnsupportedModelError"]
 
@@ -33,6 +33,8 @@ class ModelConfig:
     tie_word_embeddings: bool
     qkv_bias: bool
     qk_norm: bool
+    o_bias: bool = False
+    mlp_bias: bool = False  # on the dense SwiGLU blocks (and DeepSeek-V2's shared experts)
     rope: dict[str, Any] = field(default_factory=dict)
     eos_token_ids: tuple[int, ...] = ()
     bos_token_id: int | None = None
@@ -56,9 +58,6 @@ class ModelConfig:
             raise UnsupportedModelError(
                 f"{arch} with hidden_act {activation!r} is not supported (only silu)"
             )
-        # Llama and GLM checkpoints may switch the bias and the q/k norm on explicitly.
-        qkv_bias = entry.qkv_bias or bool(raw.get("attention_bias", False))
-        qk_norm = entry.qk_norm or bool(raw.get("use_qk_norm", False))
         num_heads = raw["num_attention_heads"]
         head_dim = raw.get("head_dim") or raw["hidden_size"] // num_heads
         eos = raw.get("eos_token_id")
@@ -75,8 +74,10 @@ class ModelConfig:
             rms_norm_eps=raw.get("rms_norm_eps", 1e-6),
             max_position_embeddings=raw.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-            qkv_bias=qkv_bias,
-            qk_norm=qk_norm,
+            qkv_bias=switch_value(entry.qkv_bias, raw),
+            qk_norm=switch_value(entry.qk_norm, raw),
+            o_bias=switch_value(entry.o_bias, raw),
+            mlp_bias=switch_value(entry.mlp_bias, raw),
             rope=_rope_parameters(raw),
             eos_token_ids=eos_ids,
             bos_token_id=raw.get("bos_token_id"),
