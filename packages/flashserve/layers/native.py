@@ -29,17 +29,25 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
 class NativeLibrary:
     """One C source under csrc/, its exported functions' signatures, and its loaded build."""
 
-    def __init__(self, source: str, what: str, functions: dict[str, list]) -> None:
+    def __init__(
+        self,
+        source: str,
+        what: str,
+        functions: dict[str, list],
+        extra_flags: tuple[str, ...] = (),
+    ) -> None:
         self.source = CSRC / source
         self.what = what  # for the log: "CPU decode attention: paged kernel ..."
         self.functions = functions  # name -> ctypes argtypes; every function returns int
+        self.extra_flags = extra_flags
+        self.flags = (*FLAGS, *extra_flags)
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self.load_failed: str | None = None
 
     def fresh(self) -> NativeLibrary:
         """The same library, not loaded yet (tests: another cache directory or compiler)."""
-        return NativeLibrary(self.source.name, self.what, self.functions)
+        return NativeLibrary(self.source.name, self.what, self.functions, self.extra_flags)
 
     def load(self) -> ctypes.CDLL | None:
         if self._library is not None or self.load_failed is not None:
@@ -73,7 +81,7 @@ class NativeLibrary:
         source = self.source.read_bytes()
         # -march=native: a library built on one CPU must not be loaded on another.
         key = hashlib.sha256(
-            source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
+            source + " ".join(self.flags).encode() + compiler.encode() + _cpu_signature().encode()
         ).hexdigest()[:16]
         target = cache_dir() / f"{self.source.stem}-{key}.so"
         if target.exists():
@@ -84,7 +92,7 @@ class NativeLibrary:
         os.close(fd)
         try:
             done = subprocess.run(
-                [compiler, *FLAGS, str(self.source), "-o", partial, "-lm"],
+                [compiler, *self.flags, str(self.source), "-o", partial, "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,

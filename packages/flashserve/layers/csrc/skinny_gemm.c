@@ -10,15 +10,17 @@
  *                             y = a . down[e]^T     ([n, H]).
  * With a handful of rows a BLAS GEMM spends its time packing the weights (and
  * torch's CPU linear runs one matrix-vector product per row below ~5 rows);
- * here each weight row is read
- * once from memory and multiplied by all of the expert's rows while it sits in
- * registers (blocks of 4 weight rows x 3 input rows), prefetching the next
- * block's rows meanwhile, so the cost is one pass over the active experts'
- * weights.
+ * here each weight row is read once from memory and multiplied by all the rows
+ * while it sits in cache: blocks of 3 weight rows x 4 input rows, 12
+ * accumulators in registers, each input vector loaded once into a register and
+ * used three times (left to itself the compiler folds every input load into
+ * its multiply-add, which makes the loop wait on loads), prefetching the next
+ * block's weight rows meanwhile, so the cost is one pass over the weights.
  *
- * Every output element is a dot product summed in a fixed lane order that
- * depends only on its own input row, so a token's result is the same bits alone
- * or in any batch, with any number of threads.
+ * Every output element is a dot product summed in a fixed order that depends
+ * only on its own input row and weight row (lanes in k order, then one fixed
+ * tree over the 8 lanes), so a token's result is the same bits alone or in
+ * any batch, with any number of threads.
  *
  * Work is split across threads as blocks of output features (of each expert,
  * for the experts in two phases, gate|up then down, one barrier between them).
@@ -27,14 +29,31 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__FMA__)
+#include <immintrin.h>
+#endif
 
 #define LANES 8
-#define ROWS_PER_BLOCK 3
-#define WEIGHTS_PER_BLOCK 4
-/* Output features per work item: enough work to amortise scheduling. */
-#define FEATURES_PER_ITEM 32
+#define ROWS_PER_BLOCK 4
+#define WEIGHTS_PER_BLOCK 3
+/* One or two rows are bound by reading the weights, not by arithmetic: more
+ * weight rows at once keep more reads in flight. */
+#define WEIGHTS_PER_BLOCK_FEW_ROWS 6
+/* Output features per work item: enough work to amortise scheduling; a
+ * multiple of both block widths. */
+#define FEATURES_PER_ITEM 48
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+
+/* a * b + c. Built with -ffp-contract=off, so that this is the only fused multiply-add and
+ * every copy of a block rounds the same way. */
+static inline vf multiply_add(vf a, vf b, vf c) {
+#if defined(__FMA__)
+    return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+    return a * b + c;
+#endif
+}
 
 static inline vf load_f32(const float *p) {
     vf v;
@@ -42,22 +61,33 @@ static inline vf load_f32(const float *p) {
     return v;
 }
 
-static inline float lane_sum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
+/* The lane sums of a, b, c, d as lanes 0, 1, 2, 3: each is
+ * ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)), the same tree for all four. */
+static inline vf lane_sums4(vf a, vf b, vf c, vf d) {
+    vf ab = __builtin_shufflevector(a, b, 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(a, b, 4, 5, 6, 7, 12, 13, 14, 15);
+    vf cd = __builtin_shufflevector(c, d, 0, 1, 2, 3, 8, 9, 10, 11) +
+            __builtin_shufflevector(c, d, 4, 5, 6, 7, 12, 13, 14, 15);
+    /* [a04+a26, a15+a37, c04+c26, c15+c37, b.., b.., d.., d..] */
+    vf quads = __builtin_shufflevector(ab, cd, 0, 1, 8, 9, 4, 5, 12, 13) +
+               __builtin_shufflevector(ab, cd, 2, 3, 10, 11, 6, 7, 14, 15);
+    /* [a, c, b, d, ...] */
+    vf sums = __builtin_shufflevector(quads, quads, 0, 2, 4, 6, 0, 2, 4, 6) +
+              __builtin_shufflevector(quads, quads, 1, 3, 5, 7, 1, 3, 5, 7);
+    return __builtin_shufflevector(sums, sums, 0, 2, 1, 3, 4, 5, 6, 7);
 }
 
-/* y[i, j] = x[i, :] . w[j, :] for i < nx (<= 3), j < nw (<= 4); k a multiple of LANES.
+/* y[i, j] = x[i, :] . w[j, :] for i < nx (<= 4), j < nw (<= 6, nx * nw <= 12); k a multiple
+ * of LANES.
  * Inlined with constant nx and nw, the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot_block(
     const float *x, int64_t ldx, int nx, const float *w, int64_t ldw, int nw, int64_t k,
     float *y, int64_t ldy) {
-    vf acc[ROWS_PER_BLOCK][WEIGHTS_PER_BLOCK];
+    vf acc[ROWS_PER_BLOCK][WEIGHTS_PER_BLOCK_FEW_ROWS];
     for (int i = 0; i < nx; i++)
         for (int j = 0; j < nw; j++) acc[i][j] = (vf){0};
     for (int64_t p = 0; p < k; p += LANES) {
-        vf wv[WEIGHTS_PER_BLOCK];
+        vf wv[WEIGHTS_PER_BLOCK_FEW_ROWS];
         for (int j = 0; j < nw; j++) wv[j] = load_f32(w + j * ldw + p);
         /* The next block's weight rows, a cache line each, while this block computes
          * (past an expert's last row it touches the next expert's, or nothing). */
@@ -65,25 +95,48 @@ static inline __attribute__((always_inline)) void dot_block(
             for (int j = 0; j < nw; j++) __builtin_prefetch(w + (nw + j) * ldw + p + 64);
         for (int i = 0; i < nx; i++) {
             vf xv = load_f32(x + i * ldx + p);
-            for (int j = 0; j < nw; j++) acc[i][j] += xv * wv[j];
+#if defined(__x86_64__)
+            __asm__("" : "+x"(xv)); /* one load, in a register, for all nw products */
+#endif
+            for (int j = 0; j < nw; j++) acc[i][j] = multiply_add(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < nx; i++)
-        for (int j = 0; j < nw; j++) y[i * ldy + j] = lane_sum(acc[i][j]);
+    const vf zero = {0};
+    for (int j = 0; j < nw; j++) {
+        vf sums = lane_sums4(acc[0][j], nx > 1 ? acc[1][j] : zero, nx > 2 ? acc[2][j] : zero,
+                             nx > 3 ? acc[3][j] : zero);
+        for (int i = 0; i < nx; i++) y[i * ldy + j] = sums[i];
+    }
 }
 
-/* y[:rows, f0:f1] = x[:rows, :k] . w[f0:f1, :k]^T, row strides ldx (x), k (w), ldy (y).
- * f1 - f0 is a multiple of WEIGHTS_PER_BLOCK: feature counts are multiples of LANES. */
+/* All rows against weight rows f .. f + nw (a constant when inlined). */
+static inline __attribute__((always_inline)) void rows_times_block(
+    const float *x, int64_t ldx, int64_t rows, const float *wf, int nw, int64_t k, float *y,
+    int64_t ldy) {
+    int64_t r = 0;
+    for (; r + ROWS_PER_BLOCK <= rows; r += ROWS_PER_BLOCK)
+        dot_block(x + r * ldx, ldx, 4, wf, k, nw, k, y + r * ldy, ldy);
+    switch (rows - r) {
+    case 3: dot_block(x + r * ldx, ldx, 3, wf, k, nw, k, y + r * ldy, ldy); break;
+    case 2: dot_block(x + r * ldx, ldx, 2, wf, k, nw, k, y + r * ldy, ldy); break;
+    case 1: dot_block(x + r * ldx, ldx, 1, wf, k, nw, k, y + r * ldy, ldy); break;
+    }
+}
+
+/* y[:rows, f0:f1] = x[:rows, :k] . w[f0:f1, :k]^T, row strides ldx (x), k (w), ldy (y). */
 static void rows_times_weights(const float *x, int64_t ldx, int64_t rows, const float *w,
                                int64_t k, int64_t f0, int64_t f1, float *y, int64_t ldy) {
-    for (int64_t f = f0; f < f1; f += WEIGHTS_PER_BLOCK) {
-        const float *wf = w + f * k;
-        int64_t r = 0;
-        for (; r + ROWS_PER_BLOCK <= rows; r += ROWS_PER_BLOCK)
-            dot_block(x + r * ldx, ldx, 3, wf, k, 4, k, y + r * ldy + f, ldy);
-        if (rows - r == 2) dot_block(x + r * ldx, ldx, 2, wf, k, 4, k, y + r * ldy + f, ldy);
-        if (rows - r == 1) dot_block(x + r * ldx, ldx, 1, wf, k, 4, k, y + r * ldy + f, ldy);
+    int64_t f = f0;
+    if (rows <= 2) {
+        for (; f + WEIGHTS_PER_BLOCK_FEW_ROWS <= f1; f += WEIGHTS_PER_BLOCK_FEW_ROWS) {
+            if (rows == 1) dot_block(x, ldx, 1, w + f * k, k, 6, k, y + f, ldy);
+            else dot_block(x, ldx, 2, w + f * k, k, 6, k, y + f, ldy);
+        }
     }
+    for (; f + WEIGHTS_PER_BLOCK <= f1; f += WEIGHTS_PER_BLOCK)
+        rows_times_block(x, ldx, rows, w + f * k, 3, k, y + f, ldy);
+    if (f1 - f == 2) rows_times_block(x, ldx, rows, w + f * k, 2, k, y + f, ldy);
+    if (f1 - f == 1) rows_times_block(x, ldx, rows, w + f * k, 1, k, y + f, ldy);
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
