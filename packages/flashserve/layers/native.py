@@ -1,8 +1,8 @@
 """C kernels compiled on first use with the system's C compiler and called through ctypes.
 
-A kernel source under layers/csrc/ is built with `cc -O3 -march=native -fopenmp`
-(about a second) into a cache directory keyed by the source, the flags, the
-compiler and the CPU, and loaded once per process. ctypes releases the GIL for
+A kernel source under layers/csrc/ is built with `cc -O3 -march=native -fopenmp
+-ffp-contract=off` (about a second) into a cache directory keyed by the source
+and the headers beside it, the flags, the compiler and the CPU, and loaded once per process. ctypes releases the GIL for
 the call. Where that cannot happen (no compiler, a read-only disk) `load()`
 returns None, the reason is logged once, and the caller keeps its torch path.
 """
@@ -23,31 +23,26 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a multiply-add is fused only where the source says so (csrc/vector_ops.h).
+# Left to the compiler, one inlined copy of a loop may fuse it and another not, and a
+# row's bits would depend on the rows beside it.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class NativeLibrary:
     """One C source under csrc/, its exported functions' signatures, and its loaded build."""
 
-    def __init__(
-        self,
-        source: str,
-        what: str,
-        functions: dict[str, list],
-        extra_flags: tuple[str, ...] = (),
-    ) -> None:
+    def __init__(self, source: str, what: str, functions: dict[str, list]) -> None:
         self.source = CSRC / source
         self.what = what  # for the log: "CPU decode attention: paged kernel ..."
         self.functions = functions  # name -> ctypes argtypes; every function returns int
-        self.extra_flags = extra_flags
-        self.flags = (*FLAGS, *extra_flags)
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self.load_failed: str | None = None
 
     def fresh(self) -> NativeLibrary:
         """The same library, not loaded yet (tests: another cache directory or compiler)."""
-        return NativeLibrary(self.source.name, self.what, self.functions, self.extra_flags)
+        return NativeLibrary(self.source.name, self.what, self.functions)
 
     def load(self) -> ctypes.CDLL | None:
         if self._library is not None or self.load_failed is not None:
@@ -78,10 +73,12 @@ class NativeLibrary:
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
             raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-        source = self.source.read_bytes()
+        source = self.source.read_bytes() + b"".join(
+            header.read_bytes() for header in sorted(CSRC.glob("*.h"))
+        )
         # -march=native: a library built on one CPU must not be loaded on another.
         key = hashlib.sha256(
-            source + " ".join(self.flags).encode() + compiler.encode() + _cpu_signature().encode()
+            source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()
         ).hexdigest()[:16]
         target = cache_dir() / f"{self.source.stem}-{key}.so"
         if target.exists():
@@ -92,7 +89,7 @@ class NativeLibrary:
         os.close(fd)
         try:
             done = subprocess.run(
-                [compiler, *self.flags, str(self.source), "-o", partial, "-lm"],
+                [compiler, *FLAGS, str(self.source), "-o", partial, "-lm"],
                 capture_output=True,
                 text=True,
                 timeout=120,

@@ -54,10 +54,6 @@ KERNELS = NativeLibrary(
             ctypes.c_int,  # threads
         ],
     },
-    # A multiply-add is fused only where the source says so: left to the compiler,
-    # one inlined copy of a block may fuse it and another not, and a row's bits
-    # would depend on the rows beside it.
-    extra_flags=("-ffp-contract=off",),
 )
 
 # Benchmarks and tests switch the kernel off to compare with torch.
