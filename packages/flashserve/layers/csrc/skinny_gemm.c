@@ -36,7 +36,8 @@
 /* One or two rows are bound by reading the weights, not by arithmetic: more
  * weight rows at once keep more reads in flight. */
 #define WEIGHTS_PER_BLOCK_FEW_ROWS 6
-/* Output features per work item: enough work to amortise scheduling; a
+/* Output features per work item of the experts' products (many items of
+ * uneven size, scheduled dynamically): enough work to amortise scheduling; a
  * multiple of both block widths. */
 #define FEATURES_PER_ITEM 48
 
@@ -148,11 +149,14 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
  * (+ bias [features] if not NULL). k and features multiples of LANES. Returns 0. */
 int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_t features,
                int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    int64_t items = (features + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < items; item++) {
-        int64_t f0 = item * FEATURES_PER_ITEM;
-        int64_t f1 = f0 + FEATURES_PER_ITEM < features ? f0 + FEATURES_PER_ITEM : features;
+    /* Each thread one contiguous run of whole blocks, as even as blocks allow (fixed-size
+     * items would leave one thread an item more: a 512-feature layer is 11 items of 48). */
+    const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS, units = (features + unit - 1) / unit;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int part = 0; part < threads; part++) {
+        int64_t f0 = units * part / threads * unit, f1 = units * (part + 1) / threads * unit;
+        f1 = f1 < features ? f1 : features;
+        if (f0 >= f1) continue;
         rows_times_weights(x, ldx, rows, w, k, f0, f1, y, ldy);
         if (bias)
             for (int64_t r = 0; r < rows; r++)
