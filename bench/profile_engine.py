@@ -1,6 +1,6 @@
 """Where a W1 engine step spends its time: torch profiler tables for prefill and decode.
 
-    python bench/profile_engine.py [--requests 64] [--threads 1] [--dtype auto] [--rows 25]
+    python bench/profile_engine.py [--requests 64] [--threads 1] [--dtype auto] [--rows 25] [--top-k -1]
 
 Times are CPU time of this process (time.process_time), which a busy shared
 machine distorts far less than wall time does; with --threads 1 the sum over
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--top-k", type=int, default=50, help="-1: top_p alone (W1 as worded)")
     parser.add_argument("--no-profiler", action="store_true", help="only the step timings")
     args = parser.parse_args(argv)
 
@@ -41,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = make_engine(args.model, dtype=args.dtype, cpu_threads=args.threads)
     vocab = json.loads((args.model / "config.json").read_text())["vocab_size"]
     params = SamplingParams(
-        max_tokens=10_000, temperature=0.8, top_p=0.95, top_k=50, ignore_eos=True
+        max_tokens=10_000, temperature=0.8, top_p=0.95, top_k=args.top_k, ignore_eos=True
     )
     for i, prompt in enumerate(random_prompts(args.requests, args.prompt_len, vocab)):
         engine.add_request(f"p{i}", prompt, params)

@@ -8,9 +8,14 @@ import torch.nn.functional as F
 
 from flashserve.layers import skinny_gemm
 
-pytestmark = pytest.mark.skipif(
-    skinny_gemm.KERNELS.load() is None, reason="no C compiler: torch's linear serves"
-)
+
+@pytest.fixture(scope="module", autouse=True)
+def kernel_builds():
+    if skinny_gemm.KERNELS.load() is None:
+        pytest.fail(
+            f"the kernel does not build here ({skinny_gemm.KERNELS.load_failed}); "
+            "a C compiler is part of the dev setup"
+        )
 
 
 def _weights(features: int, k: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,19 +33,23 @@ def test_equals_the_product_in_double_precision(rows):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
 
 
-def test_a_row_has_the_same_bits_alone_in_a_batch_and_with_any_thread_count():
-    weight, _ = _weights(64, 128, seed=1)
+@pytest.mark.parametrize("features", [64, 40, 104])  # blocks of 3 and 6 leave 1 or 2 over
+def test_a_row_has_the_same_bits_alone_in_a_batch_and_with_any_thread_count(features):
+    weight, _ = _weights(features, 128, seed=1)
     x = torch.randn(11, 128)
     threads = torch.get_num_threads()
     with torch.inference_mode():
         together = skinny_gemm.linear(x, weight)
-        alone = skinny_gemm.linear(x[6:7], weight)
         try:
             torch.set_num_threads(1)
             one_thread = skinny_gemm.linear(x, weight)
         finally:
             torch.set_num_threads(threads)
-    assert torch.equal(together[6], alone[0])
+        # Every run of 1-5 rows, at every place in the batch: each block shape the kernel has.
+        for size in range(1, 6):
+            for start in range(0, 12 - size):
+                part = skinny_gemm.linear(x[start : start + size], weight)
+                assert torch.equal(part, together[start : start + size]), (size, start)
     assert torch.equal(together, one_thread)
 
 

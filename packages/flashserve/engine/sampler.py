@@ -98,7 +98,7 @@ class Sampler:
                 torch.float32,
                 self.device,
             )
-            logits = logits / temps[:, None]
+            logits.div_(temps[:, None])  # the private copy: no second [rows, vocab] buffer
 
         if all(p.greedy for p in params):
             chosen = logits.argmax(dim=-1)

@@ -1,8 +1,8 @@
 """C kernels compiled on first use with the system's C compiler and called through ctypes.
 
-A kernel source under layers/csrc/ is built with `cc -O3 -march=native -fopenmp`
-(about a second) into a cache directory keyed by the source, the flags, the
-compiler and the CPU, and loaded once per process. ctypes releases the GIL for
+A kernel source under layers/csrc/ is built with `cc -O3 -march=native -fopenmp
+-ffp-contract=off` (about a second) into a cache directory keyed by the source
+and the headers beside it, the flags, the compiler and the CPU, and loaded once per process. ctypes releases the GIL for
 the call. Where that cannot happen (no compiler, a read-only disk) `load()`
 returns None, the reason is logged once, and the caller keeps its torch path.
 """
@@ -23,7 +23,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC")
+# -ffp-contract=off: a multiply-add is fused only where the source says so (csrc/vector_ops.h).
+# Left to the compiler, one inlined copy of a loop may fuse it and another not, and a
+# row's bits would depend on the rows beside it.
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
 
 
 class NativeLibrary:
@@ -70,7 +73,9 @@ class NativeLibrary:
         compiler = shutil.which(os.environ.get("CC", "cc"))
         if compiler is None:
             raise RuntimeError(f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH")
-        source = self.source.read_bytes()
+        source = self.source.read_bytes() + b"".join(
+            header.read_bytes() for header in sorted(CSRC.glob("*.h"))
+        )
         # -march=native: a library built on one CPU must not be loaded on another.
         key = hashlib.sha256(
             source + " ".join(FLAGS).encode() + compiler.encode() + _cpu_signature().encode()

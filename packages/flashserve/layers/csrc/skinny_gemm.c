@@ -10,15 +10,17 @@
  *                             y = a . down[e]^T     ([n, H]).
  * With a handful of rows a BLAS GEMM spends its time packing the weights (and
  * torch's CPU linear runs one matrix-vector product per row below ~5 rows);
- * here each weight row is read
- * once from memory and multiplied by all of the expert's rows while it sits in
- * registers (blocks of 4 weight rows x 3 input rows), prefetching the next
- * block's rows meanwhile, so the cost is one pass over the active experts'
- * weights.
+ * here each weight row is read once from memory and multiplied by all the rows
+ * while it sits in cache: blocks of 3 weight rows x 4 input rows, 12
+ * accumulators in registers, each input vector loaded once into a register and
+ * used three times (left to itself the compiler folds every input load into
+ * its multiply-add, which makes the loop wait on loads), prefetching the next
+ * block's weight rows meanwhile, so the cost is one pass over the weights.
  *
- * Every output element is a dot product summed in a fixed lane order that
- * depends only on its own input row, so a token's result is the same bits alone
- * or in any batch, with any number of threads.
+ * Every output element is a dot product summed in a fixed order that depends
+ * only on its own input row and weight row (lanes in k order, then one fixed
+ * tree over the 8 lanes), so a token's result is the same bits alone or in
+ * any batch, with any number of threads.
  *
  * Work is split across threads as blocks of output features (of each expert,
  * for the experts in two phases, gate|up then down, one barrier between them).
@@ -26,38 +28,30 @@
  */
 #include <math.h>
 #include <stdint.h>
-#include <string.h>
 
-#define LANES 8
-#define ROWS_PER_BLOCK 3
-#define WEIGHTS_PER_BLOCK 4
-/* Output features per work item: enough work to amortise scheduling. */
-#define FEATURES_PER_ITEM 32
+#include "vector_ops.h"
 
-typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+#define ROWS_PER_BLOCK 4
+#define WEIGHTS_PER_BLOCK 3
+/* One or two rows are bound by reading the weights, not by arithmetic: more
+ * weight rows at once keep more reads in flight. */
+#define WEIGHTS_PER_BLOCK_FEW_ROWS 6
+/* Output features per work item of the experts' products (many items of
+ * uneven size, scheduled dynamically): enough work to amortise scheduling; a
+ * multiple of both block widths. */
+#define FEATURES_PER_ITEM 48
 
-static inline vf load_f32(const float *p) {
-    vf v;
-    memcpy(&v, p, sizeof(v));
-    return v;
-}
-
-static inline float lane_sum(vf v) {
-    float s = 0.0f;
-    for (int i = 0; i < LANES; i++) s += v[i];
-    return s;
-}
-
-/* y[i, j] = x[i, :] . w[j, :] for i < nx (<= 3), j < nw (<= 4); k a multiple of LANES.
+/* y[i, j] = x[i, :] . w[j, :] for i < nx (<= 4), j < nw (<= 6, nx * nw <= 12); k a multiple
+ * of LANES.
  * Inlined with constant nx and nw, the accumulators stay in registers. */
 static inline __attribute__((always_inline)) void dot_block(
     const float *x, int64_t ldx, int nx, const float *w, int64_t ldw, int nw, int64_t k,
     float *y, int64_t ldy) {
-    vf acc[ROWS_PER_BLOCK][WEIGHTS_PER_BLOCK];
+    vf acc[ROWS_PER_BLOCK][WEIGHTS_PER_BLOCK_FEW_ROWS];
     for (int i = 0; i < nx; i++)
         for (int j = 0; j < nw; j++) acc[i][j] = (vf){0};
     for (int64_t p = 0; p < k; p += LANES) {
-        vf wv[WEIGHTS_PER_BLOCK];
+        vf wv[WEIGHTS_PER_BLOCK_FEW_ROWS];
         for (int j = 0; j < nw; j++) wv[j] = load_f32(w + j * ldw + p);
         /* The next block's weight rows, a cache line each, while this block computes
          * (past an expert's last row it touches the next expert's, or nothing). */
@@ -65,25 +59,48 @@ static inline __attribute__((always_inline)) void dot_block(
             for (int j = 0; j < nw; j++) __builtin_prefetch(w + (nw + j) * ldw + p + 64);
         for (int i = 0; i < nx; i++) {
             vf xv = load_f32(x + i * ldx + p);
-            for (int j = 0; j < nw; j++) acc[i][j] += xv * wv[j];
+#if defined(__x86_64__)
+            __asm__("" : "+x"(xv)); /* one load, in a register, for all nw products */
+#endif
+            for (int j = 0; j < nw; j++) acc[i][j] = multiply_add(xv, wv[j], acc[i][j]);
         }
     }
-    for (int i = 0; i < nx; i++)
-        for (int j = 0; j < nw; j++) y[i * ldy + j] = lane_sum(acc[i][j]);
+    const vf zero = {0};
+    for (int j = 0; j < nw; j++) {
+        vf sums = lane_sums4(acc[0][j], nx > 1 ? acc[1][j] : zero, nx > 2 ? acc[2][j] : zero,
+                             nx > 3 ? acc[3][j] : zero);
+        for (int i = 0; i < nx; i++) y[i * ldy + j] = sums[i];
+    }
 }
 
-/* y[:rows, f0:f1] = x[:rows, :k] . w[f0:f1, :k]^T, row strides ldx (x), k (w), ldy (y).
- * f1 - f0 is a multiple of WEIGHTS_PER_BLOCK: feature counts are multiples of LANES. */
+/* All rows against weight rows f .. f + nw (a constant when inlined). */
+static inline __attribute__((always_inline)) void rows_times_block(
+    const float *x, int64_t ldx, int64_t rows, const float *wf, int nw, int64_t k, float *y,
+    int64_t ldy) {
+    int64_t r = 0;
+    for (; r + ROWS_PER_BLOCK <= rows; r += ROWS_PER_BLOCK)
+        dot_block(x + r * ldx, ldx, 4, wf, k, nw, k, y + r * ldy, ldy);
+    switch (rows - r) {
+    case 3: dot_block(x + r * ldx, ldx, 3, wf, k, nw, k, y + r * ldy, ldy); break;
+    case 2: dot_block(x + r * ldx, ldx, 2, wf, k, nw, k, y + r * ldy, ldy); break;
+    case 1: dot_block(x + r * ldx, ldx, 1, wf, k, nw, k, y + r * ldy, ldy); break;
+    }
+}
+
+/* y[:rows, f0:f1] = x[:rows, :k] . w[f0:f1, :k]^T, row strides ldx (x), k (w), ldy (y). */
 static void rows_times_weights(const float *x, int64_t ldx, int64_t rows, const float *w,
                                int64_t k, int64_t f0, int64_t f1, float *y, int64_t ldy) {
-    for (int64_t f = f0; f < f1; f += WEIGHTS_PER_BLOCK) {
-        const float *wf = w + f * k;
-        int64_t r = 0;
-        for (; r + ROWS_PER_BLOCK <= rows; r += ROWS_PER_BLOCK)
-            dot_block(x + r * ldx, ldx, 3, wf, k, 4, k, y + r * ldy + f, ldy);
-        if (rows - r == 2) dot_block(x + r * ldx, ldx, 2, wf, k, 4, k, y + r * ldy + f, ldy);
-        if (rows - r == 1) dot_block(x + r * ldx, ldx, 1, wf, k, 4, k, y + r * ldy + f, ldy);
+    int64_t f = f0;
+    if (rows <= 2) {
+        for (; f + WEIGHTS_PER_BLOCK_FEW_ROWS <= f1; f += WEIGHTS_PER_BLOCK_FEW_ROWS) {
+            if (rows == 1) dot_block(x, ldx, 1, w + f * k, k, 6, k, y + f, ldy);
+            else dot_block(x, ldx, 2, w + f * k, k, 6, k, y + f, ldy);
+        }
     }
+    for (; f + WEIGHTS_PER_BLOCK <= f1; f += WEIGHTS_PER_BLOCK)
+        rows_times_block(x, ldx, rows, w + f * k, 3, k, y + f, ldy);
+    if (f1 - f == 2) rows_times_block(x, ldx, rows, w + f * k, 2, k, y + f, ldy);
+    if (f1 - f == 1) rows_times_block(x, ldx, rows, w + f * k, 1, k, y + f, ldy);
 }
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
@@ -132,11 +149,14 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
  * (+ bias [features] if not NULL). k and features multiples of LANES. Returns 0. */
 int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_t features,
                int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    int64_t items = (features + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t item = 0; item < items; item++) {
-        int64_t f0 = item * FEATURES_PER_ITEM;
-        int64_t f1 = f0 + FEATURES_PER_ITEM < features ? f0 + FEATURES_PER_ITEM : features;
+    /* Each thread one contiguous run of whole blocks, as even as blocks allow (fixed-size
+     * items would leave one thread an item more: a 512-feature layer is 11 items of 48). */
+    const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS, units = (features + unit - 1) / unit;
+#pragma omp parallel for schedule(static, 1) num_threads(threads)
+    for (int part = 0; part < threads; part++) {
+        int64_t f0 = units * part / threads * unit, f1 = units * (part + 1) / threads * unit;
+        f1 = f1 < features ? f1 : features;
+        if (f0 >= f1) continue;
         rows_times_weights(x, ldx, rows, w, k, f0, f1, y, ldy);
         if (bias)
             for (int64_t r = 0; r < rows; r++)
