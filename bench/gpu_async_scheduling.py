@@ -25,9 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from gpu_common import (  # noqa: E402
-    REPO_ROOT,
     GpuReport,
     copy_bandwidth,
+    decode_arguments,
     decode_engine,
     decode_rows,
     decode_summary_rows,
@@ -62,16 +62,11 @@ def overlap_off_and_on(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "gpu_out")
-    parser.add_argument("--device", default="cuda")
+    decode_arguments(parser)
     parser.add_argument("--shape", default="llama3-8b")
     parser.add_argument(
         "--model-dir", type=Path, default=None, help="a checkpoint folder (default: random weights)"
     )
-    parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     batches = [int(b) for b in args.batch_sizes.split(",")]

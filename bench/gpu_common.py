@@ -5,6 +5,7 @@ on the device, copy bandwidth, and the summary table each of them prints and wri
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
@@ -332,3 +333,13 @@ class GpuReport:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         (self.out_dir / f"{self.name}.txt").write_text(text + "\n")
         return text
+
+
+def decode_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every GPU decode benchmark takes: where to write, device, batches, lengths."""
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "gpu_out")
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--batch-sizes", default="1,64")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--output-len", type=int, default=128)
+    parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")

@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from gpu_common import (  # noqa: E402
-    REPO_ROOT,
     GpuReport,
     Row,
     copy_bandwidth,
+    decode_arguments,
     decode_engine,
     decode_rows,
     decode_summary_rows,
@@ -70,8 +70,7 @@ def summary_rows(report: dict[str, Any]) -> list[Row]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "gpu_out")
-    parser.add_argument("--device", default="cuda")
+    decode_arguments(parser)
     parser.add_argument(
         "--model-dir",
         type=Path,
@@ -79,10 +78,6 @@ def main(argv: list[str] | None = None) -> int:
         help="a checkpoint folder (e.g. bench/make_bench_model.py's): the worker ranks load it",
     )
     parser.add_argument("--tp", type=int, default=2, help="tensor_parallel_size (>= 2)")
-    parser.add_argument("--batch-sizes", default="1,64")
-    parser.add_argument("--prompt-len", type=int, default=128)
-    parser.add_argument("--output-len", type=int, default=128)
-    parser.add_argument("--attention", default="torch", help="auto | torch | flash_attn")
     args = parser.parse_args(argv)
     if args.tp < 2:
         parser.error("--tp must be at least 2 (gpu_bench.py measures one GPU)")
