@@ -1,22 +1,17 @@
 /* Decode attention over the paged KV cache, read where it lies (CPU).
  *
  * One query token per row. Each (row, KV head) is one task: the G query heads
- * that share the KV head read the key and value rows of the sequence's blocks
- * straight from the cache ([blocks, block_size, kv_heads, head_dim]), with no
- * gathered copy; a block's rows, read for the first query head, are in cache
- * for the others. Scores are computed four keys at a time (four dot products
- * side by side, summed by one shuffle tree), then an exact softmax (max first,
- * a vectorised exp), then the weighted sum of the values with its accumulators
- * in registers, all in fp32, divided by the softmax total at the end.
+ * that share the KV head read each key and value row of the sequence's blocks
+ * once, straight from the cache ([blocks, block_size, kv_heads, head_dim]),
+ * with no gathered copy. Scores go to a per-thread buffer, then an exact
+ * softmax (max first), then the weighted sum of the values, all in fp32.
  *
- * A task's arithmetic depends only on its own row (fixed lane order, the same
- * sums whichever four keys a key is computed with, no dependence on the batch,
- * the thread count or the memory alignment), so a request's output is the same
- * bits alone or in any batch.
+ * A task's arithmetic depends only on its own row (fixed lane order, no
+ * dependence on the batch, the thread count or the memory alignment), so a
+ * request's output is the same bits alone or in any batch.
  *
  * Built at first use by layers/cpu_decode_attention.py (cc -O3 -march=native
- * -fopenmp -ffp-contract=off); OpenMP shares the thread pool torch already
- * loaded (same soname).
+ * -fopenmp); OpenMP shares the thread pool torch already loaded (same soname).
  */
 #define _POSIX_C_SOURCE 200112L
 #include <math.h>
@@ -24,13 +19,16 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "vector_ops.h"
-
+#define LANES 8
+typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
 typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
-/* Value vectors summed at once for one query head: the accumulators stay in registers. */
-#define VALUE_CHUNKS 8
+static inline vf load_f32(const float *p) {
+    vf v;
+    memcpy(&v, p, sizeof(v));
+    return v;
+}
 
 static inline vf load_bf16(const uint16_t *p) {
     vh h;
@@ -40,6 +38,14 @@ static inline vf load_bf16(const uint16_t *p) {
     memcpy(&v, &u, sizeof(v));
     return v;
 }
+
+static inline float lane_sum(vf v) {
+    float s = 0.0f;
+    for (int i = 0; i < LANES; i++) s += v[i];
+    return s;
+}
+
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
 
 /* Vector arrays need their own alignment (32 bytes); malloc promises 16. */
 static vf *vectors(size_t count) {
@@ -59,123 +65,75 @@ static inline void store_bf16(uint16_t *p, vf v) {
     for (int i = 0; i < LANES; i++) p[i] = f32_to_bf16(v[i]);
 }
 
+/* One task: KV heads [h0, h1) of one row. bf16 is a compile-time constant in
+ * each caller, so the compiler specialises the loads and stores. Blocks are
+ * walked in order and, within a token, the task's heads side by side (they
+ * are contiguous in the cache); each key or value row is converted to fp32
+ * once, for all G query heads of its group. Query head q of the task is
+ * (h - h0) * group + g; scores hold one context-long row per query head. */
+static inline void attend(int bf16, const void *q, const void *k_cache, const void *v_cache,
+                          const int32_t *table, int64_t ctx, void *out, int64_t h0, int64_t h1,
+                          int64_t group, int64_t chunks, int64_t head_dim, int64_t block_size,
+                          int64_t token_stride, float scale, float *scores, vf *qv, vf *row,
+                          vf *acc) {
 #define AT(base, index) \
     (bf16 ? (const void *)((const uint16_t *)(base) + (index)) \
           : (const void *)((const float *)(base) + (index)))
 #define LOAD(ptr) (bf16 ? load_bf16((const uint16_t *)(ptr)) : load_f32((const float *)(ptr)))
-
-/* s[t] = q . k_t for the ctx keys of KV head h (q already scaled), four keys at a time. */
-static inline __attribute__((always_inline)) void scores_of_head(
-    int bf16, const vf *q, const void *k_cache, const int32_t *table, int64_t ctx, int64_t h,
-    int64_t chunks, int64_t head_dim, int64_t block_size, int64_t token_stride, float *s) {
-    const vf zero = {0};
+    const int64_t block_stride = block_size * token_stride, heads = (h1 - h0) * group;
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t c = 0; c < chunks; c++)
+            qv[i * chunks + c] = LOAD(AT(q, (h0 * group + i) * head_dim + c * LANES)) * scale;
     for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, b++) {
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        const int64_t base = (int64_t)table[b] * block_size * token_stride + h * head_dim;
-        int64_t j = 0;
-        for (; j + 4 <= n; j += 4) {
-            const int64_t at = base + j * token_stride;
-            vf a0 = zero, a1 = zero, a2 = zero, a3 = zero;
-            for (int64_t c = 0; c < chunks; c++) {
-                const int64_t lane = at + c * LANES;
-                a0 = multiply_add(q[c], LOAD(AT(k_cache, lane)), a0);
-                a1 = multiply_add(q[c], LOAD(AT(k_cache, lane + token_stride)), a1);
-                a2 = multiply_add(q[c], LOAD(AT(k_cache, lane + 2 * token_stride)), a2);
-                a3 = multiply_add(q[c], LOAD(AT(k_cache, lane + 3 * token_stride)), a3);
-            }
-            vf sums = lane_sums4(a0, a1, a2, a3);
-            for (int m = 0; m < 4; m++) s[t0 + j + m] = sums[m];
-        }
-        for (; j < n; j++) {
-            vf a0 = zero;
-            for (int64_t c = 0; c < chunks; c++)
-                a0 = multiply_add(q[c], LOAD(AT(k_cache, base + j * token_stride + c * LANES)), a0);
-            s[t0 + j] = lane_sums4(a0, zero, zero, zero)[0];
-        }
-    }
-}
-
-/* s[:ctx] = e^(s - max); s[ctx : padded] (padding, -inf) = 0. Returns the sum over s. */
-static inline float exponentiate(float *s, int64_t ctx, int64_t padded) {
-    float best = -INFINITY;
-    for (int64_t t = 0; t < ctx; t++) best = s[t] > best ? s[t] : best;
-    for (int64_t t = ctx; t < padded; t++) s[t] = -INFINITY;
-    vf total = {0};
-    for (int64_t t = 0; t < padded; t += LANES) {
-        vf e = exp_nonpositive(load_f32(s + t) - broadcast(best));
-        store_f32(s + t, e);
-        total += e;
-    }
-    const vf zero = {0};
-    return lane_sums4(total, zero, zero, zero)[0];
-}
-
-/* out[c0 : c0 + NC] = (sum over t of p_t v_t) * inverse over the value chunks [c0, c0 + NC). */
-static inline __attribute__((always_inline)) void weighted_values(
-    int bf16, const float *p, const void *v_cache, const int32_t *table, int64_t ctx, int64_t h,
-    int64_t c0, const int nc, int64_t head_dim, int64_t block_size, int64_t token_stride,
-    float inverse, vf *out) {
-    vf acc[VALUE_CHUNKS];
-    for (int c = 0; c < nc; c++) acc[c] = (vf){0};
-    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, b++) {
-        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
-        const int64_t base =
-            (int64_t)table[b] * block_size * token_stride + h * head_dim + c0 * LANES;
         for (int64_t j = 0; j < n; j++) {
-            const vf weight = broadcast(p[t0 + j]);
-            for (int c = 0; c < nc; c++)
-                acc[c] = multiply_add(weight, LOAD(AT(v_cache, base + j * token_stride + c * LANES)),
-                                      acc[c]);
-        }
-    }
-    for (int c = 0; c < nc; c++) out[c] = acc[c] * broadcast(inverse);
-}
-
-/* One task: KV heads [h0, h1) of one row. bf16 is a compile-time constant in each caller,
- * so the compiler specialises the loads and stores. Query head q of the task is
- * (h - h0) * group + g; scores hold one row of `padded` floats per query head. */
-static inline void attend(int bf16, const void *q, const void *k_cache, const void *v_cache,
-                          const int32_t *table, int64_t ctx, void *out, int64_t h0, int64_t h1,
-                          int64_t group, int64_t chunks, int64_t head_dim, int64_t block_size,
-                          int64_t token_stride, float scale, float *scores, vf *qv, vf *row) {
-    const int64_t padded = (ctx + LANES - 1) / LANES * LANES;
-    for (int64_t h = h0; h < h1; h++)
-        for (int64_t i = (h - h0) * group; i < (h - h0 + 1) * group; i++) {
-            const int64_t head = h0 * group + i;
-            vf *q_head = qv + i * chunks;
-            for (int64_t c = 0; c < chunks; c++)
-                q_head[c] = LOAD(AT(q, head * head_dim + c * LANES)) * broadcast(scale);
-            float *s = scores + i * padded;
-            scores_of_head(bf16, q_head, k_cache, table, ctx, h, chunks, head_dim, block_size,
-                           token_stride, s);
-            /* ctx 0: the output is 0 (nothing to attend to). */
-            const float total = ctx ? exponentiate(s, ctx, padded) : 1.0f;
-            const float inverse = 1.0f / total;
-            for (int64_t c0 = 0; c0 < chunks; c0 += VALUE_CHUNKS) {
-                const int64_t nc = chunks - c0 < VALUE_CHUNKS ? chunks - c0 : VALUE_CHUNKS;
-                vf *o = row + c0;
-                switch (nc) {
-#define VALUES(NC)                                                                          \
-    case NC:                                                                                \
-        weighted_values(bf16, s, v_cache, table, ctx, h, c0, NC, head_dim, block_size,     \
-                        token_stride, inverse, o);                                          \
-        break;
-                    VALUES(8) VALUES(7) VALUES(6) VALUES(5) VALUES(4) VALUES(3) VALUES(2)
-                    VALUES(1)
-#undef VALUES
+            const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            for (int64_t h = h0; h < h1; h++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    row[c] = LOAD(AT(k_cache, token + h * head_dim + c * LANES));
+                for (int64_t i = (h - h0) * group; i < (h - h0 + 1) * group; i++) {
+                    vf dot = {0};
+                    for (int64_t c = 0; c < chunks; c++) dot += qv[i * chunks + c] * row[c];
+                    scores[i * ctx + t0 + j] = lane_sum(dot);
                 }
             }
-            for (int64_t c = 0; c < chunks; c++) {
-                const int64_t at = head * head_dim + c * LANES;
-                if (bf16)
-                    store_bf16((uint16_t *)out + at, row[c]);
-                else
-                    store_f32((float *)out + at, row[c]);
+        }
+    }
+    for (int64_t i = 0; i < heads; i++) {
+        float *s = scores + i * ctx, best = -INFINITY, total = 0.0f;
+        for (int64_t t = 0; t < ctx; t++) best = s[t] > best ? s[t] : best;
+        for (int64_t t = 0; t < ctx; t++) {
+            s[t] = expf(s[t] - best);
+            total += s[t];
+        }
+        for (int64_t t = 0; t < ctx; t++) s[t] /= total; /* ctx 0: nothing to divide */
+    }
+    memset(acc, 0, sizeof(vf) * (size_t)(heads * chunks));
+    for (int64_t t0 = 0, b = 0; t0 < ctx; t0 += block_size, b++) {
+        const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
+        for (int64_t j = 0; j < n; j++) {
+            const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            for (int64_t h = h0; h < h1; h++) {
+                for (int64_t c = 0; c < chunks; c++)
+                    row[c] = LOAD(AT(v_cache, token + h * head_dim + c * LANES));
+                for (int64_t i = (h - h0) * group; i < (h - h0 + 1) * group; i++) {
+                    const float p = scores[i * ctx + t0 + j];
+                    for (int64_t c = 0; c < chunks; c++) acc[i * chunks + c] += p * row[c];
+                }
             }
         }
-}
+    }
+    for (int64_t i = 0; i < heads; i++)
+        for (int64_t c = 0; c < chunks; c++) {
+            const int64_t at = (h0 * group + i) * head_dim + c * LANES;
+            if (bf16)
+                store_bf16((uint16_t *)out + at, acc[i * chunks + c]);
+            else
+                store_f32((float *)out + at, acc[i * chunks + c]);
+        }
 #undef LOAD
 #undef AT
+}
 
 /* q, out: [rows, q_heads, head_dim] with the given row strides (elements);
  * head_dim contiguous, heads head_dim apart. Caches contiguous. tables: int32
@@ -197,11 +155,11 @@ static inline int paged_decode(int bf16, const void *q, int64_t q_row_stride,
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
-        const int64_t padded = (max_context + LANES - 1) / LANES * LANES;
-        float *scores = (float *)vectors((size_t)(padded * span * group / LANES));
+        float *scores = malloc(sizeof(float) * (size_t)(max_context * span * group));
         vf *qv = vectors((size_t)(span * group * chunks));
+        vf *acc = vectors((size_t)(span * group * chunks));
         vf *row = vectors((size_t)chunks);
-        if (!scores || !qv || !row) {
+        if (!scores || !qv || !acc || !row) {
 #pragma omp atomic write
             failed = 1;
         } else {
@@ -212,11 +170,12 @@ static inline int paged_decode(int bf16, const void *q, int64_t q_row_stride,
                 attend(bf16, (const char *)q + r * q_row_stride * size, k_cache, v_cache,
                        tables + r * table_stride, ctx, (char *)out + r * out_row_stride * size,
                        h0, h0 + span, group, chunks, head_dim, block_size, kv_heads * head_dim,
-                       scale, scores, qv, row);
+                       scale, scores, qv, row, acc);
             }
         }
         free(scores);
         free(qv);
+        free(acc);
         free(row);
     }
     return failed;
