@@ -36,6 +36,7 @@ from flashserve.distributed.parallel_state import (
     init_tensor_parallel,
     tensor_parallel,
 )
+from flashserve.engine.host_memory import retain_freed_host_memory
 from flashserve.engine.kv_sizing import block_size_for, kv_block_count
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.engine.step_inputs import receive_step
@@ -110,6 +111,7 @@ def worker_main(spec: WorkerSpec, conn: Connection) -> None:
     try:
         if device.type == "cpu":
             torch.set_num_threads(spec.cpu_threads)
+            retain_freed_host_memory()
         else:
             torch.cuda.set_device(device)
         init_tensor_parallel(spec.rank, spec.rendezvous, device, spec.timeout_s)

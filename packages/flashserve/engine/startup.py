@@ -23,6 +23,7 @@ from flashserve.distributed.workers import (
     smallest_over_ranks,
 )
 from flashserve.engine.dtype_choice import pick_dtype
+from flashserve.engine.host_memory import retain_freed_host_memory
 from flashserve.engine.kv_sizing import block_size_for, kv_block_count
 from flashserve.engine.model_runner import ModelRunner
 from flashserve.layers.attention import select_backend
@@ -69,6 +70,7 @@ def load_engine_model(
     cpu_threads = config.cpu_threads or max(1, (os.cpu_count() or 1) // tensor_parallel_size)
     if device.type == "cpu":
         torch.set_num_threads(cpu_threads)
+        retain_freed_host_memory()
     mc = ModelConfig.from_pretrained(model_dir)
     dtype = pick_dtype(config.dtype, device, mc.hidden_size, mc.intermediate_size)
     max_model_len = _context_length(config, mc)
