@@ -78,6 +78,18 @@ def _at_least_by_where(engine: Any = None) -> Iterator[None]:
         truncation._at_least = saved
 
 
+@contextlib.contextmanager
+def _mass_kernel_off(engine: Any = None) -> Iterator[None]:
+    """certainly_kept's mass by torch passes (mask, then row_sums), not csrc/mass_at_least.c."""
+    from flashserve.engine import truncation
+
+    truncation.mass_kernel_enabled = False
+    try:
+        yield
+    finally:
+        truncation.mass_kernel_enabled = True
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "decode_kernel": _decode_kernel_off,
@@ -85,6 +97,7 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # Identical work on both sides: the noise band of a pair on this machine.
     "none": lambda engine=None: contextlib.nullcontext(),
     "certainly_kept_keys": _at_least_by_where,
+    "mass_kernel": _mass_kernel_off,
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import torch
 
+from flashserve.engine import truncation
 from flashserve.engine.sampler import _race
-from flashserve.engine.truncation import certainly_kept, kept_probs
+from flashserve.engine.truncation import block_sums, certainly_kept, kept_probs, mass_at_least
 from tests.sampling_harness import mixed_batch, seq_with
 
 
@@ -49,7 +50,7 @@ def test_the_two_round_race_draws_each_token_with_its_probability():
     counts = torch.zeros(2, vocab)
     for _ in range(calls):
         for r in range(2):
-            drawn = _race(probs[r].repeat(rows, 1), seqs)
+            drawn = _race(probs[r].repeat(rows, 1), block_sums(probs[r].repeat(rows, 1)), seqs)
             counts[r] += torch.bincount(drawn, minlength=vocab).float()
     got = counts / (rows * calls)
     for r in range(2):
@@ -73,7 +74,30 @@ def test_a_seeded_race_is_the_same_alone_and_in_a_batch():
             s.generator = torch.Generator().manual_seed(s.params.seed)
 
     fresh_generators()
-    together = _race(probs, seeded).tolist()
+    together = _race(probs, block_sums(probs), seeded).tolist()
     fresh_generators()
-    alone = [_race(probs[i : i + 1], seeded[i : i + 1]).item() for i in range(6)]
+    alone = [
+        _race(probs[i : i + 1], block_sums(probs[i : i + 1]), seeded[i : i + 1]).item()
+        for i in range(6)
+    ]
     assert together == alone
+
+
+def test_the_nucleus_mass_kernel_sums_what_the_torch_passes_sum():
+    """csrc/mass_at_least.c: the mass at or above each row's floor, as row_sums of the
+    masked row (to float32 rounding), the same bits alone and in a batch, and a
+    vocabulary that is not a multiple of its blocks or lanes."""
+    assert truncation.MASS_KERNEL.load() is not None, truncation.MASS_KERNEL.load_failed
+    g = torch.Generator().manual_seed(3)
+    for vocab in (32768, 1003, 5):
+        probs = torch.softmax(torch.randn(9, vocab, generator=g) * 3, dim=-1)
+        floors = probs.gather(1, torch.randint(vocab, (9, 1), generator=g))
+        floors[0] = 0.0  # the whole row
+        floors[1] = 2.0  # nothing
+        got = mass_at_least(probs, floors)
+        expected = truncation.row_sums(torch.where(probs >= floors, probs, 0.0))
+        assert got.dtype == torch.float64
+        assert torch.allclose(got, expected, rtol=1e-6, atol=1e-9), (vocab, got, expected)
+        assert got[1] == 0.0
+        alone = torch.cat([mass_at_least(probs[i : i + 1], floors[i : i + 1]) for i in range(9)])
+        assert torch.equal(got, alone)

@@ -187,8 +187,9 @@ def _draw_from_vocab(
     if logits.device.type != "cpu":
         return _draw_by_sort(logits, seqs, top_p, device)
     probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
-    chosen = _race(probs, seqs)
-    unsure = (~certainly_kept(probs, chosen, params, top_p)).nonzero().view(-1)
+    totals = block_sums(probs)
+    chosen = _race(probs, totals, seqs)
+    unsure = (~certainly_kept(probs, chosen, params, top_p, totals)).nonzero().view(-1)
     if len(unsure):
         rows = unsure.tolist()
         kept, work = kept_probs(
@@ -209,19 +210,18 @@ def _draw_from_vocab(
     return chosen
 
 
-def _race(probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def _race(probs: torch.Tensor, totals: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
     """Each row's winner of the exponential race (argmax p / E) over all its tokens.
 
     In two rounds: blocks of CROSSING_BLOCK tokens race with their total probability,
     then the winning block's tokens race with their own. The best p / E in a set is
     distributed as the set's total p over one E, so the winner is distributed as in
     one race over every token (token i with probability p_i), for V / 256 + 256
-    uniforms a row instead of V. Block totals come from block_sums: the same bits in
-    any batch. Seeded rows draw their uniforms from their own generator.
+    uniforms a row instead of V. totals: block_sums(probs), the same bits in any
+    batch. Seeded rows draw their uniforms from their own generator.
     """
     rows, vocab = probs.shape
     block = CROSSING_BLOCK
-    totals = block_sums(probs)
     block_u = torch.empty_like(totals).uniform_()
     token_u = torch.empty((rows, block), dtype=probs.dtype, device=probs.device).uniform_()
     for i, seq in enumerate(seqs):

@@ -9,10 +9,32 @@ finds each row's cut-off key and how many tokens equal to it stay.
 
 from __future__ import annotations
 
+import ctypes
+import os
+
 import torch
 
 from flashserve.engine.host_transfer import upload
 from flashserve.engine.sampling_params import SamplingParams
+from flashserve.layers.native import NativeLibrary
+
+MASS_KERNEL = NativeLibrary(
+    "mass_at_least.c",
+    "sampler: nucleus check",
+    {
+        "mass_at_least_f32": [
+            ctypes.c_void_p,  # probs [rows, vocab]
+            ctypes.c_int64,  # rows
+            ctypes.c_int64,  # vocab
+            ctypes.c_int64,  # probs row stride
+            ctypes.c_void_p,  # floors float32 [rows]
+            ctypes.c_void_p,  # mass float64 [rows]
+            ctypes.c_int,  # threads
+        ]
+    },
+)
+# Benchmarks switch the kernel off to compare with the torch passes.
+mass_kernel_enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") != "0"
 
 
 def kept_probs(
@@ -44,11 +66,16 @@ CERTAIN_MARGIN = 1e-4
 
 
 def certainly_kept(
-    probs: torch.Tensor, tokens: torch.Tensor, params: list[SamplingParams], top_p: list[float]
+    probs: torch.Tensor,
+    tokens: torch.Tensor,
+    params: list[SamplingParams],
+    top_p: list[float],
+    totals: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B] bool: rows whose token kept_probs surely keeps (False: not known, not "dropped").
 
-    probs: the rows' softmax (kept_probs's first step); tokens: one per row. Known only
+    probs: the rows' softmax (kept_probs's first step); tokens: one per row; totals:
+    block_sums(probs) where the caller has them. Known only
     for rows truncated by at most a nucleus (no top-k below the vocabulary, no min-p):
     the token stays when every token at least as probable, its ties included, holds
     less than top_p of the mass (by a margin for rounding), since the nucleus keeps
@@ -61,10 +88,39 @@ def certainly_kept(
     )
     nucleus = torch.tensor(top_p, dtype=torch.float64, device=device)
     chosen = probs.gather(1, tokens[:, None])
-    # row_sums: the same bits in any batch, so a seeded row decides the same way alone.
-    through = row_sums(_at_least(probs, chosen))
-    target = nucleus * row_sums(probs) * (1.0 - CERTAIN_MARGIN)
+    # Both sums have the same bits in any batch, so a seeded row decides the same way alone.
+    through = mass_at_least(probs, chosen)
+    mass = row_sums(probs) if totals is None else totals.cumsum(dim=-1)[:, -1]
+    target = nucleus * mass * (1.0 - CERTAIN_MARGIN)
     return simple & ((nucleus >= 1.0) | ((through < target) & (chosen.squeeze(1) > 0)))
+
+
+def mass_at_least(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
+    """Each row's sum of its probs >= floor[row] (float64, the same bits in any batch).
+
+    One pass of csrc/mass_at_least.c on the CPU in float32; else row_sums of _at_least."""
+    rows, vocab = probs.shape
+    if (
+        mass_kernel_enabled
+        and probs.device.type == "cpu"
+        and probs.dtype == torch.float32
+        and probs.stride(1) == 1
+    ):
+        library = MASS_KERNEL.load()
+        if library is not None:
+            floors = floor.reshape(rows).to(torch.float32).contiguous()
+            mass = torch.empty(rows, dtype=torch.float64)
+            library.mass_at_least_f32(
+                probs.data_ptr(),
+                rows,
+                vocab,
+                probs.stride(0),
+                floors.data_ptr(),
+                mass.data_ptr(),
+                torch.get_num_threads(),
+            )
+            return mass
+    return row_sums(_at_least(probs, floor))
 
 
 def _at_least(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
