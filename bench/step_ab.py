@@ -90,6 +90,18 @@ def _mass_kernel_off(engine: Any = None) -> Iterator[None]:
         truncation.mass_kernel_enabled = True
 
 
+@contextlib.contextmanager
+def _elementwise_off(engine: Any = None) -> Iterator[None]:
+    """RMSNorm and silu(gate) * up as torch ops, not csrc/elementwise.c."""
+    from flashserve.layers import cpu_elementwise
+
+    cpu_elementwise.enabled = False
+    try:
+        yield
+    finally:
+        cpu_elementwise.enabled = True
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "decode_kernel": _decode_kernel_off,
@@ -98,6 +110,7 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "none": lambda engine=None: contextlib.nullcontext(),
     "certainly_kept_keys": _at_least_by_where,
     "mass_kernel": _mass_kernel_off,
+    "elementwise": _elementwise_off,
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {

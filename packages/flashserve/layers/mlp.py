@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashserve.layers import cpu_elementwise
 from flashserve.layers.linear import PackedLinear, RowParallelLinear, split_evenly
 
 
@@ -38,5 +39,9 @@ class MLP(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj.split(x)
-        return self.down_proj(F.silu(gate) * up)
+        gate_up = self.gate_up_proj(x)
+        activated = cpu_elementwise.silu_mul(gate_up)
+        if activated is None:
+            gate, up = gate_up.split(self.gate_up_proj.split_sizes, dim=-1)
+            activated = F.silu(gate) * up
+        return self.down_proj(activated)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashserve.layers import cpu_elementwise
+
 
 class RMSNorm(nn.Module):
     def __init__(self, size: int, eps: float) -> None:
@@ -13,6 +15,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fused = cpu_elementwise.rms_norm(x, self.weight, self.eps)
+        if fused is not None:
+            return fused
         # Normalise in fp32 like the reference implementations, then cast back.
         dtype = x.dtype
         x = x.float()

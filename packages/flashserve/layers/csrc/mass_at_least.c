@@ -12,10 +12,8 @@
 
 #define BLOCK 256
 
-typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
-
 static double row_mass(const float *p, int64_t vocab, float floor) {
-    const vf floors = (vf){floor, floor, floor, floor, floor, floor, floor, floor};
+    const vf floors = broadcast(floor);
     const vf zero = (vf){0};
     double total = 0.0;
     for (int64_t start = 0; start < vocab; start += BLOCK) {

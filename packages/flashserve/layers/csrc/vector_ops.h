@@ -14,11 +14,21 @@
 #define LANES 8
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
 
 static inline vf load_f32(const float *p) {
     vf v;
     memcpy(&v, p, sizeof(v));
     return v;
+}
+
+static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
+
+static inline vf broadcast(float f) { return (vf){f, f, f, f, f, f, f, f}; }
+
+/* Lane by lane: a where mask is set (all ones), else b. */
+static inline vf lane_select(vi mask, vf a, vf b) {
+    return (vf)((mask & (vi)a) | (~mask & (vi)b));
 }
 
 /* a * b + c, fused where the CPU has FMA. */
@@ -44,6 +54,28 @@ static inline vf lane_sums4(vf a, vf b, vf c, vf d) {
     vf sums = __builtin_shufflevector(quads, quads, 0, 2, 4, 6, 0, 2, 4, 6) +
               __builtin_shufflevector(quads, quads, 1, 3, 5, 7, 1, 3, 5, 7);
     return __builtin_shufflevector(sums, sums, 0, 2, 1, 3, 4, 5, 6, 7);
+}
+
+/* e^x for x <= 0, within ~2 ulp of expf; below -87 (e^x under FLT_MIN) it is 0.
+ * Cephes' range reduction and polynomial: x = n ln2 + r, |r| <= ln2 / 2, e^x = 2^n e^r. */
+static inline vf exp_nonpositive(vf x) {
+    const vf low = broadcast(-87.0f);
+    vi underflow = x < low;
+    x = lane_select(underflow, low, x);
+    vf n = x * broadcast(1.44269504088896341f) + broadcast(0.5f);
+    vi n_int = __builtin_convertvector(n, vi);
+    n_int -= (vi)(__builtin_convertvector(n_int, vf) > n) & 1; /* floor */
+    n = __builtin_convertvector(n_int, vf);
+    vf r = x - n * broadcast(0.693359375f) - n * broadcast(-2.12194440e-4f);
+    vf p = broadcast(1.9875691500e-4f);
+    p = multiply_add(p, r, broadcast(1.3981999507e-3f));
+    p = multiply_add(p, r, broadcast(8.3334519073e-3f));
+    p = multiply_add(p, r, broadcast(4.1665795894e-2f));
+    p = multiply_add(p, r, broadcast(1.6666665459e-1f));
+    p = multiply_add(p, r, broadcast(5.0000001201e-1f));
+    p = multiply_add(p, r * r, r + broadcast(1.0f));
+    vf scale = (vf)((n_int + 127) << 23);
+    return lane_select(underflow, (vf){0}, p * scale);
 }
 
 #endif

@@ -1,0 +1,106 @@
+"""RMSNorm and SwiGLU's activation on the CPU in one pass each: csrc/elementwise.c.
+
+torch runs RMSNorm as five passes over the activations (square, mean, add,
+rsqrt, two products) and silu(gate) * up as two; a prefill's rows outgrow the
+caches, so each pass goes through memory. The kernel takes each row once. Its
+arithmetic per row is fixed, so a row's bits do not depend on the batch.
+Other devices, dtypes and shapes keep the torch path (None from these functions).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import torch
+
+from flashserve.layers.native import NativeLibrary
+
+LANES = 8
+
+KERNELS = NativeLibrary(
+    "elementwise.c",
+    "CPU RMSNorm and SwiGLU activation",
+    {
+        "rms_norm_f32": [
+            ctypes.c_void_p,  # x [rows, n]
+            ctypes.c_int64,  # x row stride
+            ctypes.c_int64,  # rows
+            ctypes.c_int64,  # n
+            ctypes.c_void_p,  # weight [n]
+            ctypes.c_float,  # eps
+            ctypes.c_void_p,  # out [rows, n]
+            ctypes.c_int64,  # out row stride
+            ctypes.c_int,  # threads
+        ],
+        "silu_mul_f32": [
+            ctypes.c_void_p,  # gate_up [rows, 2n]
+            ctypes.c_int64,  # gate_up row stride
+            ctypes.c_int64,  # rows
+            ctypes.c_int64,  # n
+            ctypes.c_void_p,  # out [rows, n]
+            ctypes.c_int64,  # out row stride
+            ctypes.c_int,  # threads
+        ],
+    },
+)
+
+# Benchmarks and tests switch the kernels off to compare with torch.
+enabled = os.environ.get("FLASHSERVE_CPU_ELEMENTWISE", "1") != "0"
+
+
+def _takes(x: torch.Tensor, width: int) -> bool:
+    return (
+        enabled
+        and x.dim() == 2
+        and x.device.type == "cpu"
+        and x.dtype == torch.float32
+        and x.stride(1) == 1
+        and width % LANES == 0
+        and x.shape[0] > 0
+        and not torch.is_grad_enabled()
+    )
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """weight * x / sqrt(mean(x^2) + eps) per row of a 2-D fp32 CPU x; None: use torch."""
+    n = x.shape[-1]
+    if not (_takes(x, n) and weight.dtype == torch.float32 and weight.is_contiguous()):
+        return None
+    library = KERNELS.load()
+    if library is None:
+        return None
+    out = torch.empty_like(x, memory_format=torch.contiguous_format)
+    library.rms_norm_f32(
+        x.data_ptr(),
+        x.stride(0),
+        x.shape[0],
+        n,
+        weight.data_ptr(),
+        eps,
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up for gate_up = [gate | up] rows of a 2-D fp32 CPU tensor; None: use torch."""
+    n = gate_up.shape[-1] // 2
+    if not _takes(gate_up, n):
+        return None
+    library = KERNELS.load()
+    if library is None:
+        return None
+    out = gate_up.new_empty((gate_up.shape[0], n))
+    library.silu_mul_f32(
+        gate_up.data_ptr(),
+        gate_up.stride(0),
+        gate_up.shape[0],
+        n,
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    return out

@@ -1,0 +1,72 @@
+"""RMSNorm and SwiGLU's activation through csrc/elementwise.c (layers/cpu_elementwise.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flashserve.layers import cpu_elementwise
+from flashserve.layers.mlp import MLP
+from flashserve.layers.norm import RMSNorm
+
+
+@pytest.fixture(autouse=True)
+def _inference() -> None:
+    with torch.inference_mode():
+        yield
+
+
+def _torch_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))
+
+
+def test_the_kernels_build() -> None:
+    assert cpu_elementwise.KERNELS.load() is not None, cpu_elementwise.KERNELS.load_failed
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64, 700])
+def test_rms_norm_matches_torch_and_a_row_alone(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 520, generator=g) * 3
+    weight = torch.randn(520, generator=g)
+    got = cpu_elementwise.rms_norm(x, weight, 1e-6)
+    assert got is not None
+    torch.testing.assert_close(got, _torch_rms_norm(x, weight, 1e-6), rtol=1e-5, atol=1e-5)
+    alone = torch.cat([cpu_elementwise.rms_norm(x[i : i + 1], weight, 1e-6) for i in range(rows)])
+    assert torch.equal(got, alone)
+
+
+def test_silu_mul_matches_torch_over_the_whole_range() -> None:
+    gate = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    gate = torch.cat([gate, torch.randn(4096 - gate.numel()) * 4])
+    up = torch.randn(4096)
+    gate_up = torch.cat([gate, up])[None, :].repeat(3, 1)
+    got = cpu_elementwise.silu_mul(gate_up)
+    assert got is not None and torch.isfinite(got).all()
+    torch.testing.assert_close(got, (F.silu(gate) * up).expand(3, -1), rtol=2e-6, atol=1e-7)
+    assert torch.equal(got[0], cpu_elementwise.silu_mul(gate_up[:1])[0])
+
+
+def test_a_strided_input_and_other_dtypes_keep_torch() -> None:
+    x = torch.randn(4, 3, 64)
+    assert cpu_elementwise.rms_norm(x, torch.ones(64), 1e-6) is None  # 3-D: q/k norms
+    assert cpu_elementwise.rms_norm(x[0].bfloat16(), torch.ones(64), 1e-6) is None
+    assert cpu_elementwise.silu_mul(torch.randn(2, 12)) is None  # 6 columns: not whole lanes
+    norm = RMSNorm(64, 1e-6)
+    torch.testing.assert_close(norm(x), _torch_rms_norm(x, norm.weight, 1e-6))
+
+
+def test_the_layers_give_the_torch_results() -> None:
+    torch.manual_seed(0)
+    mlp = MLP(64, 96)
+    for p in mlp.parameters():
+        p.copy_(torch.randn_like(p) * 0.1)
+    x = torch.randn(7, 64)
+    fused = mlp(x)
+    cpu_elementwise.enabled = False
+    try:
+        plain = mlp(x)
+    finally:
+        cpu_elementwise.enabled = True
+    torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
