@@ -70,3 +70,23 @@ def test_the_layers_give_the_torch_results() -> None:
     finally:
         cpu_elementwise.enabled = True
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("partial", [1.0, 0.5])
+def test_rope_in_place_is_forward_bit_for_bit(partial: float) -> None:
+    """On views of a packed q|k|v product (strided rows), partial rotary included."""
+    from flashserve.layers.rotary import RotaryEmbedding
+
+    rope = {"rope_theta": 10000.0, "partial_rotary_factor": partial}
+    rotary = RotaryEmbedding(rope, head_dim=64, max_positions=512)
+    heads, kv_heads, rows = 6, 2, 37
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * 64)
+    positions = torch.randint(0, 512, (rows,))
+    q = qkv[:, : heads * 64].view(rows, heads, 64)
+    k = qkv[:, heads * 64 : (heads + kv_heads) * 64].view(rows, kv_heads, 64)
+    expected_q, expected_k = rotary(positions, q, k)
+    v_before = qkv[:, (heads + kv_heads) * 64 :].clone()
+    got_q, got_k = rotary.rotate_in_place(positions, q, k)
+    assert got_q.data_ptr() == q.data_ptr(), "the kernel took the views"
+    assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
+    assert torch.equal(qkv[:, (heads + kv_heads) * 64 :], v_before)

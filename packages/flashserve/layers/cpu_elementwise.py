@@ -1,10 +1,11 @@
-"""RMSNorm and SwiGLU's activation on the CPU in one pass each: csrc/elementwise.c.
+"""RMSNorm, SwiGLU's activation and rope on the CPU in one pass each: csrc/elementwise.c.
 
 torch runs RMSNorm as five passes over the activations (square, mean, add,
-rsqrt, two products) and silu(gate) * up as two; a prefill's rows outgrow the
-caches, so each pass goes through memory. The kernel takes each row once. Its
-arithmetic per row is fixed, so a row's bits do not depend on the batch.
-Other devices, dtypes and shapes keep the torch path (None from these functions).
+rsqrt, two products), silu(gate) * up as two, and rope as five with two
+concatenations; a prefill's rows outgrow the caches, so each pass goes through
+memory. The kernels take each row once (rope in place). Their arithmetic per
+row is fixed, so a row's bits do not depend on the batch. Other devices, dtypes
+and shapes keep the torch path (None or False from these functions).
 """
 
 from __future__ import annotations
@@ -40,6 +41,17 @@ KERNELS = NativeLibrary(
             ctypes.c_int64,  # n
             ctypes.c_void_p,  # out [rows, n]
             ctypes.c_int64,  # out row stride
+            ctypes.c_int,  # threads
+        ],
+        "rotate_half_f32": [
+            ctypes.c_void_p,  # x [rows, heads, head_dim], rotated in place
+            ctypes.c_int64,  # x row stride
+            ctypes.c_int64,  # x head stride
+            ctypes.c_int64,  # rows
+            ctypes.c_int64,  # heads
+            ctypes.c_int64,  # rotated dims per head
+            ctypes.c_void_p,  # table [positions, 2 * rotated dims]: cos|cos, -sin|sin
+            ctypes.c_void_p,  # positions int64 [rows]
             ctypes.c_int,  # threads
         ],
     },
@@ -104,3 +116,46 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
         torch.get_num_threads(),
     )
     return out
+
+
+def rotate_half_in_place(
+    tensors: tuple[torch.Tensor, ...], positions: torch.Tensor, table: torch.Tensor, rotary_dim: int
+) -> bool:
+    """Rope each x [rows, heads, head_dim] in place at positions with the rotary table's
+    rows (cos|cos, -sin|sin over the first rotary_dim dims). All or none: False when the
+    kernel takes not every one of them (nothing is changed then; use torch)."""
+    if not (
+        enabled
+        and table.dtype == torch.float32
+        and table.is_contiguous()
+        and table.shape[-1] == 2 * rotary_dim
+        and rotary_dim % 2 == 0
+        and positions.dtype == torch.int64
+        and positions.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and all(
+            x.dim() == 3
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.stride(2) == 1
+            for x in tensors
+        )
+    ):
+        return False
+    library = KERNELS.load()
+    if library is None:
+        return False
+    positions = positions.contiguous()
+    for x in tensors:
+        library.rotate_half_f32(
+            x.data_ptr(),
+            x.stride(0),
+            x.stride(1),
+            x.shape[0],
+            x.shape[1],
+            rotary_dim,
+            table.data_ptr(),
+            positions.data_ptr(),
+            torch.get_num_threads(),
+        )
+    return True

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from flashserve.layers import cpu_elementwise
+
 
 def inverse_frequencies(
     rope: dict[str, Any], head_dim: int, max_positions: int
@@ -132,6 +134,15 @@ class RotaryEmbedding(torch.nn.Module):
         heads = q.shape[1]
         both = _rotate(torch.cat([q, k], dim=1), cos, sin, self.rotary_dim)
         return both[:, :heads], both[:, heads:]
+
+    def rotate_in_place(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """forward's result, computed in q and k themselves where the CPU kernel takes them
+        (the caller gives up their unrotated values either way)."""
+        if cpu_elementwise.rotate_half_in_place((q, k), positions, self.cos_sin, self.rotary_dim):
+            return q, k
+        return self.forward(positions, q, k)
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int) -> torch.Tensor:
