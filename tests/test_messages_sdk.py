@@ -212,3 +212,22 @@ def test_the_same_text_as_chat_completions(server: PrivateServer, client) -> Non
     usage = message.usage
     assert usage.input_tokens + usage.cache_read_input_tokens == completion.usage.prompt_tokens
     assert json.loads(message.to_json())["usage"]["cache_creation_input_tokens"] == 0
+
+
+def test_seed_samples_as_chat_does(server: PrivateServer, client) -> None:
+    """`seed` (an extension, as in /v1/responses): the same sampled text each time, and
+    chat's for the same seed."""
+    sampled = {"temperature": 1.0, "top_k": 0, "seed": 7}
+    first, again = (create(client, extra_body=sampled).content[0].text for _ in range(2))
+    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = chat.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
+        extra_body={"top_k": 0, "chat_template_args": {"enable_thinking": False}},
+    )
+    assert first == again == completion.choices[0].message.content
+    other = create(client, extra_body={**sampled, "seed": 8}).content[0].text
+    assert other != first
