@@ -1,7 +1,7 @@
 """Chat completions as current `openai` clients call them, against the real Truss server:
-OpenAI's newer request names (max_completion_tokens, the developer role,
-reasoning_effort) and the SDK's structured-output helpers (parse with a pydantic model,
-a pydantic function tool).
+OpenAI's request names and values the published schema lacks (max_completion_tokens,
+the developer role, reasoning_effort, json_schema strict false) and the SDK's
+structured-output helpers (parse with a pydantic model, a pydantic function tool).
 """
 
 from __future__ import annotations
@@ -89,6 +89,21 @@ def test_reasoning_effort_sets_the_templates_thinking_switch(
     with pytest.raises(openai.BadRequestError) as refused:
         chat(client, reasoning_effort="extreme")
     assert refused.value.body["param"] == "reasoning_effort"
+
+
+def test_json_schema_strict_false_is_no_strict(client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"calm": {"type": "boolean"}}, "required": ["calm"]}
+    answers = [
+        chat(
+            client,
+            max_tokens=40,
+            response_format={"type": "json_schema", "json_schema": {"name": "r", **strict}},
+        ).choices[0]
+        for strict in ({"schema": schema, "strict": False}, {"schema": schema})
+    ]
+    # Without strict the object may take extra properties, so it need not end in 40 tokens.
+    assert answers[0].message.content == answers[1].message.content
+    assert answers[0].message.content.startswith("{")
 
 
 class Reading(BaseModel):

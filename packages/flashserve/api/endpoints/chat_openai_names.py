@@ -3,7 +3,9 @@ has, so that current `openai` clients work unchanged:
 
 - `max_completion_tokens` -> `max_tokens` (OpenAI's name since `max_tokens` was deprecated);
 - the `developer` role -> `system` (OpenAI's name for system messages to newer models);
-- `reasoning_effort` -> the template's thinking switch, as /v1/responses' `reasoning.effort`.
+- `reasoning_effort` -> the template's thinking switch, as /v1/responses' `reasoning.effort`;
+- `response_format.json_schema.strict: false` (OpenAI's default; the schema allows only
+  `true`) -> no `strict`, which means the same: JSON Schema's own defaults.
 
 They are translated before the schema checks the body, so data/ keeps the published
 schema, and a refusal of a translated field names the field the client sent.
@@ -48,6 +50,8 @@ def translate(body: Any) -> tuple[Any, dict[str, str]]:
     messages = body.get("messages")
     if isinstance(messages, list):
         body["messages"] = [_as_system(message) for message in messages]
+    if "response_format" in body:
+        body["response_format"] = _without_strict_false(body["response_format"])
     return body, renames
 
 
@@ -74,6 +78,14 @@ def _with_effort(effort: Any, template_args: Any) -> Any:
         return template_args  # the schema refuses it, naming chat_template_args
     # Variables the request sets itself in chat_template_args win over the effort's.
     return {**(thinking_variables(effort) or {}), **(template_args or {})}
+
+
+def _without_strict_false(response_format: Any) -> Any:
+    json_schema = response_format.get("json_schema") if isinstance(response_format, dict) else None
+    if not isinstance(json_schema, dict) or json_schema.get("strict") is not False:
+        return response_format
+    lenient = {key: value for key, value in json_schema.items() if key != "strict"}
+    return {**response_format, "json_schema": lenient}
 
 
 def _as_system(message: Any) -> Any:
