@@ -1,6 +1,6 @@
 """/v1/messages through the real Truss server with the official `anthropic` SDK:
-messages.create, messages.stream, a tool-use round trip, thinking, and errors raised
-as the SDK's typed exceptions. The server runs a tiny thinking, tool-calling model
+messages.create, messages.stream, a tool-use round trip, thinking, seed, messages.parse
+with an output format, and errors raised as the SDK's typed exceptions. The server runs a tiny thinking, tool-calling model
 (tests/messages_support.py) started once for this module.
 """
 
@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 import anthropic
 import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import BaseModel
 
 from flashserve.api.endpoints.messages_format import thinking_signature
 from tests.messages_support import ASK, TOOLS, build_thinking_model, parse_events
@@ -212,3 +213,38 @@ def test_the_same_text_as_chat_completions(server: PrivateServer, client) -> Non
     usage = message.usage
     assert usage.input_tokens + usage.cache_read_input_tokens == completion.usage.prompt_tokens
     assert json.loads(message.to_json())["usage"]["cache_creation_input_tokens"] == 0
+
+
+def test_seed_samples_as_chat_does(server: PrivateServer, client) -> None:
+    """`seed` (an extension, as in /v1/responses): the same sampled text each time, and
+    chat's for the same seed."""
+    sampled = {"temperature": 1.0, "top_k": 0, "seed": 7}
+    first, again = (create(client, extra_body=sampled).content[0].text for _ in range(2))
+    chat = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    completion = chat.chat.completions.create(
+        model=MODEL,
+        messages=ASK,
+        max_tokens=12,
+        temperature=1.0,
+        seed=7,
+        extra_body={"top_k": 0, "chat_template_args": {"enable_thinking": False}},
+    )
+    assert first == again == completion.choices[0].message.content
+    other = create(client, extra_body={**sampled, "seed": 8}).content[0].text
+    assert other != first
+
+
+class Forecast(BaseModel):
+    """No numeric bounds: the SDK moves them into descriptions, which a grammar ignores."""
+
+    city: Literal["Paris", "Oslo"]
+    sunny: bool
+
+
+def test_parse_and_stream_with_an_output_format(client: anthropic.Anthropic) -> None:
+    ask = dict(model=MODEL, max_tokens=60, messages=ASK, thinking=NO_THINKING, extra_body=GREEDY)
+    parsed = client.messages.parse(**ask, output_format=Forecast)
+    assert parsed.stop_reason == "end_turn" and isinstance(parsed.parsed_output, Forecast)
+    with client.messages.stream(**ask, output_format=Forecast) as stream:
+        final = stream.get_final_message()
+    assert final.parsed_output == parsed.parsed_output

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -272,6 +273,21 @@ def test_parse_set_reads_yaml_scalars() -> None:
         "enable_prefix_caching": False,
         "revision": None,
     }
+
+
+def test_serve_refuses_a_port_in_use_before_touching_the_build(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A second `make serve` must not lay out the app over a running server's files."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        build_dir = tmp_path / "build"
+        assert serve.main(["--port", str(port), "--build-dir", str(build_dir)]) == 1
+    assert f"port {port} is already in use" in capsys.readouterr().err
+    assert not build_dir.exists()
+    assert not serve.port_in_use(port)
 
 
 STUB_MODEL = """

@@ -19,6 +19,7 @@ import argparse
 import dataclasses
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -170,6 +171,18 @@ def wait_until_ready(
         time.sleep(0.25)
 
 
+def port_in_use(port: int) -> bool:
+    """Whether a server already listens on `port` (on any address, as the Truss server binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As uvicorn does: a port whose old connections linger in TIME_WAIT is free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("0.0.0.0", port))
+        except OSError:
+            return True
+    return False
+
+
 def parse_set(items: list[str]) -> dict[str, Any]:
     """--set key=value pairs; values are YAML scalars (2048 -> int, true -> bool, null)."""
     out: dict[str, Any] = {}
@@ -217,6 +230,15 @@ def main(argv: list[str] | None = None) -> int:
         # A folder named on the command line is relative to where we stand, not data/.
         overrides["model"] = str(Path(overrides["model"]).resolve())
 
+    # Checked first: laying out the app would replace the files of a server still running
+    # from this build folder, and the Truss server would load the model before failing.
+    if port_in_use(args.port):
+        print(
+            f"port {args.port} is already in use (a server still running?): stop it, or "
+            "serve on another port (make serve PORT=8081, or --port 8081)",
+            file=sys.stderr,
+        )
+        return 1
     build_dir = args.build_dir.resolve()
     started = time.monotonic()
     app = prepare_app(REPO_ROOT, build_dir, overrides)

@@ -1,8 +1,8 @@
 """The chat-completions endpoint: a chat request -> its prompt -> the shared generation path.
 
-Chat-only steps stay here: the request's schema and rules, rendering the messages with
-the chat template (the request's own one jailed), and `echo` (the continued assistant
-message opens the response).
+Chat-only steps stay here: OpenAI's newer field names (chat_openai_names), the request's
+schema and rules, rendering the messages with the chat template (the request's own one
+jailed), and `echo` (the continued assistant message opens the response).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ from starlette.responses import Response
 
 from flashserve.api.endpoints.base import Endpoint
 from flashserve.api.endpoints.chat_format import PreparedChat, collect_body, stream_events
+from flashserve.api.endpoints.chat_openai_names import translate, with_client_names
 from flashserve.api.endpoints.chat_protocol import ChatRequest
 from flashserve.api.endpoints.request_schema import RequestValidator
 from flashserve.api.frontend.model_frontend import ModelFrontend
 from flashserve.api.frontend.output.text_output import Piece
 from flashserve.api.frontend.prompt import echo_prefix, render_prompt
+from flashserve.api.http.errors import RequestError
 from flashserve.api.http.sse import EventStreamResponse
 
 
@@ -31,6 +33,13 @@ class ChatEndpoint(Endpoint):
         return isinstance(body, dict) and bool(body.get("chat_template"))
 
     def prepare(self, body: Any, http_request: Any = None) -> PreparedChat:
+        body, renames = translate(body)
+        try:
+            return self._prepare(body, http_request)
+        except RequestError as exc:
+            raise with_client_names(exc, renames) from exc
+
+    def _prepare(self, body: Any, http_request: Any) -> PreparedChat:
         frontend = self.frontend
         body = self.validator.validate(body)
         request = ChatRequest.model_validate(body)

@@ -245,6 +245,7 @@ def to_messages_request(body: dict[str, Any]) -> MessagesRequest:
         "temperature": body.get("temperature"),
         "top_p": body.get("top_p"),
         "top_k": body.get("top_k"),
+        "seed": body.get("seed"),
         "tools": _openai_tools(body.get("tools")),
         "tool_choice": _openai_tool_choice(choice),
         "parallel_tool_calls": not choice.get("disable_parallel_tool_use", False),

@@ -15,6 +15,7 @@ import binascii
 import re
 from typing import Any
 
+from flashserve.api.endpoints.reasoning_effort import thinking_variables
 from flashserve.api.frontend.tools import check_tools
 from flashserve.api.http.errors import RequestError
 from flashserve.api.http.field_text import invalid_field
@@ -60,10 +61,6 @@ INCLUDABLE = (LOGPROBS_INCLUDE, ENCRYPTED_REASONING_INCLUDE)
 # text is in the item's `content` anyway. It lets clients that keep no state and send
 # only `encrypted_content` back (store: false) continue a thinking turn.
 _SEALED_PREFIX = "fsr1:"
-# reasoning.effort -> whether a thinking model thinks. The chat templates read one of
-# these variables: Qwen3 and GLM-4.5 `enable_thinking`, DeepSeek-V3.1 `thinking`.
-THINKING_OFF_EFFORTS = frozenset({"none", "minimal"})
-THINKING_TEMPLATE_VARIABLES = ("enable_thinking", "thinking")
 
 # Chat's field paths (in refusals from the shared path) -> the Responses request's.
 _PARAM_RENAMES = (
@@ -375,15 +372,6 @@ def response_format(text: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"type": "json_schema", "json_schema": json_schema}
 
 
-def thinking_variables(reasoning: dict[str, Any] | None) -> dict[str, bool] | None:
-    """reasoning.effort -> the chat template's thinking switch (None: the model's default)."""
-    effort = (reasoning or {}).get("effort")
-    if effort is None:
-        return None
-    thinking = effort not in THINKING_OFF_EFFORTS
-    return dict.fromkeys(THINKING_TEMPLATE_VARIABLES, thinking)
-
-
 def chat_fields(body: dict[str, Any], messages: list[dict[str, Any]], model: str) -> dict[str, Any]:
     """The chat request (ChatRequest fields) that generates what this request asks."""
     include_logprobs = LOGPROBS_INCLUDE in (body.get("include") or ())
@@ -398,7 +386,7 @@ def chat_fields(body: dict[str, Any], messages: list[dict[str, Any]], model: str
         "tool_choice": chat_tool_choice(body.get("tool_choice")),
         "parallel_tool_calls": body.get("parallel_tool_calls", True),
         "response_format": response_format(body.get("text")),
-        "chat_template_args": thinking_variables(body.get("reasoning")),
+        "chat_template_args": thinking_variables((body.get("reasoning") or {}).get("effort")),
         "logprobs": include_logprobs or top_logprobs > 0,
         "top_logprobs": top_logprobs,
         "stream": body.get("stream", False),
