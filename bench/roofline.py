@@ -5,13 +5,14 @@
 
 Per phase (a prefill step of requests x prompt_len fresh tokens; a decode step
 of `requests` rows at W1's contexts) it reports:
-- FLOPs: matrix products (every nn.Linear of the decoder at the step's token
+- FLOPs: matrix products (every linear layer of the decoder at the step's token
   count, lm_head at the sampled rows only) and attention (QK^T and PV: causal
   within each prompt; each decode row over its context);
 - bytes: weights read once, KV written (new tokens) and read (attention),
   hidden states in and out of every linear;
 - the step's measured wall time; the "matmul time": the same products run alone
-  (F.linear on the model's own weights, inputs of the step's row counts), timed
+  (the engine's own linear path, skinny_gemm.linear: the CPU kernel up to its row
+  limit, else F.linear, on the model's own weights and the step's row counts), timed
   in the same run, interleaved with the steps so both see the same machine;
 - achieved GFLOP/s = all FLOPs / step wall, and its share of the matmul rate
   (= matmul FLOPs / matmul time at the phase's shapes); wall / matmul time.
@@ -51,11 +52,11 @@ def _linears(model):
     """(decoder weights, lm_head weight) of the engine's model."""
     import torch
 
-    from flashserve.layers.linear import PackedLinear
+    from flashserve.layers.linear import PackedLinear, RowParallelLinear
 
-    # PackedLinear (q|k|v, gate|up) is not an nn.Linear: leaving it out counted a third
-    # of the decoder's products (fixed in issue 17's second pass).
-    linear = (torch.nn.Linear, PackedLinear)
+    # The packed (q|k|v, gate|up) and row-parallel (o, down) layers are not nn.Linear:
+    # leaving them out undercounts the decoder's products (by a third for each kind).
+    linear = (torch.nn.Linear, PackedLinear, RowParallelLinear)
     decoder = [m.weight for m in model.layers.modules() if isinstance(m, linear)]
     head = model.embed_tokens.weight if model.lm_head is None else model.lm_head.weight
     return decoder, head
@@ -64,7 +65,8 @@ def _linears(model):
 def _time_matmuls(decoder, head, rows: int, sampled: int) -> float:
     """Seconds for one step's products: each decoder weight at `rows`, lm_head at `sampled`."""
     import torch
-    import torch.nn.functional as F
+
+    from flashserve.layers.skinny_gemm import linear
 
     dtype = head.dtype
     inputs = {}
@@ -74,8 +76,8 @@ def _time_matmuls(decoder, head, rows: int, sampled: int) -> float:
     with torch.inference_mode():
         started = time.perf_counter()
         for w in decoder:
-            F.linear(inputs[(rows, w.shape[1])], w)
-        F.linear(inputs[(sampled, head.shape[1])], head)
+            linear(inputs[(rows, w.shape[1])], w)
+        linear(inputs[(sampled, head.shape[1])], head)
         return time.perf_counter() - started
 
 
