@@ -204,7 +204,7 @@ class ModelRunner:
         if not sampled:
             self._last = None
             return LaunchedStep([], None)
-        draws = self.sampler.sample(self.logits(hidden, sample_rows), sampled)
+        draws = self.sampler.sample(self.logits(hidden, sample_rows), sampled, private=True)
         self._last = (draws.tokens, {seq: row for row, seq in enumerate(sampled)})
         return LaunchedStep(sampled, draws)
 

@@ -86,10 +86,16 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         return self.sample(logits, seqs).resolve()
 
-    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SampledBatch:
-        """Draw one token per row; nothing here waits for the device (see SampledBatch)."""
-        # A private fp32 copy: the processors edit it in place.
-        logits = logits[:, : self.vocab_size].to(torch.float32, copy=True)
+    def sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], private: bool = False
+    ) -> SampledBatch:
+        """Draw one token per row; nothing here waits for the device (see SampledBatch).
+
+        private: the caller hands over fp32 logits nobody else reads (the runner's fresh
+        ones), so they are edited in place instead of copied first.
+        """
+        # The processors and the temperature edit the logits in place.
+        logits = logits[:, : self.vocab_size].to(torch.float32, copy=not private)
         logits = apply_logits_processors(logits, seqs, self.eos_token_ids)
         params = [s.params for s in seqs]
         if any(p.temperature not in (0.0, 1.0) for p in params):
