@@ -118,8 +118,10 @@ class TorchAttention(AttentionBackend):
             # that capture cleanly (torch may otherwise pick cuDNN for a masked call).
             with sdpa_kernel(_CAPTURABLE_SDPA):
                 return _paged_decode(*args)
-        out = torch.empty_like(q)
         num_decode = meta.num_decode_tokens
+        if num_decode == q.shape[0] and not q.is_cuda:  # decodes alone: one kernel call
+            return self._decode(q, k_cache, v_cache, meta, scale)
+        out = torch.empty_like(q)
         starts = _prefix_sums(meta.query_lens_host)
         chunks = range(num_decode, len(meta.query_lens_host))
         if not q.is_cuda and _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out):
