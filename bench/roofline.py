@@ -11,8 +11,8 @@ of `requests` rows at W1's contexts) it reports:
 - bytes: weights read once, KV written (new tokens) and read (attention),
   hidden states in and out of every linear;
 - the step's measured wall time; the "matmul time": the same products run alone
-  (the engine's own linear path, skinny_gemm.linear: the CPU kernel up to its row
-  limit, else F.linear, on the model's own weights and the step's row counts), timed
+  (the engine's own linear path, cpu_linear.linear: the CPU kernels, else F.linear,
+  on the model's own weights and the step's row counts), timed
   in the same run, interleaved with the steps so both see the same machine;
 - achieved GFLOP/s = all FLOPs / step wall, and its share of the matmul rate
   (= matmul FLOPs / matmul time at the phase's shapes); wall / matmul time.
@@ -66,7 +66,7 @@ def _time_matmuls(decoder, head, rows: int, sampled: int) -> float:
     """Seconds for one step's products: each decoder weight at `rows`, lm_head at `sampled`."""
     import torch
 
-    from flashserve.layers.skinny_gemm import linear
+    from flashserve.layers.cpu_linear import linear
 
     dtype = head.dtype
     inputs = {}

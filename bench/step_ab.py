@@ -102,6 +102,18 @@ def _elementwise_off(engine: Any = None) -> Iterator[None]:
         cpu_elementwise.enabled = True
 
 
+@contextlib.contextmanager
+def _packed_gemm_off(engine: Any = None) -> Iterator[None]:
+    """A prefill's products through torch's GEMM, not csrc/packed_gemm.c."""
+    from flashserve.layers import packed_gemm
+
+    packed_gemm.enabled = False
+    try:
+        yield
+    finally:
+        packed_gemm.enabled = True
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "decode_kernel": _decode_kernel_off,
@@ -111,6 +123,7 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "certainly_kept_keys": _at_least_by_where,
     "mass_kernel": _mass_kernel_off,
     "elementwise": _elementwise_off,
+    "packed_gemm": _packed_gemm_off,
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashserve.distributed.parallel_state import all_reduce, gather_last_dim, tensor_parallel
-from flashserve.layers import skinny_gemm
+from flashserve.layers import cpu_linear
 from flashserve.layers.linear import copy_into, split_evenly
 
 
@@ -63,4 +63,4 @@ class LMHead(VocabEmbedding):
 
 def vocab_logits(hidden: torch.Tensor, table: VocabEmbedding) -> torch.Tensor:
     """fp32 logits over the whole vocabulary on rank 0 (this rank's slice elsewhere)."""
-    return gather_last_dim(skinny_gemm.linear(hidden, table.weight).float(), table.tp)
+    return gather_last_dim(cpu_linear.linear(hidden, table.weight).float(), table.tp)

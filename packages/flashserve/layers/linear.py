@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from flashserve.distributed.parallel_state import all_reduce, tensor_parallel
-from flashserve.layers import skinny_gemm
+from flashserve.layers import cpu_linear
 
 WeightLoader = Callable[[nn.Parameter, torch.Tensor, Any], int]
 
@@ -133,7 +133,7 @@ class PackedLinear(nn.Module):
         return copy_into(param.data.narrow(0, offset, size), loaded, f"shard {shard_id!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return skinny_gemm.linear(x, self.weight, self.bias)
+        return cpu_linear.linear(x, self.weight, self.bias)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The packed product, split back into its projections."""
@@ -174,7 +174,7 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:
-            return skinny_gemm.linear(x, self.weight, self.bias)
+            return cpu_linear.linear(x, self.weight, self.bias)
         # The bias once, on rank 0, so the sum over ranks holds it once.
-        out = skinny_gemm.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+        out = cpu_linear.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
         return all_reduce(out, self.tp) if self.reduce else out

@@ -16,7 +16,6 @@ import ctypes
 import os
 
 import torch
-import torch.nn.functional as F
 
 from flashserve.layers.native import NativeLibrary
 
@@ -60,8 +59,10 @@ KERNELS = NativeLibrary(
 enabled = os.environ.get("FLASHSERVE_CPU_SKINNY_GEMM", "1") != "0"
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the kernel where it takes x (2-D, few rows, CPU, fp32)."""
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """x W^T (+ bias) where the kernel takes x (2-D, few rows, CPU, fp32); None: not taken."""
     if (
         enabled
         and x.dim() == 2
@@ -92,4 +93,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 torch.get_num_threads(),
             )
             return out
-    return F.linear(x, weight, bias)
+    return None

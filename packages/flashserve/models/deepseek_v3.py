@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from flashserve.distributed.parallel_state import tensor_parallel
-from flashserve.layers import skinny_gemm
+from flashserve.layers import cpu_linear
 from flashserve.layers.attention import AttentionBackend, AttentionMetadata
 from flashserve.layers.embedding import VocabEmbedding
 from flashserve.layers.linear import PackedLinear
@@ -318,7 +318,7 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return skinny_gemm.linear(hidden, weight).float()
+        return cpu_linear.linear(hidden, weight).float()
 
 
 class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):
