@@ -80,7 +80,7 @@ def linear(
         library = KERNELS.load()
         if library is not None:
             out = torch.empty(x.shape[0], weight.shape[0])
-            library.linear_f32(
+            failed = library.linear_f32(
                 x.data_ptr(),
                 x.stride(0),
                 x.shape[0],
@@ -92,5 +92,7 @@ def linear(
                 out.stride(0),
                 torch.get_num_threads(),
             )
+            if failed:
+                raise MemoryError("CPU linear: no memory for the kernel's partial sums")
             return out
     return None
