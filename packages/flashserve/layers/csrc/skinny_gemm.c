@@ -170,7 +170,7 @@ static inline float silu(float g) { return g / (1.0f + expf(-g)); }
  * out[rows of e, block] = in[rows of e, :k] . weights[e][block, :k]^T. */
 static void expert_products(const float *in, int64_t ld_in, const int64_t *offsets,
                             int64_t experts, const float *weights, int64_t features, int64_t k,
-                            float *out, int64_t ld_out) {
+                            float *out, int64_t ld_out, int *failed) {
     int64_t per_expert = (features + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
 #pragma omp for schedule(dynamic, 1)
     for (int64_t item = 0; item < experts * per_expert; item++) {
@@ -179,32 +179,38 @@ static void expert_products(const float *in, int64_t ld_in, const int64_t *offse
         if (rows == 0) continue;
         int64_t f0 = (item % per_expert) * FEATURES_PER_ITEM;
         int64_t f1 = f0 + FEATURES_PER_ITEM < features ? f0 + FEATURES_PER_ITEM : features;
-        const carry_t whole = {0, f0, 1, 1};
-        rows_times_weights(in + offsets[e] * ld_in, ld_in, rows, weights + e * features * k, k, k,
-                           f0, f1, out + offsets[e] * ld_out, ld_out, &whole);
+        if (rows_times_weights_blocked(in + offsets[e] * ld_in, ld_in, rows,
+                                       weights + e * features * k, k, f0, f1,
+                                       out + offsets[e] * ld_out, ld_out)) {
+#pragma omp atomic write
+            *failed = 1;
+        }
     }
 }
 
 /* rows [n, hidden] sorted by expert; offsets [experts + 1]; gate_up [experts, 2I, hidden];
  * down [experts, hidden, I]; scratch [n, 2I]; out [n, hidden]. hidden and I multiples of
- * LANES. Returns 0. */
+ * LANES. Returns 0, or 1 when the accumulators kept between k blocks could not be
+ * allocated. */
 int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
                    const float *gate_up, const float *down, float *scratch, float *out,
                    int64_t hidden, int64_t inter, int threads) {
     int64_t n = offsets[experts];
+    int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         expert_products(rows, hidden, offsets, experts, gate_up, 2 * inter, hidden, scratch,
-                        2 * inter);
+                        2 * inter, &failed);
         /* The activation, in place into the gate half of each scratch row. */
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < n; r++) {
             float *h = scratch + r * 2 * inter;
             for (int64_t j = 0; j < inter; j++) h[j] = silu(h[j]) * h[inter + j];
         }
-        expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden);
+        expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden,
+                        &failed);
     }
-    return 0;
+    return failed;
 }
 
 /* y [rows, features] (row stride ldy) = x [rows, k] (row stride ldx) . w [features, k]^T

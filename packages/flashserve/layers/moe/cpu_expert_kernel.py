@@ -57,7 +57,7 @@ def expert_mlp(
     offsets = torch.tensor(list(accumulate(counts, initial=0)), dtype=torch.int64)
     scratch = torch.empty(rows.shape[0], 2 * inter)
     out = torch.empty(rows.shape[0], hidden)
-    library.expert_mlp_f32(
+    failed = library.expert_mlp_f32(
         rows.data_ptr(),
         offsets.data_ptr(),
         len(counts),
@@ -69,6 +69,8 @@ def expert_mlp(
         inter,
         torch.get_num_threads(),
     )
+    if failed:
+        raise MemoryError("CPU experts: no memory for the kernel's partial sums")
     return out
 
 
