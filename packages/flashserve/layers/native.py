@@ -18,7 +18,10 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
+
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +122,31 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+def linear_product(
+    kernel: Callable[..., int],
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    what: str,
+) -> torch.Tensor:
+    """y = x W^T (+ bias) by a compiled kernel with the linear kernels' argument list
+    (x, x row stride, rows, weight, features, k, bias or NULL, y, y row stride, threads;
+    non-zero returned: its scratch memory could not be allocated)."""
+    out = torch.empty(x.shape[0], weight.shape[0])
+    failed = kernel(
+        x.data_ptr(),
+        x.stride(0),
+        x.shape[0],
+        weight.data_ptr(),
+        weight.shape[0],
+        weight.shape[1],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError(f"{what}: no memory for the kernel's scratch buffers")
+    return out

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from flashserve.layers.native import NativeLibrary
+from flashserve.layers.native import NativeLibrary, linear_product
 
 KERNELS = NativeLibrary(
     "packed_gemm.c",
@@ -57,19 +57,4 @@ def linear(
     library = KERNELS.load()
     if library is None:
         return None
-    out = torch.empty(x.shape[0], weight.shape[0])
-    failed = library.packed_linear_f32(
-        x.data_ptr(),
-        x.stride(0),
-        x.shape[0],
-        weight.data_ptr(),
-        weight.shape[0],
-        weight.shape[1],
-        None if bias is None else bias.data_ptr(),
-        out.data_ptr(),
-        out.stride(0),
-        torch.get_num_threads(),
-    )
-    if failed:
-        raise MemoryError("CPU linear: no memory for the GEMM's packing buffers")
-    return out
+    return linear_product(library.packed_linear_f32, x, weight, bias, "CPU linear")

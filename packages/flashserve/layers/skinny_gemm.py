@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from flashserve.layers.native import NativeLibrary
+from flashserve.layers.native import NativeLibrary, linear_product
 
 # Products of up to this many rows go to the kernel (bench/skinny_linear.py measures
 # where torch's GEMM catches up).
@@ -79,20 +79,5 @@ def linear(
     ):
         library = KERNELS.load()
         if library is not None:
-            out = torch.empty(x.shape[0], weight.shape[0])
-            failed = library.linear_f32(
-                x.data_ptr(),
-                x.stride(0),
-                x.shape[0],
-                weight.data_ptr(),
-                weight.shape[0],
-                weight.shape[1],
-                None if bias is None else bias.data_ptr(),
-                out.data_ptr(),
-                out.stride(0),
-                torch.get_num_threads(),
-            )
-            if failed:
-                raise MemoryError("CPU linear: no memory for the kernel's partial sums")
-            return out
+            return linear_product(library.linear_f32, x, weight, bias, "CPU linear")
     return None
