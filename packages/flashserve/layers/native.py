@@ -124,6 +124,21 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
+# The linear kernels' argument list (ctypes argtypes), as linear_product passes it.
+LINEAR_KERNEL_ARGS = [
+    ctypes.c_void_p,  # x [rows, k]
+    ctypes.c_int64,  # x row stride
+    ctypes.c_int64,  # rows
+    ctypes.c_void_p,  # weight [features, k]
+    ctypes.c_int64,  # features
+    ctypes.c_int64,  # k
+    ctypes.c_void_p,  # bias [features] or NULL
+    ctypes.c_void_p,  # y [rows, features]
+    ctypes.c_int64,  # y row stride
+    ctypes.c_int,  # threads
+]
+
+
 def linear_product(
     kernel: Callable[..., int],
     x: torch.Tensor,

@@ -7,29 +7,17 @@ one chain of multiply-adds in k order, so a row's bits do not depend on the batc
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import torch
 
-from flashserve.layers.native import NativeLibrary, linear_product
+from flashserve.layers.native import LINEAR_KERNEL_ARGS, NativeLibrary, linear_product
 
 KERNELS = NativeLibrary(
     "packed_gemm.c",
     "CPU linear layers of many rows",
     {
-        "packed_linear_f32": [
-            ctypes.c_void_p,  # x [rows, k]
-            ctypes.c_int64,  # x row stride
-            ctypes.c_int64,  # rows
-            ctypes.c_void_p,  # weight [features, k]
-            ctypes.c_int64,  # features
-            ctypes.c_int64,  # k
-            ctypes.c_void_p,  # bias [features] or NULL
-            ctypes.c_void_p,  # y [rows, features]
-            ctypes.c_int64,  # y row stride
-            ctypes.c_int,  # threads
-        ],
+        "packed_linear_f32": LINEAR_KERNEL_ARGS,
     },
 )
 

@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from flashserve.layers.native import NativeLibrary, linear_product
+from flashserve.layers.native import LINEAR_KERNEL_ARGS, NativeLibrary, linear_product
 
 # Products of up to this many rows go to the kernel (bench/skinny_linear.py measures
 # where torch's GEMM catches up).
@@ -28,18 +28,7 @@ KERNELS = NativeLibrary(
     "skinny_gemm.c",
     "CPU linear layers of few rows",
     {
-        "linear_f32": [
-            ctypes.c_void_p,  # x [rows, k]
-            ctypes.c_int64,  # x row stride
-            ctypes.c_int64,  # rows
-            ctypes.c_void_p,  # weight [features, k]
-            ctypes.c_int64,  # features
-            ctypes.c_int64,  # k
-            ctypes.c_void_p,  # bias [features] or NULL
-            ctypes.c_void_p,  # y [rows, features]
-            ctypes.c_int64,  # y row stride
-            ctypes.c_int,  # threads
-        ],
+        "linear_f32": LINEAR_KERNEL_ARGS,
         "expert_mlp_f32": [
             ctypes.c_void_p,  # rows [n, hidden], sorted by expert
             ctypes.c_void_p,  # offsets int64 [experts + 1]
