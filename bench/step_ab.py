@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import importlib
 import json
 import statistics
 import sys
@@ -34,17 +35,22 @@ from _common import DEFAULT_MODEL, machine, make_engine, today  # noqa: E402
 from w1 import Workload, run_engine  # noqa: E402
 
 
-@contextlib.contextmanager
-def _decode_kernel_off(engine: Any = None) -> Iterator[None]:
-    """Decode attention as before: gather the blocks (index_select), then SDPA."""
-    from flashserve.layers import cpu_decode_attention
+def _flag_off(
+    module_name: str, flag: str
+) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
+    """A change a module-level switch turns off: the module's `flag` False for the "before"."""
 
-    saved = cpu_decode_attention.enabled
-    cpu_decode_attention.enabled = False
-    try:
-        yield
-    finally:
-        cpu_decode_attention.enabled = saved
+    @contextlib.contextmanager
+    def switched_off(engine: Any = None) -> Iterator[None]:
+        module = importlib.import_module(module_name)
+        saved = getattr(module, flag)
+        setattr(module, flag, False)
+        try:
+            yield
+        finally:
+            setattr(module, flag, saved)
+
+    return switched_off
 
 
 @contextlib.contextmanager
@@ -78,52 +84,20 @@ def _at_least_by_where(engine: Any = None) -> Iterator[None]:
         truncation._at_least = saved
 
 
-@contextlib.contextmanager
-def _mass_kernel_off(engine: Any = None) -> Iterator[None]:
-    """certainly_kept's mass by torch passes (mask, then row_sums), not csrc/mass_at_least.c."""
-    from flashserve.engine import truncation
-
-    truncation.mass_kernel_enabled = False
-    try:
-        yield
-    finally:
-        truncation.mass_kernel_enabled = True
-
-
-@contextlib.contextmanager
-def _elementwise_off(engine: Any = None) -> Iterator[None]:
-    """RMSNorm and silu(gate) * up as torch ops, not csrc/elementwise.c."""
-    from flashserve.layers import cpu_elementwise
-
-    cpu_elementwise.enabled = False
-    try:
-        yield
-    finally:
-        cpu_elementwise.enabled = True
-
-
-@contextlib.contextmanager
-def _packed_gemm_off(engine: Any = None) -> Iterator[None]:
-    """A prefill's products through torch's GEMM, not csrc/packed_gemm.c."""
-    from flashserve.layers import packed_gemm
-
-    packed_gemm.enabled = False
-    try:
-        yield
-    finally:
-        packed_gemm.enabled = True
-
-
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
-    "decode_kernel": _decode_kernel_off,
+    # decode attention as before: gather the blocks (index_select), then SDPA
+    "decode_kernel": _flag_off("flashserve.layers.cpu_decode_attention", "enabled"),
     "async_scheduling": _overlap_off,
     # Identical work on both sides: the noise band of a pair on this machine.
     "none": lambda engine=None: contextlib.nullcontext(),
     "certainly_kept_keys": _at_least_by_where,
-    "mass_kernel": _mass_kernel_off,
-    "elementwise": _elementwise_off,
-    "packed_gemm": _packed_gemm_off,
+    # certainly_kept's mass by torch passes (mask, then row_sums), not csrc/mass_at_least.c
+    "mass_kernel": _flag_off("flashserve.engine.truncation", "mass_kernel_enabled"),
+    # RMSNorm, silu(gate) * up and rope as torch ops, not csrc/elementwise.c
+    "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
+    # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
+    "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
