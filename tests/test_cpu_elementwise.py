@@ -90,3 +90,12 @@ def test_rope_in_place_is_forward_bit_for_bit(partial: float) -> None:
     assert got_q.data_ptr() == q.data_ptr(), "the kernel took the views"
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
     assert torch.equal(qkv[:, (heads + kv_heads) * 64 :], v_before)
+
+
+def test_rope_at_a_position_past_the_table_is_an_error_not_a_wild_read() -> None:
+    from flashserve.layers.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding({"rope_theta": 10000.0}, head_dim=64, max_positions=16)
+    q, k = torch.randn(2, 4, 64), torch.randn(2, 2, 64)
+    with pytest.raises(IndexError):
+        rotary.rotate_in_place(torch.tensor([3, 16]), q, k)

@@ -77,7 +77,12 @@ def _takes(x: torch.Tensor, width: int) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """weight * x / sqrt(mean(x^2) + eps) per row of a 2-D fp32 CPU x; None: use torch."""
     n = x.shape[-1]
-    if not (_takes(x, n) and weight.dtype == torch.float32 and weight.is_contiguous()):
+    if not (
+        _takes(x, n)
+        and weight.shape == (n,)
+        and weight.dtype == torch.float32
+        and weight.is_contiguous()
+    ):
         return None
     library = KERNELS.load()
     if library is None:
@@ -142,6 +147,12 @@ def rotate_half_in_place(
         )
     ):
         return False
+    # The kernel reads table rows unchecked: a position outside the table is left to
+    # torch's indexing, which raises.
+    if positions.numel():
+        low, high = positions.aminmax()
+        if int(low) < 0 or int(high) >= table.shape[0]:
+            return False
     library = KERNELS.load()
     if library is None:
         return False
