@@ -90,3 +90,12 @@ def test_the_dispatch_takes_the_kernel_for_the_shape(monkeypatch: pytest.MonkeyP
         ("skinny_gemm", False),
         ("packed_gemm", False),
     ]
+
+
+def test_mismatched_shapes_are_left_to_torch_which_raises() -> None:
+    weight = torch.randn(32, 64)
+    for bad in (torch.randn(100, 63), torch.randn(3, 65)):
+        with pytest.raises(RuntimeError):
+            cpu_linear.linear(bad, weight)
+    with pytest.raises(RuntimeError):
+        cpu_linear.linear(torch.randn(100, 64), weight, torch.randn(31))

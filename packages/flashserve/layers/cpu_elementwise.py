@@ -140,6 +140,7 @@ def rotate_half_in_place(
         and not torch.is_grad_enabled()
         and all(
             x.dim() == 3
+            and x.shape[2] >= rotary_dim
             and x.device.type == "cpu"
             and x.dtype == torch.float32
             and x.stride(2) == 1

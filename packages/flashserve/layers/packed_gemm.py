@@ -36,9 +36,12 @@ def linear(
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and weight.dtype == torch.float32
+        and weight.dim() == 2
+        and x.shape[1] == weight.shape[1] > 0
         and weight.is_contiguous()
         and x.stride(1) == 1
-        and (bias is None or (bias.dtype == torch.float32 and bias.is_contiguous()))
+        and (bias is None or (bias.dtype == torch.float32 and bias.shape == weight.shape[:1]))
+        and (bias is None or bias.is_contiguous())
         and not torch.is_grad_enabled()
     ):
         return None
