@@ -65,6 +65,22 @@ static inline void store_bf16(uint16_t *p, vf v) {
     for (int i = 0; i < LANES; i++) p[i] = f32_to_bf16(v[i]);
 }
 
+/* Tokens ahead whose key (value) rows are fetched into cache while this one is
+ * scored (summed): a row is a few hundred bytes to a few KiB, so this reaches into the
+ * next 4 KiB page, where the hardware prefetcher stops, and across block boundaries
+ * (the next block is anywhere in the cache). */
+#define PREFETCH_TOKENS 4
+
+/* The cache lines of token t's rows for the task's heads, t < ctx. */
+static inline void prefetch_token(const char *cache, const int32_t *table, int64_t t,
+                                  int64_t block_size, int64_t block_stride, int64_t offset,
+                                  int64_t bytes, int64_t size) {
+    const char *at = cache + ((int64_t)table[t / block_size] * block_stride +
+                              (t % block_size) * (block_stride / block_size) + offset) *
+                                 size;
+    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(at + line);
+}
+
 /* One task: KV heads [h0, h1) of one row. bf16 is a compile-time constant in
  * each caller, so the compiler specialises the loads and stores. Blocks are
  * walked in order and, within a token, the task's heads side by side (they
@@ -81,6 +97,7 @@ static inline void attend(int bf16, const void *q, const void *k_cache, const vo
           : (const void *)((const float *)(base) + (index)))
 #define LOAD(ptr) (bf16 ? load_bf16((const uint16_t *)(ptr)) : load_f32((const float *)(ptr)))
     const int64_t block_stride = block_size * token_stride, heads = (h1 - h0) * group;
+    const int64_t size = bf16 ? 2 : 4, row_bytes = (h1 - h0) * head_dim * size;
     for (int64_t i = 0; i < heads; i++)
         for (int64_t c = 0; c < chunks; c++)
             qv[i * chunks + c] = LOAD(AT(q, (h0 * group + i) * head_dim + c * LANES)) * scale;
@@ -88,6 +105,9 @@ static inline void attend(int bf16, const void *q, const void *k_cache, const vo
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            if (t0 + j + PREFETCH_TOKENS < ctx)
+                prefetch_token(k_cache, table, t0 + j + PREFETCH_TOKENS, block_size, block_stride,
+                               h0 * head_dim, row_bytes, size);
             for (int64_t h = h0; h < h1; h++) {
                 for (int64_t c = 0; c < chunks; c++)
                     row[c] = LOAD(AT(k_cache, token + h * head_dim + c * LANES));
@@ -113,6 +133,9 @@ static inline void attend(int bf16, const void *q, const void *k_cache, const vo
         const int64_t n = ctx - t0 < block_size ? ctx - t0 : block_size;
         for (int64_t j = 0; j < n; j++) {
             const int64_t token = (int64_t)table[b] * block_stride + j * token_stride;
+            if (t0 + j + PREFETCH_TOKENS < ctx)
+                prefetch_token(v_cache, table, t0 + j + PREFETCH_TOKENS, block_size, block_stride,
+                               h0 * head_dim, row_bytes, size);
             for (int64_t h = h0; h < h1; h++) {
                 for (int64_t c = 0; c < chunks; c++)
                     row[c] = LOAD(AT(v_cache, token + h * head_dim + c * LANES));
