@@ -1,7 +1,7 @@
 """Linear layers of many rows on the CPU (a prefill's projections): csrc/packed_gemm.c.
 
-A blocked GEMM whose inner kernel keeps a 6 x 16 output tile in registers; here it
-runs at ~1.2-1.4x torch's CPU GEMM for fp32 (bench/packed_gemm.py). Every output is
+A blocked GEMM whose inner kernel keeps a 6 x 16 output tile in registers
+(bench/packed_gemm.py compares it with torch's CPU GEMM). Every output is
 one chain of multiply-adds in k order, so a row's bits do not depend on the batch.
 """
 

@@ -43,8 +43,8 @@
 #define FEATURES_PER_ITEM 48
 
 /* Long rows are split into blocks of at most this many columns (a multiple of LANES):
- * with k = 512 the block's 4 input rows and 3 weight rows stay in L1 (~85-95% of the FMA
- * rate), with k = 1536 unsplit they do not (~65%). Between blocks each accumulator is
+ * then a block's 4 input rows and 3 weight rows stay in L1 while it computes, which
+ * longer rows do not (docs/DESIGN.md has the rates). Between blocks each accumulator is
  * kept in memory and resumed, so the sums are the unsplit ones, bit for bit. */
 #define K_BLOCK 512
 /* Output features per pass over the k blocks: bounds the kept accumulators to
