@@ -51,6 +51,7 @@ KERNELS = NativeLibrary(
             ctypes.c_int64,  # heads
             ctypes.c_int64,  # rotated dims per head
             ctypes.c_void_p,  # table [positions, 2 * rotated dims]: cos|cos, -sin|sin
+            ctypes.c_int64,  # table rows
             ctypes.c_void_p,  # positions int64 [rows]
             ctypes.c_int,  # threads
         ],
@@ -148,18 +149,12 @@ def rotate_half_in_place(
         )
     ):
         return False
-    # The kernel reads table rows unchecked: a position outside the table is left to
-    # torch's indexing, which raises.
-    if positions.numel():
-        low, high = positions.aminmax()
-        if int(low) < 0 or int(high) >= table.shape[0]:
-            return False
     library = KERNELS.load()
     if library is None:
         return False
     positions = positions.contiguous()
     for x in tensors:
-        library.rotate_half_f32(
+        out_of_table = library.rotate_half_f32(
             x.data_ptr(),
             x.stride(0),
             x.stride(1),
@@ -167,7 +162,10 @@ def rotate_half_in_place(
             x.shape[1],
             rotary_dim,
             table.data_ptr(),
+            table.shape[0],
             positions.data_ptr(),
             torch.get_num_threads(),
         )
+        if out_of_table:  # the first call already (q): nothing written; torch's indexing raises
+            return False
     return True

@@ -58,10 +58,14 @@ int silu_mul_f32(const float *gate_up, int64_t ldg, int64_t rows, int64_t n, flo
 /* Rotate-half rope in place: x [rows, heads, head_dim] (row stride ldx, head stride
  * ldh), the first `rotary` dims of each head, at positions[r]; table row p holds
  * cos|cos over the rotated dims, then -sin|sin. Each element is x * cos + partner * sin
- * (two products, one sum: torch's arithmetic for the same table, bit for bit). */
+ * (two products, one sum: torch's arithmetic for the same table, bit for bit). Returns 1,
+ * with x untouched, when a position has no row in the table. */
 int rotate_half_f32(float *x, int64_t ldx, int64_t ldh, int64_t rows, int64_t heads,
-                    int64_t rotary, const float *table, const int64_t *positions, int threads) {
+                    int64_t rotary, const float *table, int64_t table_rows,
+                    const int64_t *positions, int threads) {
     const int64_t half = rotary / 2;
+    for (int64_t r = 0; r < rows; r++) /* checked before anything is written */
+        if (positions[r] < 0 || positions[r] >= table_rows) return 1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < rows; r++) {
         const float *cos = table + positions[r] * 2 * rotary, *sin = cos + rotary;
