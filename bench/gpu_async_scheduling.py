@@ -30,9 +30,11 @@ from gpu_common import (  # noqa: E402
     decode_arguments,
     decode_engine,
     decode_rows,
+    decode_setup,
     decode_summary_rows,
     decode_weight_bytes,
     graphs_report,
+    random_model_arguments,
 )
 
 
@@ -63,13 +65,9 @@ def overlap_off_and_on(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     decode_arguments(parser)
-    parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument(
-        "--model-dir", type=Path, default=None, help="a checkpoint folder (default: random weights)"
-    )
+    random_model_arguments(parser)
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    device, batches = decode_setup(args)
     gpu = GpuReport(device, args.out, "gpu_async_scheduling", decode_summary_rows)
     gpu.section("copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
     shape = (args.model_dir, args.shape, device, batches, args.prompt_len, args.output_len)

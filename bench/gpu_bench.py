@@ -58,9 +58,11 @@ from gpu_common import (  # noqa: E402
     decode_arguments,
     decode_engine,
     decode_rows,
+    decode_setup,
     decode_summary_rows,
     decode_weight_bytes,
     graphs_report,
+    random_model_arguments,
     sync,
     write_random_model_config,
 )
@@ -335,16 +337,12 @@ def summary_rows(report: dict[str, Any]) -> list[Row]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     decode_arguments(parser)
-    parser.add_argument("--shape", default="llama3-8b")
-    parser.add_argument(
-        "--model-dir", type=Path, default=None, help="a checkpoint folder (default: random weights)"
-    )
+    random_model_arguments(parser)
     parser.add_argument("--skip-hf", action="store_true")
     parser.add_argument("--probe-shape", default="llama3-1b", help="checkpoint for the load probe")
     parser.add_argument("--pytest-log", type=Path, default=None, help="pytest -m gpu output")
     args = parser.parse_args(argv)
-    device = torch.device(args.device)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    device, batches = decode_setup(args)
     gpu = GpuReport(device, args.out, "gpu_bench", summary_rows)
     report = gpu.data
     report["pytest_log"] = args.pytest_log

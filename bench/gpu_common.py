@@ -335,6 +335,19 @@ class GpuReport:
         return text
 
 
+def random_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model-dir (a checkpoint folder) or else random weights of --shape."""
+    parser.add_argument("--shape", default="llama3-8b")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="a checkpoint folder (default: random weights)"
+    )
+
+
+def decode_setup(args: argparse.Namespace) -> tuple[torch.device, list[int]]:
+    """The device and batch sizes decode_arguments' options name."""
+    return torch.device(args.device), [int(b) for b in args.batch_sizes.split(",")]
+
+
 def decode_arguments(parser: argparse.ArgumentParser) -> None:
     """The options every GPU decode benchmark takes: where to write, device, batches, lengths."""
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "gpu_out")

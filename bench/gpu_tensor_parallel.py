@@ -32,6 +32,7 @@ from gpu_common import (  # noqa: E402
     decode_arguments,
     decode_engine,
     decode_rows,
+    decode_setup,
     decode_summary_rows,
     decode_weight_bytes,
     graphs_report,
@@ -81,8 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.tp < 2:
         parser.error("--tp must be at least 2 (gpu_bench.py measures one GPU)")
-    device = torch.device(args.device)
-    batches = [int(b) for b in args.batch_sizes.split(",")]
+    device, batches = decode_setup(args)
     gpu = GpuReport(device, args.out, "gpu_tensor_parallel", summary_rows)
     gpu.data["tensor_parallel_size"] = args.tp
     gpu.section("copy_bandwidth_gb_s", lambda: copy_bandwidth(device) / 1e9)
