@@ -84,6 +84,23 @@ def _at_least_by_where(engine: Any = None) -> Iterator[None]:
         truncation._at_least = saved
 
 
+def _threading(mode: int) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
+    """The CPU kernels' jobs run one way (csrc/thread_pool.c: 0 adaptive, 1 always OpenMP
+    regions, 2 always the pool's workers), then back to adaptive."""
+
+    @contextlib.contextmanager
+    def switched(engine: Any = None) -> Iterator[None]:
+        from flashserve.layers import native
+
+        native.thread_pool().flashserve_pool_mode(mode)
+        try:
+            yield
+        finally:
+            native.thread_pool().flashserve_pool_mode(0)
+
+    return switched
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # decode attention as before: gather the blocks (index_select), then SDPA
@@ -98,10 +115,15 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
     # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
+    # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against
+    # adaptive ("pool_always": against always the pool's workers)
+    "adaptive_threading": _threading(1),
+    "pool_always": _threading(1),
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "async_scheduling": _overlap_on,
+    "pool_always": _threading(2),
 }
 
 

@@ -135,7 +135,7 @@ def _cpu_signature() -> str:
 THREAD_POOL = NativeLibrary(
     "thread_pool.c",
     "CPU kernels' thread pool",
-    {"flashserve_pool_use_openmp": [ctypes.c_int]},
+    {"flashserve_pool_mode": [ctypes.c_int]},
     exports_symbols=True,
 )
 
@@ -149,8 +149,9 @@ def thread_pool() -> ctypes.CDLL:
     library = THREAD_POOL.load()
     if library is None:
         raise RuntimeError(f"no thread pool ({THREAD_POOL.load_failed})")
-    # FLASHSERVE_CPU_THREAD_POOL=0: OpenMP regions instead (benchmarks' A/B).
-    library.flashserve_pool_use_openmp(int(os.environ.get("FLASHSERVE_CPU_THREAD_POOL") == "0"))
+    # Benchmarks' A/B: FLASHSERVE_CPU_THREADING=openmp or =pool; else adaptive.
+    modes = {"openmp": 1, "pool": 2}
+    library.flashserve_pool_mode(modes.get(os.environ.get("FLASHSERVE_CPU_THREADING", ""), 0))
     return library
 
 

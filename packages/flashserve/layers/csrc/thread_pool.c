@@ -1,13 +1,20 @@
 /* The CPU kernels' parallel loop: see thread_pool.h.
  *
- * One job at a time (a second caller, or a chunk that itself runs chunks, runs its job
- * alone). A job is published as a generation number in the high half of `claim`; the
- * low half is the next chunk to take. A thread takes chunk i of generation g by a
- * compare-and-swap from (g, i) to (g, i + 1), so a worker that wakes late, after the
- * caller finished g and published g + 1, cannot take a chunk of the wrong job; the job's
- * fields, written before its generation is published, are read only after a successful
- * take, and cannot change before that chunk is done. The caller waits only for chunks
- * that were taken.
+ * Two ways to run a job. Normally an OpenMP region over the chunks, on the threads torch
+ * uses for its own ops (one set of threads: with a second, each set's idle spinning
+ * takes cores from the other). But an OpenMP region ends when every one of its threads
+ * has arrived, and a thread the OS has parked (another process wanted its core) arrives
+ * only when it runs again, milliseconds later, at every region. So when a region's
+ * thread starts late, jobs go to this pool's own workers for a while instead: the
+ * calling thread takes every chunk no worker took, and waits only for chunks taken.
+ *
+ * The pool runs one job at a time (a second caller, or a chunk that itself runs chunks,
+ * runs its job alone). A job is published as a generation number in the high half of
+ * `claim`; the low half is the next chunk to take. A thread takes chunk i of generation
+ * g by a compare-and-swap from (g, i) to (g, i + 1), so a worker that wakes late, after
+ * the caller finished g and published g + 1, cannot take a chunk of the wrong job; the
+ * job's fields, written before its generation is published, are read only after a
+ * successful take, and cannot change before that chunk is done.
  *
  * Idle workers spin for a while (a decode step calls kernels tens of microseconds
  * apart), yielding the core to anything else runnable, then sleep on a futex. Built and
@@ -30,6 +37,10 @@
 #define SPIN_NS 300000L
 /* How long the caller waits for a taken chunk before it lets others have its core. */
 #define CALLER_SPIN_NS 50000L
+/* An OpenMP thread starting this long after its region did was parked, not waking up. */
+#define LATE_START_NS 1000000L
+/* After a late start, jobs go to the pool this long before OpenMP is tried again. */
+#define POOL_PERIOD_NS 2000000000L
 
 static struct {
     _Atomic uint64_t claim; /* generation << 32 | next chunk */
@@ -43,8 +54,11 @@ static struct {
     int started;        /* workers created (indices 1 .. started) */
     uint32_t generation; /* of the last job published (the caller's lock held) */
     pthread_mutex_t caller; /* held by the thread whose job the pool runs */
-    int use_openmp;     /* A/B: an OpenMP region over the chunks instead */
+    int mode;           /* ADAPTIVE, or always one of the two (benchmarks' A/B) */
+    int64_t pool_until; /* ADAPTIVE: jobs go to the pool until then (now_ns) */
 } pool = {.caller = PTHREAD_MUTEX_INITIALIZER};
+
+enum { ADAPTIVE = 0, ALWAYS_OPENMP = 1, ALWAYS_POOL = 2 };
 
 static int64_t now_ns(void) {
     struct timespec t;
@@ -130,22 +144,25 @@ static void run_inline(chunk_fn fn, void *ctx, int64_t chunks) {
     for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
 }
 
-void flashserve_run_chunks(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
-    if (chunks <= 0) return;
-    if (threads <= 1 || chunks == 1 || pthread_mutex_trylock(&pool.caller) != 0) {
-        run_inline(fn, ctx, chunks);
-        return;
-    }
-    if (pool.use_openmp) {
-#pragma omp parallel for schedule(static) num_threads(threads)
+/* The job as one OpenMP region, chunks handed out dynamically; returns whether one of
+ * its threads started late. */
+static int run_openmp(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
+    const int64_t start = now_ns();
+    _Atomic int late = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        if (omp_get_thread_num() != 0 && now_ns() - start > LATE_START_NS)
+            atomic_store(&late, 1);
+#pragma omp for schedule(dynamic, 1)
         for (int64_t c = 0; c < chunks; c++) fn(ctx, c);
-        pthread_mutex_unlock(&pool.caller);
-        return;
     }
+    return atomic_load(&late);
+}
+
+static void run_pool(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
     pthread_once(&fork_handler_once, install_fork_handler);
     if (start_workers(threads) == 0) {
         run_inline(fn, ctx, chunks);
-        pthread_mutex_unlock(&pool.caller);
         return;
     }
     pool.fn = fn;
@@ -166,12 +183,30 @@ void flashserve_run_chunks(chunk_fn fn, void *ctx, int64_t chunks, int threads) 
         relax();
         if ((polls & 63) == 63 && now_ns() - since > CALLER_SPIN_NS) sched_yield();
     }
+}
+
+void flashserve_run_chunks(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
+    if (chunks <= 0) return;
+    if (threads <= 1 || chunks == 1 || chunks > INT32_MAX ||
+        pthread_mutex_trylock(&pool.caller) != 0) {
+        run_inline(fn, ctx, chunks);
+        return;
+    }
+    int to_pool = pool.mode == ALWAYS_POOL ||
+                  (pool.mode == ADAPTIVE && pool.pool_until && now_ns() < pool.pool_until);
+    if (to_pool) {
+        run_pool(fn, ctx, chunks, threads);
+    } else {
+        pool.pool_until = 0;
+        if (run_openmp(fn, ctx, chunks, threads) && pool.mode == ADAPTIVE)
+            pool.pool_until = now_ns() + POOL_PERIOD_NS;
+    }
     pthread_mutex_unlock(&pool.caller);
 }
 
-/* Benchmarks: 1 runs every job as an OpenMP region over its chunks (the kernels' earlier
- * threading), 0 the pool. */
-int flashserve_pool_use_openmp(int on) {
-    pool.use_openmp = on;
+/* 0: adaptive (the default), 1: always OpenMP regions, 2: always the pool's workers. */
+int flashserve_pool_mode(int mode) {
+    pool.mode = mode;
+    pool.pool_until = 0;
     return 0;
 }
