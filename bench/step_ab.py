@@ -1,6 +1,6 @@
 """A/B of one engine change at a time, step by step, in one process and one engine.
 
-    python bench/step_ab.py [--change decode_kernel] [--dtype auto] [--threads 2]
+    python bench/step_ab.py [--change decode_kernel] [--dtype auto] [--threads 2] [--busy 1]
                             [--requests 64] [--prompt-len 128] [--steps 40] [--prefills 3]
 
 Made for a shared machine: "before" and "after" alternate step by step on the
@@ -204,6 +204,19 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
     return times
 
 
+@contextlib.contextmanager
+def _busy_processes(count: int) -> Iterator[None]:
+    import subprocess
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -215,11 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="decode steps per variant")
     parser.add_argument("--prefills", type=int, default=3, help="prefill steps per variant")
     parser.add_argument("--w1", type=int, default=0, help="whole W1 runs per variant")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="processes that spin on the CPU meanwhile (another program wanting the cores)",
+    )
     args = parser.parse_args(argv)
 
-    times = run(args)
+    with _busy_processes(args.busy):
+        times = run(args)
     print(f"{today()}  {machine()}  change: {args.change}  dtype {args.dtype}, ", end="")
-    print(f"{args.threads} threads, {args.requests} x {args.prompt_len}-token prompts")
+    print(f"{args.threads} threads, {args.requests} x {args.prompt_len}-token prompts", end="")
+    print(f", {args.busy} busy processes meanwhile" if args.busy else "")
     print("| phase | steps each | before ms (wall) | after ms (wall) | wall ratio "
           "| before ms (CPU) | after ms (CPU) | CPU ratio |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -80,7 +80,7 @@ def test_two_callers_at_once_each_get_their_own_results():
         try:
             for _ in range(20):
                 results.append(run())
-        except BaseException as exc:  # noqa: BLE001: reported below
+        except BaseException as exc:  # noqa: BLE001  (reported below)
             errors.append(exc)
 
     with threading_mode("pool", 2):

@@ -135,7 +135,7 @@ def _cpu_signature() -> str:
 THREAD_POOL = NativeLibrary(
     "thread_pool.c",
     "CPU kernels' thread pool",
-    {"flashserve_pool_mode": [ctypes.c_int]},
+    {"flashserve_pool_mode": [ctypes.c_int], "flashserve_pool_late_starts": []},
     exports_symbols=True,
 )
 

@@ -46,7 +46,7 @@ static void rms_norm_rows(void *job, int64_t begin, int64_t end) {
 int rms_norm_f32(const float *x, int64_t ldx, int64_t rows, int64_t n, const float *weight,
                  float eps, float *out, int64_t ldo, int threads) {
     struct rms_norm_job job = {x, weight, ldx, n, ldo, eps, out};
-    run_ranges(rms_norm_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(rms_norm_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }
 
@@ -79,7 +79,7 @@ static void silu_mul_rows(void *job, int64_t begin, int64_t end) {
 int silu_mul_f32(const float *gate_up, int64_t ldg, int64_t rows, int64_t n, float *out,
                  int64_t ldo, int threads) {
     struct silu_mul_job job = {gate_up, ldg, n, ldo, out};
-    run_ranges(silu_mul_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(silu_mul_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }
 
@@ -117,6 +117,6 @@ int rotate_half_f32(float *x, int64_t ldx, int64_t ldh, int64_t rows, int64_t he
     for (int64_t r = 0; r < rows; r++) /* checked before anything is written */
         if (positions[r] < 0 || positions[r] >= table_rows) return 1;
     struct rope_job job = {x, ldx, ldh, heads, rotary, table, positions};
-    run_ranges(rope_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(rope_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }

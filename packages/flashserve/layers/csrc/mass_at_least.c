@@ -50,6 +50,6 @@ static void mass_rows(void *job, int64_t begin, int64_t end) {
 int mass_at_least_f32(const float *probs, int64_t rows, int64_t vocab, int64_t stride,
                       const float *floors, double *mass, int threads) {
     struct mass_job job = {probs, floors, vocab, stride, mass};
-    run_ranges(mass_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(mass_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }

@@ -155,6 +155,6 @@ int packed_linear_f32(const float *x, int64_t ldx, int64_t m, const float *w, in
     int64_t items = n / MIN_FEATURES_PER_ITEM;
     items = items > threads ? items : threads;
     items = items < (int64_t)threads * CHUNKS_PER_THREAD ? items : (int64_t)threads * CHUNKS_PER_THREAD;
-    run_ranges(product_panels, &job, (n + NR - 1) / NR, items, threads);
+    flashserve_run_ranges(product_panels, &job, (n + NR - 1) / NR, items, threads);
     return job.failed;
 }

@@ -237,7 +237,7 @@ static inline int paged_decode(int bf16, const void *q, int64_t q_row_stride,
         .head_dim = head_dim, .block_size = block_size, .max_context = max_context,
         .group = q_heads / kv_heads, .chunks = head_dim / LANES, .span = span,
         .parts = kv_heads / span, .scale = scale, .out = out, .failed = 0};
-    run_ranges(bf16 ? decode_tasks_bf16 : decode_tasks_f32, &job, rows * job.parts,
+    flashserve_run_ranges(bf16 ? decode_tasks_bf16 : decode_tasks_f32, &job, rows * job.parts,
                (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return job.failed;
 }

@@ -226,7 +226,7 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
     expert_products(rows, hidden, offsets, experts, gate_up, 2 * inter, hidden, scratch,
                     2 * inter, &failed, threads);
     struct activation_job activation = {scratch, inter};
-    run_ranges(activation_rows, &activation, n, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(activation_rows, &activation, n, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden,
                     &failed, threads);
     return failed;
@@ -260,6 +260,6 @@ int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_
                int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
     const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS, units = (features + unit - 1) / unit;
     struct linear_job job = {x, w, bias, ldx, rows, features, k, ldy, y, 0};
-    run_ranges(linear_blocks, &job, units, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    flashserve_run_ranges(linear_blocks, &job, units, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return job.failed;
 }

@@ -56,6 +56,7 @@ static struct {
     pthread_mutex_t caller; /* held by the thread whose job the pool runs */
     int mode;           /* ADAPTIVE, or always one of the two (benchmarks' A/B) */
     int64_t pool_until; /* ADAPTIVE: jobs go to the pool until then (now_ns) */
+    int late_starts;    /* OpenMP regions that had a thread start late, since the load */
 } pool = {.caller = PTHREAD_MUTEX_INITIALIZER};
 
 enum { ADAPTIVE = 0, ALWAYS_OPENMP = 1, ALWAYS_POOL = 2 };
@@ -185,22 +186,63 @@ static void run_pool(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
     }
 }
 
+/* The way the next job runs (the caller's lock held): 1 the pool's workers. */
+static int next_job_to_pool(void) {
+    return pool.mode == ALWAYS_POOL ||
+           (pool.mode == ADAPTIVE && pool.pool_until && now_ns() < pool.pool_until);
+}
+
+static void run_locked(chunk_fn fn, void *ctx, int64_t chunks, int threads, int to_pool) {
+    if (to_pool) {
+        run_pool(fn, ctx, chunks, threads);
+        return;
+    }
+    pool.pool_until = 0;
+    if (run_openmp(fn, ctx, chunks, threads)) {
+        pool.late_starts++;
+        if (pool.mode == ADAPTIVE) pool.pool_until = now_ns() + POOL_PERIOD_NS;
+    }
+}
+
+/* The caller's lock, or 0: run the job on this thread alone. */
+static int lock_caller(int64_t chunks, int threads) {
+    return threads > 1 && chunks > 1 && chunks <= INT32_MAX &&
+           pthread_mutex_trylock(&pool.caller) == 0;
+}
+
 void flashserve_run_chunks(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
     if (chunks <= 0) return;
-    if (threads <= 1 || chunks == 1 || chunks > INT32_MAX ||
-        pthread_mutex_trylock(&pool.caller) != 0) {
+    if (!lock_caller(chunks, threads)) {
         run_inline(fn, ctx, chunks);
         return;
     }
-    int to_pool = pool.mode == ALWAYS_POOL ||
-                  (pool.mode == ADAPTIVE && pool.pool_until && now_ns() < pool.pool_until);
-    if (to_pool) {
-        run_pool(fn, ctx, chunks, threads);
-    } else {
-        pool.pool_until = 0;
-        if (run_openmp(fn, ctx, chunks, threads) && pool.mode == ADAPTIVE)
-            pool.pool_until = now_ns() + POOL_PERIOD_NS;
+    run_locked(fn, ctx, chunks, threads, next_job_to_pool());
+    pthread_mutex_unlock(&pool.caller);
+}
+
+struct range_job {
+    range_fn fn;
+    void *ctx;
+    int64_t items, ranges;
+};
+
+static void one_range(void *job, int64_t r) {
+    const struct range_job *j = job;
+    j->fn(j->ctx, j->items * r / j->ranges, j->items * (r + 1) / j->ranges);
+}
+
+void flashserve_run_ranges(range_fn fn, void *ctx, int64_t items, int64_t chunks, int threads) {
+    if (items <= 0) return;
+    if (!lock_caller(items, threads)) {
+        fn(ctx, 0, items);
+        return;
     }
+    int to_pool = next_job_to_pool();
+    int64_t ranges = to_pool ? chunks : threads;
+    ranges = ranges < items ? ranges : items;
+    ranges = ranges > 1 ? ranges : 1;
+    struct range_job job = {fn, ctx, items, ranges};
+    run_locked(one_range, &job, ranges, threads, to_pool);
     pthread_mutex_unlock(&pool.caller);
 }
 
@@ -210,3 +252,6 @@ int flashserve_pool_mode(int mode) {
     pool.pool_until = 0;
     return 0;
 }
+
+/* How many OpenMP regions had a thread start late (benchmarks report it). */
+int flashserve_pool_late_starts(void) { return pool.late_starts; }

@@ -15,30 +15,13 @@ typedef void (*chunk_fn)(void *ctx, int64_t chunk);
 
 void flashserve_run_chunks(chunk_fn fn, void *ctx, int64_t chunks, int threads);
 
-/* The common case: items [0, n) in `chunks` contiguous ranges as even as they divide,
- * fn(ctx, begin, end) for each. */
+/* The common case: items [0, items) in contiguous ranges as even as they divide,
+ * fn(ctx, begin, end) for each: as many ranges as threads in an OpenMP region (each
+ * thread one, as a static schedule would), `chunks` for the pool's workers (more, smaller
+ * ranges leave less for the caller to wait on when a worker is parked). */
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
-struct range_job {
-    range_fn fn;
-    void *ctx;
-    int64_t items, chunks;
-};
-
-static void range_chunk(void *job, int64_t chunk) {
-    const struct range_job *j = (const struct range_job *)job;
-    j->fn(j->ctx, j->items * chunk / j->chunks, j->items * (chunk + 1) / j->chunks);
-}
-
-/* `chunks` as many as asked, but at most one an item (and at least one). */
-static inline void run_ranges(range_fn fn, void *ctx, int64_t items, int64_t chunks,
-                              int threads) {
-    if (items <= 0) return;
-    chunks = chunks < items ? chunks : items;
-    chunks = chunks > 0 ? chunks : 1;
-    struct range_job job = {fn, ctx, items, chunks};
-    flashserve_run_chunks(range_chunk, &job, chunks, threads);
-}
+void flashserve_run_ranges(range_fn fn, void *ctx, int64_t items, int64_t chunks, int threads);
 
 /* Chunks per thread where the work splits freely: enough that a worker the OS parks
  * for a while leaves little for the caller to wait on at the end. */
