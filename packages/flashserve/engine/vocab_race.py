@@ -45,6 +45,7 @@ KERNEL = NativeLibrary(
             ctypes.c_void_p,  # probs float32 [rows, vocab] or NULL
             ctypes.c_void_p,  # block totals float64 [rows, blocks] or NULL
             ctypes.c_void_p,  # chosen int64 [rows]
+            ctypes.c_void_p,  # the chosen tokens' probabilities, float32 [rows]
             ctypes.c_void_p,  # mass at or above the chosen token's probability, float64 [rows]
             ctypes.c_void_p,  # the row's mass, float64 [rows]
             ctypes.c_int,  # threads
@@ -79,10 +80,12 @@ def torch_exp_address() -> int | None:
 
 @dataclass
 class RaceResult:
-    """Per row: the race's token, the mass of the tokens at least as probable as it
-    (float64) and the row's mass (float64); probs and totals only where asked for."""
+    """Per row: the race's token, its probability, the mass of the tokens at least as
+    probable as it (float64) and the row's mass (float64); probs and totals only where
+    asked for."""
 
     chosen: torch.Tensor
+    chosen_prob: torch.Tensor
     through: torch.Tensor
     mass: torch.Tensor
     probs: torch.Tensor | None = None
@@ -116,11 +119,15 @@ def race_over_vocab(
         return None
     # Shapes the C reads through raw pointers: checked here, before it reads anything.
     if log_block_u.shape != (rows, blocks) or log_block_u.dtype != torch.float64:
-        raise ValueError(f"log_block_u: want float64 {(rows, blocks)}, got {log_block_u.dtype} "
-                         f"{tuple(log_block_u.shape)}")
+        raise ValueError(
+            f"log_block_u: want float64 {(rows, blocks)}, got {log_block_u.dtype} "
+            f"{tuple(log_block_u.shape)}"
+        )
     if log_token_u.shape != (rows, CROSSING_BLOCK) or log_token_u.dtype != torch.float32:
-        raise ValueError(f"log_token_u: want float32 {(rows, CROSSING_BLOCK)}, got "
-                         f"{log_token_u.dtype} {tuple(log_token_u.shape)}")
+        raise ValueError(
+            f"log_token_u: want float32 {(rows, CROSSING_BLOCK)}, got "
+            f"{log_token_u.dtype} {tuple(log_token_u.shape)}"
+        )
     library = KERNEL.load()
     exp = torch_exp_address() if library is not None else None
     if exp is None:
@@ -128,6 +135,7 @@ def race_over_vocab(
     log_block_u = log_block_u.contiguous()
     log_token_u = log_token_u.contiguous()
     chosen = torch.empty(rows, dtype=torch.int64)
+    chosen_prob = torch.empty(rows, dtype=torch.float32)
     through = torch.empty(rows, dtype=torch.float64)
     mass = torch.empty(rows, dtype=torch.float64)
     probs = torch.empty(rows, vocab) if keep_probs else None
@@ -143,6 +151,7 @@ def race_over_vocab(
         None if probs is None else probs.data_ptr(),
         None if totals is None else totals.data_ptr(),
         chosen.data_ptr(),
+        chosen_prob.data_ptr(),
         through.data_ptr(),
         mass.data_ptr(),
         torch.get_num_threads(),
@@ -151,4 +160,4 @@ def race_over_vocab(
         raise MemoryError("sampler: no memory for the vocabulary race's scratch rows")
     if failed:
         return None  # built for a CPU without AVX2
-    return RaceResult(chosen, through, mass, probs, totals)
+    return RaceResult(chosen, chosen_prob, through, mass, probs, totals)

@@ -121,7 +121,7 @@ static float block_total(const float *p, int64_t count) {
 /* One row: softmax into probs, block totals, the race's token, its mass check. */
 static void race_row(const float *x, int64_t n, const double *log_block_u,
                      const float *log_token_u, exp8_fn exp8, float *probs, double *totals,
-                     int64_t *chosen, double *through, double *mass) {
+                     int64_t *chosen, float *chosen_prob, double *through, double *mass) {
     const int64_t blocks = (n + RACE_BLOCK - 1) / RACE_BLOCK;
     softmax_row(x, n, probs, exp8);
     double whole = 0.0;
@@ -146,6 +146,7 @@ static void race_row(const float *x, int64_t n, const double *log_block_u,
         if (j == 0 || key < best_token) best_token = key, token = i;
     }
     *chosen = token;
+    *chosen_prob = probs[token];
     *through = row_mass(probs, n, probs[token]);
     *mass = whole;
 }
@@ -153,14 +154,14 @@ static void race_row(const float *x, int64_t n, const double *log_block_u,
 
 /* logits [rows, vocab] (row stride `stride`, vocab >= 8); log_block_u [rows, blocks] and
  * log_token_u [rows, 256], contiguous: the logs of the race's uniforms; exp8: Sleef_expf8_u10.
- * Out: chosen, through (mass of the tokens at least as probable as the chosen one) and
- * mass (the row's total) [rows]; probs [rows, vocab] and totals [rows, blocks],
+ * Out: chosen, chosen_prob (its probability), through (mass of the tokens at least as
+ * probable as it) and mass (the row's total) [rows]; probs [rows, vocab] and totals [rows, blocks],
  * contiguous, where not NULL (else scratch rows).
  * Returns 0; 1: no memory for the scratch rows; 2: built without AVX2 (no kernel). */
 int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
                    const double *log_block_u, const float *log_token_u, const void *exp8,
-                   float *probs, double *totals, int64_t *chosen, double *through,
-                   double *mass, int threads) {
+                   float *probs, double *totals, int64_t *chosen, float *chosen_prob,
+                   double *through, double *mass, int threads) {
 #if defined(__AVX2__)
     const int64_t blocks = (vocab + RACE_BLOCK - 1) / RACE_BLOCK;
     int failed = 0;
@@ -180,7 +181,7 @@ int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t str
                          log_token_u + r * RACE_BLOCK, (exp8_fn)exp8,
                          probs ? probs + r * vocab : scratch_probs,
                          totals ? totals + r * blocks : scratch_totals, chosen + r,
-                         through + r, mass + r);
+                         chosen_prob + r, through + r, mass + r);
             }
         }
         free(scratch_probs);
@@ -189,7 +190,7 @@ int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t str
     return failed;
 #else
     (void)logits, (void)rows, (void)vocab, (void)stride, (void)log_block_u;
-    (void)log_token_u, (void)exp8, (void)probs, (void)totals, (void)chosen;
+    (void)log_token_u, (void)exp8, (void)probs, (void)totals, (void)chosen, (void)chosen_prob;
     (void)through, (void)mass, (void)threads;
     return 2;
 #endif
