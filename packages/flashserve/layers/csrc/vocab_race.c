@@ -66,31 +66,41 @@ static inline __m256 first_lanes(__m256 a, __m256 b, int64_t count) {
 /* probs[0:n] = softmax(x[0:n]) with NaN as 0, as torch computes it; n >= 8. */
 static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8) {
     const int64_t whole = n - n % 8, tail = n - whole;
-    __m256 peak = _mm256_loadu_ps(x);
-    for (int64_t d = 8; d < whole; d += 8) peak = maximum(peak, _mm256_loadu_ps(x + d));
+    /* The largest value is the same in any order (NaN aside, which wins anyway; and
+     * a zero's sign, which x - max never shows): four chains, not one. */
+    __m256 peaks[4];
+    for (int k = 0; k < 4; k++) peaks[k] = _mm256_loadu_ps(x);
+    int64_t d = 8;
+    for (; d + 32 <= whole; d += 32) {
+        for (int k = 0; k < 4; k++) peaks[k] = maximum(peaks[k], _mm256_loadu_ps(x + d + 8 * k));
+    }
+    for (; d < whole; d += 8) peaks[0] = maximum(peaks[0], _mm256_loadu_ps(x + d));
+    __m256 peak = maximum(maximum(peaks[0], peaks[1]), maximum(peaks[2], peaks[3]));
     if (tail) peak = first_lanes(peak, maximum(peak, load_partial(x + whole, tail)), tail);
     const __m256 shift = _mm256_set1_ps(lane_tree_max(peak));
 
-    __m256 sum = _mm256_setzero_ps();
-    for (int64_t d = 0; d < whole; d += 8) {
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift));
-        _mm256_storeu_ps(probs + d, e);
-        sum = d ? _mm256_add_ps(sum, e) : e;
+    /* The exp and the sum in two loops: a call clobbers every vector register, so a
+     * running sum across the calls would go through memory at each one. */
+    __m256 tail_e = _mm256_setzero_ps();
+    for (d = 0; d < whole; d += 8) {
+        _mm256_storeu_ps(probs + d, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift)));
     }
     if (tail) {
         float lanes[8];
-        __m256 e = exp8(_mm256_sub_ps(load_partial(x + whole, tail), shift));
-        _mm256_storeu_ps(lanes, e);
+        tail_e = exp8(_mm256_sub_ps(load_partial(x + whole, tail), shift));
+        _mm256_storeu_ps(lanes, tail_e);
         memcpy(probs + whole, lanes, (size_t)tail * sizeof(float));
-        sum = first_lanes(sum, _mm256_add_ps(sum, e), tail);
     }
+    __m256 sum = _mm256_loadu_ps(probs);
+    for (d = 8; d < whole; d += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(probs + d));
+    if (tail) sum = first_lanes(sum, _mm256_add_ps(sum, tail_e), tail);
     const float inverse = 1.0f / lane_tree_sum(sum);
     const __m256 scale = _mm256_set1_ps(inverse);
-    for (int64_t d = 0; d < whole; d += 8) {
+    for (d = 0; d < whole; d += 8) {
         __m256 p = _mm256_mul_ps(_mm256_loadu_ps(probs + d), scale);
         _mm256_storeu_ps(probs + d, _mm256_and_ps(p, _mm256_cmp_ps(p, p, _CMP_ORD_Q)));
     }
-    for (int64_t d = whole; d < n; d++) {
+    for (d = whole; d < n; d++) {
         float p = probs[d] * inverse;
         probs[d] = p == p ? p : 0.0f;
     }
