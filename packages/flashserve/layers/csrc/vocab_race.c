@@ -27,6 +27,7 @@
 
 #if defined(__AVX2__)
 #include <immintrin.h>
+#include <omp.h>
 
 typedef __m256 (*exp8_fn)(__m256);
 
@@ -63,8 +64,11 @@ static inline __m256 first_lanes(__m256 a, __m256 b, int64_t count) {
     return _mm256_blendv_ps(a, b, take);
 }
 
-/* probs[0:n] = softmax(x[0:n]) with NaN as 0, as torch computes it; n >= 8. */
-static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8) {
+/* probs[0:n] = softmax(x[0:n]) with NaN as 0, as torch computes it; n >= 8. next: the
+ * row this thread takes after x (or NULL), fetched into the cache during the exp loop,
+ * which computes more than it reads, so that the next max pass need not wait for memory. */
+static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8,
+                        const float *next) {
     const int64_t whole = n - n % 8, tail = n - whole;
     /* The largest value is the same in any order (NaN aside, which wins anyway; and
      * a zero's sign, which x - max never shows): four chains, not one. */
@@ -83,6 +87,7 @@ static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8) {
      * running sum across the calls would go through memory at each one. */
     __m256 tail_e = _mm256_setzero_ps();
     for (d = 0; d < whole; d += 8) {
+        if (next && d % 16 == 0) __builtin_prefetch(next + d, 0, 2);
         _mm256_storeu_ps(probs + d, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift)));
     }
     if (tail) {
@@ -130,10 +135,11 @@ static float block_total(const float *p, int64_t count) {
 
 /* One row: softmax into probs, block totals, the race's token, its mass check. */
 static void race_row(const float *x, int64_t n, const double *log_block_u,
-                     const float *log_token_u, exp8_fn exp8, float *probs, double *totals,
-                     int64_t *chosen, float *chosen_prob, double *through, double *mass) {
+                     const float *log_token_u, exp8_fn exp8, const float *next, float *probs,
+                     double *totals, int64_t *chosen, float *chosen_prob, double *through,
+                     double *mass) {
     const int64_t blocks = (n + RACE_BLOCK - 1) / RACE_BLOCK;
-    softmax_row(x, n, probs, exp8);
+    softmax_row(x, n, probs, exp8, next);
     double whole = 0.0;
     for (int64_t b = 0; b < blocks; b++) {
         int64_t start = b * RACE_BLOCK;
@@ -185,10 +191,13 @@ int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t str
         }
 #pragma omp barrier
         if (!failed) {
-#pragma omp for schedule(static)
-            for (int64_t r = 0; r < rows; r++) {
+            /* Each thread a contiguous run of rows, so it knows which one comes next. */
+            const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
+            const int64_t end = rows * (me + 1) / team;
+            for (int64_t r = rows * me / team; r < end; r++) {
                 race_row(logits + r * stride, vocab, log_block_u + r * blocks,
                          log_token_u + r * RACE_BLOCK, (exp8_fn)exp8,
+                         r + 1 < end ? logits + (r + 1) * stride : NULL,
                          probs ? probs + r * vocab : scratch_probs,
                          totals ? totals + r * blocks : scratch_totals, chosen + r,
                          chosen_prob + r, through + r, mass + r);
