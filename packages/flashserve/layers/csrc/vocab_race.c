@@ -83,22 +83,23 @@ static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8,
     if (tail) peak = first_lanes(peak, maximum(peak, load_partial(x + whole, tail)), tail);
     const __m256 shift = _mm256_set1_ps(lane_tree_max(peak));
 
-    /* The exp and the sum in two loops: a call clobbers every vector register, so a
-     * running sum across the calls would go through memory at each one. */
+    /* The running sum goes through memory at each call (a call clobbers every vector
+     * register), but behind the exp's own latency that costs less than a second loop. */
     __m256 tail_e = _mm256_setzero_ps();
+    __m256 sum = _mm256_setzero_ps();
     for (d = 0; d < whole; d += 8) {
         if (next && d % 16 == 0) __builtin_prefetch(next + d, 0, 2);
-        _mm256_storeu_ps(probs + d, exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift)));
+        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift));
+        _mm256_storeu_ps(probs + d, e);
+        sum = d ? _mm256_add_ps(sum, e) : e;
     }
     if (tail) {
         float lanes[8];
         tail_e = exp8(_mm256_sub_ps(load_partial(x + whole, tail), shift));
         _mm256_storeu_ps(lanes, tail_e);
         memcpy(probs + whole, lanes, (size_t)tail * sizeof(float));
+        sum = first_lanes(sum, _mm256_add_ps(sum, tail_e), tail);
     }
-    __m256 sum = _mm256_loadu_ps(probs);
-    for (d = 8; d < whole; d += 8) sum = _mm256_add_ps(sum, _mm256_loadu_ps(probs + d));
-    if (tail) sum = first_lanes(sum, _mm256_add_ps(sum, tail_e), tail);
     const float inverse = 1.0f / lane_tree_sum(sum);
     const __m256 scale = _mm256_set1_ps(inverse);
     for (d = 0; d < whole; d += 8) {
