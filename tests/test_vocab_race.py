@@ -160,3 +160,16 @@ def test_without_a_compiler_the_torch_passes_serve_and_say_why(monkeypatch, tmp_
     seqs = [seq_with([1], [], temperature=1.0, top_p=0.9) for _ in range(4)]
     drawn = sampler._draw_from_vocab(logits, seqs, [0.9] * 4, torch.device("cpu"))
     assert drawn.shape == (4,) and bool((drawn < 3000).all())
+
+
+def test_without_torchs_exp_the_torch_passes_serve(monkeypatch, caplog):
+    """A torch build that does not export Sleef's exp: no kernel (its softmax would not be
+    torch's), said once."""
+    monkeypatch.setattr(vocab_race, "EXP_SYMBOL", "no_such_exp_here")
+    monkeypatch.setattr(vocab_race, "_exp_address", None)
+    monkeypatch.setattr(vocab_race, "_exp_missing", None)
+    logits = torch.randn(2, 1000)
+    with caplog.at_level(logging.WARNING, logger=vocab_race.__name__):
+        assert vocab_race.race_over_vocab(logits, *_noise(2, 1000, seed=0)) is None
+        assert vocab_race.race_over_vocab(logits, *_noise(2, 1000, seed=0)) is None
+    assert caplog.text.count("no_such_exp_here not found") == 1
