@@ -1,6 +1,6 @@
 """A/B of one engine change at a time, step by step, in one process and one engine.
 
-    python bench/step_ab.py [--change decode_kernel] [--dtype auto] [--threads 2]
+    python bench/step_ab.py [--change decode_kernel] [--dtype auto] [--threads 2] [--busy 1]
                             [--requests 64] [--prompt-len 128] [--steps 40] [--prefills 3]
 
 Made for a shared machine: "before" and "after" alternate step by step on the
@@ -84,6 +84,23 @@ def _at_least_by_where(engine: Any = None) -> Iterator[None]:
         truncation._at_least = saved
 
 
+def _threading(mode: int) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
+    """The CPU kernels' jobs run one way (csrc/thread_pool.c: 0 adaptive, 1 always OpenMP
+    regions, 2 always the pool's workers), then back to adaptive."""
+
+    @contextlib.contextmanager
+    def switched(engine: Any = None) -> Iterator[None]:
+        from flashserve.layers import native
+
+        native.thread_pool().flashserve_pool_mode(mode)
+        try:
+            yield
+        finally:
+            native.thread_pool().flashserve_pool_mode(0)
+
+    return switched
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # decode attention as before: gather the blocks (index_select), then SDPA
@@ -101,10 +118,15 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),
     # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
+    # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against
+    # adaptive ("pool_always": against always the pool's workers)
+    "adaptive_threading": _threading(1),
+    "pool_always": _threading(1),
 }
 # change name -> what switches it on (the "after"), where the engine's default is off
 AFTER: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "async_scheduling": _overlap_on,
+    "pool_always": _threading(2),
 }
 
 
@@ -185,6 +207,19 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, list[tuple[float, ...]]
     return times
 
 
+@contextlib.contextmanager
+def _busy_processes(count: int) -> Iterator[None]:
+    import subprocess
+
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL)
@@ -196,11 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=40, help="decode steps per variant")
     parser.add_argument("--prefills", type=int, default=3, help="prefill steps per variant")
     parser.add_argument("--w1", type=int, default=0, help="whole W1 runs per variant")
+    parser.add_argument(
+        "--busy",
+        type=int,
+        default=0,
+        help="processes that spin on the CPU meanwhile (another program wanting the cores)",
+    )
     args = parser.parse_args(argv)
 
-    times = run(args)
+    with _busy_processes(args.busy):
+        times = run(args)
     print(f"{today()}  {machine()}  change: {args.change}  dtype {args.dtype}, ", end="")
-    print(f"{args.threads} threads, {args.requests} x {args.prompt_len}-token prompts")
+    print(f"{args.threads} threads, {args.requests} x {args.prompt_len}-token prompts", end="")
+    print(f", {args.busy} busy processes meanwhile" if args.busy else "")
     print("| phase | steps each | before ms (wall) | after ms (wall) | wall ratio "
           "| before ms (CPU) | after ms (CPU) | CPU ratio |")  # fmt: skip
     print("|---|---:|---:|---:|---:|---:|---:|---:|")

@@ -35,17 +35,21 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-f
 class NativeLibrary:
     """One C source under csrc/, its exported functions' signatures, and its loaded build."""
 
-    def __init__(self, source: str, what: str, functions: dict[str, list]) -> None:
+    def __init__(
+        self, source: str, what: str, functions: dict[str, list], exports_symbols: bool = False
+    ) -> None:
         self.source = CSRC / source
         self.what = what  # for the log: "CPU decode attention: paged kernel ..."
         self.functions = functions  # name -> ctypes argtypes; every function returns int
+        # Loaded with RTLD_GLOBAL: the kernels loaded after it link against its symbols.
+        self.exports_symbols = exports_symbols
         self._lock = threading.Lock()
         self._library: ctypes.CDLL | None = None
         self.load_failed: str | None = None
 
     def fresh(self) -> NativeLibrary:
         """The same library, not loaded yet (tests: another cache directory or compiler)."""
-        return NativeLibrary(self.source.name, self.what, self.functions)
+        return NativeLibrary(self.source.name, self.what, self.functions, self.exports_symbols)
 
     def load(self) -> ctypes.CDLL | None:
         if self._library is not None or self.load_failed is not None:
@@ -53,7 +57,10 @@ class NativeLibrary:
         with self._lock:
             if self._library is None and self.load_failed is None:
                 try:
-                    self._library = self._bind(ctypes.CDLL(str(self._build())))
+                    mode = ctypes.RTLD_GLOBAL if self.exports_symbols else ctypes.DEFAULT_MODE
+                    if not self.exports_symbols:
+                        thread_pool()
+                    self._library = self._bind(ctypes.CDLL(str(self._build()), mode=mode))
                     logger.info("%s: compiled kernel loaded", self.what)
                 except Exception as exc:  # no compiler, read-only disk...: keep the torch path
                     self.load_failed = f"{type(exc).__name__}: {exc}"
@@ -122,6 +129,30 @@ def _cpu_signature() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine()
+
+
+# Every kernel's parallel loop (csrc/thread_pool.h): loaded before any kernel.
+THREAD_POOL = NativeLibrary(
+    "thread_pool.c",
+    "CPU kernels' thread pool",
+    {"flashserve_pool_mode": [ctypes.c_int], "flashserve_pool_late_starts": []},
+    exports_symbols=True,
+)
+
+
+def thread_pool() -> ctypes.CDLL:
+    """The loaded thread pool; raises when it cannot be built. A failure is not kept: it
+    is retried at the next kernel's first load (a test may have hidden the compiler)."""
+    global THREAD_POOL
+    if THREAD_POOL.load_failed is not None:
+        THREAD_POOL = THREAD_POOL.fresh()
+    library = THREAD_POOL.load()
+    if library is None:
+        raise RuntimeError(f"no thread pool ({THREAD_POOL.load_failed})")
+    # Benchmarks' A/B: FLASHSERVE_CPU_THREADING=openmp or =pool; else adaptive.
+    modes = {"openmp": 1, "pool": 2}
+    library.flashserve_pool_mode(modes.get(os.environ.get("FLASHSERVE_CPU_THREADING", ""), 0))
+    return library
 
 
 # The linear kernels' argument list (ctypes argtypes), as linear_product passes it.

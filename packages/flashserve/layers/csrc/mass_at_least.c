@@ -8,13 +8,24 @@
 #include <stdint.h>
 
 #include "nucleus_mass.h"
+#include "thread_pool.h"
+
+struct mass_job {
+    const float *probs, *floors;
+    int64_t vocab, stride;
+    double *mass;
+};
+
+static void mass_rows(void *job, int64_t begin, int64_t end) {
+    const struct mass_job *j = job;
+    for (int64_t r = begin; r < end; r++)
+        j->mass[r] = row_mass(j->probs + r * j->stride, j->vocab, j->floors[r]);
+}
 
 /* probs [rows, vocab] (row stride `stride`), floors [rows] -> mass [rows] (float64). */
 int mass_at_least_f32(const float *probs, int64_t rows, int64_t vocab, int64_t stride,
                       const float *floors, double *mass, int threads) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t r = 0; r < rows; r++) {
-        mass[r] = row_mass(probs + r * stride, vocab, floors[r]);
-    }
+    struct mass_job job = {probs, floors, vocab, stride, mass};
+    flashserve_run_ranges(mass_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }

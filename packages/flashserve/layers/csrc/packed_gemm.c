@@ -11,14 +11,15 @@
  * Each output element is one chain of multiply-adds in k order (a block past the first
  * continues from the partial sum stored in y), so a row's result depends only on its own
  * input row and the weights: the same bits in any batch and with any thread count.
- * Threads split the output features in whole panels. Built at first use by
+ * Work items are runs of whole panels of output features. Built at first use by
  * layers/native.py.
  */
-#include <omp.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "thread_pool.h"
 #include "vector_ops.h"
 
 #define MR 6     /* input rows per panel */
@@ -117,31 +118,43 @@ static void product_range(const float *x, int64_t ldx, int64_t m, const float *w
     }
 }
 
+struct product_job {
+    const float *x, *w, *bias;
+    int64_t ldx, m, n, k, ldy;
+    float *y;
+    _Atomic int failed;
+};
+
+/* Output features of panels [begin, end). */
+static void product_panels(void *job, int64_t begin, int64_t end) {
+    struct product_job *j = job;
+    /* Kept per thread between calls: a prefill makes dozens of these products. */
+    static __thread float *xpack, *wpack;
+    int64_t n0 = begin * NR, n1 = end * NR < j->n ? end * NR : j->n;
+    if (!xpack) xpack = aligned_alloc(64, sizeof(float) * MC * KC);
+    if (!wpack) wpack = aligned_alloc(64, sizeof(float) * NC * KC);
+    if (!xpack || !wpack) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    product_range(j->x, j->ldx, j->m, j->w, j->k, n0, n1, j->y, j->ldy, xpack, wpack);
+    if (j->bias)
+        for (int64_t r = 0; r < j->m; r++)
+            for (int64_t f = n0; f < n1; f++) j->y[r * j->ldy + f] += j->bias[f];
+}
+
+/* Features per work item: each item packs its own input blocks, which a narrower one
+ * would repeat too often for the products it feeds. */
+#define MIN_FEATURES_PER_ITEM 384
+
 /* y [m, n] (row stride ldy) = x [m, k] (row stride ldx) . w [n, k]^T (+ bias [n] if not
  * NULL). Returns 0, or 1 when the packing buffers could not be allocated. */
 int packed_linear_f32(const float *x, int64_t ldx, int64_t m, const float *w, int64_t n,
                       int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    int failed = 0;
-#pragma omp parallel num_threads(threads) reduction(| : failed)
-    {
-        /* Kept per pool thread between calls: a prefill makes dozens of these products. */
-        static __thread float *xpack, *wpack;
-        int part = omp_get_thread_num(), parts = omp_get_num_threads();
-        int64_t panels = (n + NR - 1) / NR;
-        int64_t n0 = panels * part / parts * NR, n1 = panels * (part + 1) / parts * NR;
-        n1 = n1 < n ? n1 : n;
-        if (n0 < n1) {
-            if (!xpack) xpack = aligned_alloc(64, sizeof(float) * MC * KC);
-            if (!wpack) wpack = aligned_alloc(64, sizeof(float) * NC * KC);
-            if (!xpack || !wpack) {
-                failed = 1;
-            } else {
-                product_range(x, ldx, m, w, k, n0, n1, y, ldy, xpack, wpack);
-                if (bias)
-                    for (int64_t r = 0; r < m; r++)
-                        for (int64_t f = n0; f < n1; f++) y[r * ldy + f] += bias[f];
-            }
-        }
-    }
-    return failed;
+    struct product_job job = {x, w, bias, ldx, m, n, k, ldy, y, 0};
+    int64_t items = n / MIN_FEATURES_PER_ITEM;
+    items = items > threads ? items : threads;
+    items = items < (int64_t)threads * CHUNKS_PER_THREAD ? items : (int64_t)threads * CHUNKS_PER_THREAD;
+    flashserve_run_ranges(product_panels, &job, (n + NR - 1) / NR, items, threads);
+    return job.failed;
 }

@@ -15,9 +15,12 @@
  */
 #define _POSIX_C_SOURCE 200112L
 #include <math.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "thread_pool.h"
 
 #define LANES 8
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
@@ -165,43 +168,78 @@ static inline void attend(int bf16, const void *q, const void *k_cache, const vo
  * spreads over the threads). Which split runs changes no bits: each query
  * head's arithmetic is the same either way. Returns nonzero when scratch
  * memory ran out. */
+struct decode_job {
+    int bf16;
+    const void *q, *k_cache, *v_cache;
+    const int32_t *tables, *context_lens;
+    int64_t q_row_stride, table_stride, out_row_stride, kv_heads, head_dim, block_size;
+    int64_t max_context, group, chunks, span, parts;
+    float scale;
+    void *out;
+    _Atomic int failed;
+};
+
+/* Tasks [begin, end): task t is KV heads span * (t % parts) .. + span of row t / parts. */
+static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t begin,
+                                int64_t end) {
+    const int64_t size = bf16 ? 2 : 4;
+    float *scores = malloc(sizeof(float) * (size_t)(j->max_context * j->span * j->group));
+    vf *qv = vectors((size_t)(j->span * j->group * j->chunks));
+    vf *acc = vectors((size_t)(j->span * j->group * j->chunks));
+    vf *row = vectors((size_t)j->chunks);
+    if (!scores || !qv || !acc || !row) {
+        atomic_store(&((struct decode_job *)j)->failed, 1);
+    } else {
+        for (int64_t task = begin; task < end; task++) {
+            const int64_t r = task / j->parts, h0 = (task % j->parts) * j->span;
+            const int64_t ctx = j->context_lens[r] < j->max_context ? j->context_lens[r]
+                                                                    : j->max_context;
+            attend(bf16, (const char *)j->q + r * j->q_row_stride * size, j->k_cache,
+                   j->v_cache, j->tables + r * j->table_stride, ctx,
+                   (char *)j->out + r * j->out_row_stride * size, h0, h0 + j->span, j->group,
+                   j->chunks, j->head_dim, j->block_size, j->kv_heads * j->head_dim, j->scale,
+                   scores, qv, row, acc);
+        }
+    }
+    free(scores);
+    free(qv);
+    free(acc);
+    free(row);
+}
+
+/* bf16 a constant in each: the compiler specialises the loads and stores. */
+static void decode_tasks_f32(void *job, int64_t begin, int64_t end) {
+    decode_tasks(job, 0, begin, end);
+}
+
+static void decode_tasks_bf16(void *job, int64_t begin, int64_t end) {
+    decode_tasks(job, 1, begin, end);
+}
+
+/* q, out: [rows, q_heads, head_dim] with the given row strides (elements);
+ * head_dim contiguous, heads head_dim apart. Caches contiguous. tables: int32
+ * [rows, table_stride]. A task is a whole row when there are enough rows to
+ * keep every thread busy, else one KV head of a row (a single sequence still
+ * spreads over the threads). Which split runs changes no bits: each query
+ * head's arithmetic is the same either way. Returns nonzero when scratch
+ * memory ran out. */
 static inline int paged_decode(int bf16, const void *q, int64_t q_row_stride,
                                const void *k_cache, const void *v_cache, const int32_t *tables,
                                int64_t table_stride, const int32_t *context_lens, void *out,
                                int64_t out_row_stride, int64_t rows, int64_t q_heads,
                                int64_t kv_heads, int64_t head_dim, int64_t block_size,
                                float scale, int64_t max_context, int threads) {
-    const int64_t group = q_heads / kv_heads, chunks = head_dim / LANES;
-    const int64_t size = bf16 ? 2 : 4;
     const int64_t span = rows >= 4 * (int64_t)threads ? kv_heads : 1; /* KV heads per task */
-    const int64_t parts = kv_heads / span;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scores = malloc(sizeof(float) * (size_t)(max_context * span * group));
-        vf *qv = vectors((size_t)(span * group * chunks));
-        vf *acc = vectors((size_t)(span * group * chunks));
-        vf *row = vectors((size_t)chunks);
-        if (!scores || !qv || !acc || !row) {
-#pragma omp atomic write
-            failed = 1;
-        } else {
-#pragma omp for schedule(static)
-            for (int64_t task = 0; task < rows * parts; task++) {
-                const int64_t r = task / parts, h0 = (task % parts) * span;
-                const int64_t ctx = context_lens[r] < max_context ? context_lens[r] : max_context;
-                attend(bf16, (const char *)q + r * q_row_stride * size, k_cache, v_cache,
-                       tables + r * table_stride, ctx, (char *)out + r * out_row_stride * size,
-                       h0, h0 + span, group, chunks, head_dim, block_size, kv_heads * head_dim,
-                       scale, scores, qv, row, acc);
-            }
-        }
-        free(scores);
-        free(qv);
-        free(acc);
-        free(row);
-    }
-    return failed;
+    struct decode_job job = {
+        .bf16 = bf16, .q = q, .k_cache = k_cache, .v_cache = v_cache, .tables = tables,
+        .context_lens = context_lens, .q_row_stride = q_row_stride,
+        .table_stride = table_stride, .out_row_stride = out_row_stride, .kv_heads = kv_heads,
+        .head_dim = head_dim, .block_size = block_size, .max_context = max_context,
+        .group = q_heads / kv_heads, .chunks = head_dim / LANES, .span = span,
+        .parts = kv_heads / span, .scale = scale, .out = out, .failed = 0};
+    flashserve_run_ranges(bf16 ? decode_tasks_bf16 : decode_tasks_f32, &job, rows * job.parts,
+               (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    return job.failed;
 }
 
 #define ENTRY(NAME, BF16)                                                                        \

@@ -22,14 +22,16 @@
  * tree over the 8 lanes), so a token's result is the same bits alone or in
  * any batch, with any number of threads.
  *
- * Work is split across threads as blocks of output features (of each expert,
- * for the experts in two phases, gate|up then down, one barrier between them).
+ * Work is split into items of output features (of each expert, for the experts in two
+ * phases, gate|up then down), which the thread pool (thread_pool.h) hands out.
  * Built at first use by layers/native.py (cc -O3 -march=native -fopenmp).
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 
+#include "thread_pool.h"
 #include "vector_ops.h"
 
 #define ROWS_PER_BLOCK 4
@@ -166,25 +168,49 @@ static int rows_times_weights_blocked(const float *x, int64_t ldx, int64_t rows,
 
 static inline float silu(float g) { return g / (1.0f + expf(-g)); }
 
-/* One phase: for every (expert with rows, block of `features` outputs) item,
- * out[rows of e, block] = in[rows of e, :k] . weights[e][block, :k]^T. */
+/* One phase of expert_mlp_f32: for every (expert with rows, block of `features` outputs)
+ * item, out[rows of e, block] = in[rows of e, :k] . weights[e][block, :k]^T. */
+struct expert_phase {
+    const float *in, *weights;
+    int64_t ld_in, features, k, ld_out, per_expert;
+    const int64_t *offsets;
+    float *out;
+    _Atomic int *failed;
+};
+
+static void expert_item(void *job, int64_t item) {
+    const struct expert_phase *j = job;
+    int64_t e = item / j->per_expert;
+    int64_t rows = j->offsets[e + 1] - j->offsets[e];
+    if (rows == 0) return;
+    int64_t f0 = (item % j->per_expert) * FEATURES_PER_ITEM;
+    int64_t f1 = f0 + FEATURES_PER_ITEM < j->features ? f0 + FEATURES_PER_ITEM : j->features;
+    if (rows_times_weights_blocked(j->in + j->offsets[e] * j->ld_in, j->ld_in, rows,
+                                   j->weights + e * j->features * j->k, j->k, f0, f1,
+                                   j->out + j->offsets[e] * j->ld_out, j->ld_out))
+        atomic_store(j->failed, 1);
+}
+
 static void expert_products(const float *in, int64_t ld_in, const int64_t *offsets,
                             int64_t experts, const float *weights, int64_t features, int64_t k,
-                            float *out, int64_t ld_out, int *failed) {
+                            float *out, int64_t ld_out, _Atomic int *failed, int threads) {
     int64_t per_expert = (features + FEATURES_PER_ITEM - 1) / FEATURES_PER_ITEM;
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t item = 0; item < experts * per_expert; item++) {
-        int64_t e = item / per_expert;
-        int64_t rows = offsets[e + 1] - offsets[e];
-        if (rows == 0) continue;
-        int64_t f0 = (item % per_expert) * FEATURES_PER_ITEM;
-        int64_t f1 = f0 + FEATURES_PER_ITEM < features ? f0 + FEATURES_PER_ITEM : features;
-        if (rows_times_weights_blocked(in + offsets[e] * ld_in, ld_in, rows,
-                                       weights + e * features * k, k, f0, f1,
-                                       out + offsets[e] * ld_out, ld_out)) {
-#pragma omp atomic write
-            *failed = 1;
-        }
+    struct expert_phase job = {in, weights, ld_in, features, k, ld_out, per_expert, offsets,
+                               out, failed};
+    flashserve_run_chunks(expert_item, &job, experts * per_expert, threads);
+}
+
+struct activation_job {
+    float *scratch;
+    int64_t inter;
+};
+
+/* The activation, in place into the gate half of each scratch row. */
+static void activation_rows(void *job, int64_t begin, int64_t end) {
+    const struct activation_job *j = job;
+    for (int64_t r = begin; r < end; r++) {
+        float *h = j->scratch + r * 2 * j->inter;
+        for (int64_t c = 0; c < j->inter; c++) h[c] = silu(h[c]) * h[j->inter + c];
     }
 }
 
@@ -196,21 +222,35 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
                    const float *gate_up, const float *down, float *scratch, float *out,
                    int64_t hidden, int64_t inter, int threads) {
     int64_t n = offsets[experts];
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        expert_products(rows, hidden, offsets, experts, gate_up, 2 * inter, hidden, scratch,
-                        2 * inter, &failed);
-        /* The activation, in place into the gate half of each scratch row. */
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n; r++) {
-            float *h = scratch + r * 2 * inter;
-            for (int64_t j = 0; j < inter; j++) h[j] = silu(h[j]) * h[inter + j];
-        }
-        expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden,
-                        &failed);
-    }
+    _Atomic int failed = 0;
+    expert_products(rows, hidden, offsets, experts, gate_up, 2 * inter, hidden, scratch,
+                    2 * inter, &failed, threads);
+    struct activation_job activation = {scratch, inter};
+    flashserve_run_ranges(activation_rows, &activation, n, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden,
+                    &failed, threads);
     return failed;
+}
+
+struct linear_job {
+    const float *x, *w, *bias;
+    int64_t ldx, rows, features, k, ldy;
+    float *y;
+    _Atomic int failed;
+};
+
+/* Output features of blocks [begin, end) of WEIGHTS_PER_BLOCK_FEW_ROWS. */
+static void linear_blocks(void *job, int64_t begin, int64_t end) {
+    struct linear_job *j = job;
+    const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS;
+    int64_t f0 = begin * unit, f1 = end * unit < j->features ? end * unit : j->features;
+    if (rows_times_weights_blocked(j->x, j->ldx, j->rows, j->w, j->k, f0, f1, j->y, j->ldy)) {
+        atomic_store(&j->failed, 1);
+        return;
+    }
+    if (j->bias)
+        for (int64_t r = 0; r < j->rows; r++)
+            for (int64_t f = f0; f < f1; f++) j->y[r * j->ldy + f] += j->bias[f];
 }
 
 /* y [rows, features] (row stride ldy) = x [rows, k] (row stride ldx) . w [features, k]^T
@@ -218,22 +258,8 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
  * when the accumulators kept between k blocks could not be allocated. */
 int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_t features,
                int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    /* Each thread one contiguous run of whole blocks, as even as blocks allow (fixed-size
-     * items would leave one thread an item more: a 512-feature layer is 11 items of 48). */
     const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS, units = (features + unit - 1) / unit;
-    int failed = 0;
-#pragma omp parallel for schedule(static, 1) num_threads(threads) reduction(| : failed)
-    for (int part = 0; part < threads; part++) {
-        int64_t f0 = units * part / threads * unit, f1 = units * (part + 1) / threads * unit;
-        f1 = f1 < features ? f1 : features;
-        if (f0 >= f1) continue;
-        if (rows_times_weights_blocked(x, ldx, rows, w, k, f0, f1, y, ldy)) {
-            failed = 1;
-            continue;
-        }
-        if (bias)
-            for (int64_t r = 0; r < rows; r++)
-                for (int64_t f = f0; f < f1; f++) y[r * ldy + f] += bias[f];
-    }
-    return failed;
+    struct linear_job job = {x, w, bias, ldx, rows, features, k, ldy, y, 0};
+    flashserve_run_ranges(linear_blocks, &job, units, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    return job.failed;
 }
