@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    native.thread_pool()  # loaded globally first: builds since the pool link against it
     with tempfile.TemporaryDirectory() as scratch:
         builds = [_build(_source_at(rev, Path(scratch))) for rev in (args.before, args.after)]
         g = torch.Generator().manual_seed(0)

@@ -22,12 +22,13 @@
 #include <string.h>
 
 #include "nucleus_mass.h"
+#include "thread_pool.h"
 
 #define RACE_BLOCK 256
 
 #if defined(__AVX2__)
 #include <immintrin.h>
-#include <omp.h>
+#include <stdatomic.h>
 
 typedef __m256 (*exp8_fn)(__m256);
 
@@ -167,47 +168,70 @@ static void race_row(const float *x, int64_t n, const double *log_block_u,
     *through = row_mass(probs, n, probs[token]);
     *mass = whole;
 }
+
+struct race_job {
+    const float *logits;
+    int64_t vocab, stride, blocks;
+    const double *log_block_u;
+    const float *log_token_u;
+    exp8_fn exp8;
+    float *probs;
+    double *totals;
+    int64_t *chosen;
+    float *chosen_prob;
+    double *through, *mass;
+    _Atomic int failed;
+};
+
+/* Rows [begin, end) on one thread: each row's next is known, to fetch it early. */
+static void race_rows(void *ctx, int64_t begin, int64_t end) {
+    struct race_job *j = ctx;
+    float *scratch_probs = j->probs ? NULL : malloc((size_t)j->vocab * sizeof(float));
+    double *scratch_totals = j->totals ? NULL : malloc((size_t)j->blocks * sizeof(double));
+    if ((!j->probs && !scratch_probs) || (!j->totals && !scratch_totals)) {
+        atomic_store(&j->failed, 1);
+    } else {
+        for (int64_t r = begin; r < end; r++) {
+            race_row(j->logits + r * j->stride, j->vocab, j->log_block_u + r * j->blocks,
+                     j->log_token_u + r * RACE_BLOCK, j->exp8,
+                     r + 1 < end ? j->logits + (r + 1) * j->stride : NULL,
+                     j->probs ? j->probs + r * j->vocab : scratch_probs,
+                     j->totals ? j->totals + r * j->blocks : scratch_totals, j->chosen + r,
+                     j->chosen_prob + r, j->through + r, j->mass + r);
+        }
+    }
+    free(scratch_probs);
+    free(scratch_totals);
+}
 #endif
 
 /* logits [rows, vocab] (row stride `stride`, vocab >= 8); log_block_u [rows, blocks] and
  * log_token_u [rows, 256], contiguous: the logs of the race's uniforms; exp8: Sleef_expf8_u10.
  * Out: chosen, chosen_prob (its probability), through (mass of the tokens at least as
- * probable as it) and mass (the row's total) [rows]; probs [rows, vocab] and totals [rows, blocks],
- * contiguous, where not NULL (else scratch rows).
+ * probable as it) and mass (the row's total) [rows]; probs [rows, vocab] and totals
+ * [rows, blocks], contiguous, where not NULL (else scratch rows).
  * Returns 0; 1: no memory for the scratch rows; 2: built without AVX2 (no kernel). */
 int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
                    const double *log_block_u, const float *log_token_u, const void *exp8,
                    float *probs, double *totals, int64_t *chosen, float *chosen_prob,
                    double *through, double *mass, int threads) {
 #if defined(__AVX2__)
-    const int64_t blocks = (vocab + RACE_BLOCK - 1) / RACE_BLOCK;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *scratch_probs = probs ? NULL : malloc((size_t)vocab * sizeof(float));
-        double *scratch_totals = totals ? NULL : malloc((size_t)blocks * sizeof(double));
-        if ((!probs && !scratch_probs) || (!totals && !scratch_totals)) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-            /* Each thread a contiguous run of rows, so it knows which one comes next. */
-            const int64_t team = omp_get_num_threads(), me = omp_get_thread_num();
-            const int64_t end = rows * (me + 1) / team;
-            for (int64_t r = rows * me / team; r < end; r++) {
-                race_row(logits + r * stride, vocab, log_block_u + r * blocks,
-                         log_token_u + r * RACE_BLOCK, (exp8_fn)exp8,
-                         r + 1 < end ? logits + (r + 1) * stride : NULL,
-                         probs ? probs + r * vocab : scratch_probs,
-                         totals ? totals + r * blocks : scratch_totals, chosen + r,
-                         chosen_prob + r, through + r, mass + r);
-            }
-        }
-        free(scratch_probs);
-        free(scratch_totals);
-    }
-    return failed;
+    struct race_job job = {.logits = logits,
+                           .vocab = vocab,
+                           .stride = stride,
+                           .blocks = (vocab + RACE_BLOCK - 1) / RACE_BLOCK,
+                           .log_block_u = log_block_u,
+                           .log_token_u = log_token_u,
+                           .exp8 = (exp8_fn)exp8,
+                           .probs = probs,
+                           .totals = totals,
+                           .chosen = chosen,
+                           .chosen_prob = chosen_prob,
+                           .through = through,
+                           .mass = mass,
+                           .failed = 0};
+    flashserve_run_ranges(race_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    return atomic_load(&job.failed);
 #else
     (void)logits, (void)rows, (void)vocab, (void)stride, (void)log_block_u;
     (void)log_token_u, (void)exp8, (void)probs, (void)totals, (void)chosen, (void)chosen_prob;
