@@ -1,7 +1,10 @@
 """The sampler's whole-vocabulary path, before and after its CPU rewrites, same process.
 
     python bench/sampler_ab.py [--vocabs 32768,151936] [--batch-sizes 1,64]
-        [--top-p 0.95] [--repeats 7] [--cell-seconds 6]
+        [--top-p 0.95] [--repeats 7] [--cell-seconds 6] [--kernel] [--threads N]
+
+With --kernel, "before" is today's draw with the torch passes and "after" the same
+with csrc/vocab_race.c (engine/vocab_race.py), the only difference.
 
 Rows with a nucleus (top_p) and no top-k, the usual OpenAI-style request, sampled
 at temperature 1 over fp32 logits of two kinds: "flat" (randn * 0.5: the nucleus
@@ -36,6 +39,7 @@ sys.path.insert(0, str(REPO_ROOT / "packages"))
 
 import torch  # noqa: E402
 
+from flashserve.engine import vocab_race  # noqa: E402
 from flashserve.engine.sampler import _draw  # noqa: E402
 
 # The old whole-vocabulary draw (a sort, exponential_), kept for accelerators.
@@ -166,7 +170,29 @@ def _timed(fn, *args) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def cell(vocab: int, batch: int, kind: str, top_p: float, repeats: int, budget_s: float):
+def _draw_with_kernel(on: bool):
+    """Today's _draw with csrc/vocab_race.c on or off (the torch passes)."""
+
+    def draw(*args):
+        saved = vocab_race.enabled
+        vocab_race.enabled = on
+        try:
+            return _draw(*args)
+        finally:
+            vocab_race.enabled = saved
+
+    return draw
+
+
+def cell(
+    vocab: int,
+    batch: int,
+    kind: str,
+    top_p: float,
+    repeats: int,
+    budget_s: float,
+    kernel_ab: bool = False,
+):
     """Median ms of before and after, and the share of rows the old code sorted."""
     g = torch.Generator().manual_seed(vocab + batch)
     scale = {"flat": 0.5, "peaked": 5.0}[kind]
@@ -179,6 +205,8 @@ def cell(vocab: int, batch: int, kind: str, top_p: float, repeats: int, budget_s
         logits, seqs, tops, [False] * batch, OLD_CANDIDATE_TOP_K_LIMIT
     )
     pair = ((_old_draw, logits, seqs, tops, cpu), (_draw, logits, seqs, tops, cpu))
+    if kernel_ab:
+        pair = tuple((_draw_with_kernel(on), logits, seqs, tops, cpu) for on in (False, True))
     for fn, *args in pair:  # warm-up
         fn(*args)
     times: tuple[list[float], list[float]] = ([], [])
@@ -201,7 +229,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--cell-seconds", type=float, default=6.0, help="stop repeating after")
+    parser.add_argument(
+        "--kernel",
+        action="store_true",
+        help="before: today's draw with the torch passes; after: with csrc/vocab_race.c",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: its default)")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     torch.manual_seed(0)
     rows = []
@@ -209,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             for kind in ("flat", "peaked"):
                 before, after, share, n = cell(
-                    vocab, batch, kind, args.top_p, args.repeats, args.cell_seconds
+                    vocab, batch, kind, args.top_p, args.repeats, args.cell_seconds, args.kernel
                 )
                 rows.append((vocab, batch, kind, share, before, after, n))
 
@@ -218,18 +254,25 @@ def main(argv: list[str] | None = None) -> int:
         f"{platform.processor() or platform.machine()}; fp32 logits, top_p {args.top_p}, "
         "no top-k, temperature 1, unseeded"
     )
-    print(
-        "before: top-1024 check, then the candidates or a full sort + noise for every token; "
-        "after: two-round race, radix select only where unsure. Medians, alternating."
-    )
+    if args.kernel:
+        print(
+            "before: the two-round race by torch passes (softmax, nan_to_num, block sums, "
+            "race, mass); after: csrc/vocab_race.c. Medians, alternating."
+        )
+    else:
+        print(
+            "before: top-1024 check, then the candidates or a full sort + noise for every "
+            "token; after: two-round race, radix select only where unsure. Medians, alternating."
+        )
     print()
     print(
         "| vocab | batch | logits | rows sorted before | before ms | after ms | speed-up | repeats |"
     )
     print("|---:|---:|---|---:|---:|---:|---:|---:|")
     for vocab, batch, kind, share, before, after, n in rows:
+        sorted_before = "-" if args.kernel else f"{share:.0%}"  # the old code's rule
         print(
-            f"| {vocab} | {batch} | {kind} | {share:.0%} | {before:.2f} | {after:.2f} "
+            f"| {vocab} | {batch} | {kind} | {sorted_before} | {before:.2f} | {after:.2f} "
             f"| {before / after:.1f}x | {n} |"
         )
     return 0

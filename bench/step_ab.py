@@ -113,6 +113,9 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "mass_kernel": _flag_off("flashserve.engine.truncation", "mass_kernel_enabled"),
     # RMSNorm, silu(gate) * up and rope as torch ops, not csrc/elementwise.c
     "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
+    # the sampler's softmax, block sums, race and nucleus mass as torch passes, not
+    # csrc/vocab_race.c
+    "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),
     # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
     # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against

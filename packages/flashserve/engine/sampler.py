@@ -45,7 +45,9 @@ from flashserve.engine.truncation import (
     certainly_kept,
     kept_probs,
     truncate_logits,
+    vouched,
 )
+from flashserve.engine.vocab_race import race_over_vocab
 
 
 @dataclass
@@ -192,10 +194,21 @@ def _draw_from_vocab(
     params = [s.params for s in seqs]
     if logits.device.type != "cpu":
         return _draw_by_sort(logits, seqs, top_p, device)
-    probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
-    totals = block_sums(probs)
-    chosen = _race(probs, totals, seqs)
-    unsure = (~certainly_kept(probs, chosen, params, top_p, totals)).nonzero().view(-1)
+    block_u, token_u = _race_noise(logits, seqs)
+    log_block_u, log_token_u = block_u.log_(), token_u.log_()
+    # The softmax, race and check in one pass per row where the kernel loads: the same bits.
+    raced = race_over_vocab(logits, log_block_u, log_token_u)
+    if raced is not None:
+        chosen = raced.chosen
+        sure = vouched(
+            raced.chosen_prob, raced.through, raced.mass, logits.shape[-1], params, top_p
+        )
+    else:
+        probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+        totals = block_sums(probs)
+        chosen = _race_with(probs, totals, log_block_u, log_token_u)
+        sure = certainly_kept(probs, chosen, params, top_p, totals)
+    unsure = (~sure).nonzero().view(-1)
     if len(unsure):
         rows = unsure.tolist()
         kept, work = kept_probs(
@@ -226,18 +239,38 @@ def _race(probs: torch.Tensor, totals: torch.Tensor, seqs: list[Sequence]) -> to
     uniforms a row instead of V. totals: block_sums(probs), the same bits in any
     batch. Seeded rows draw their uniforms from their own generator.
     """
-    rows, vocab = probs.shape
-    block = CROSSING_BLOCK
-    block_u = torch.empty_like(totals).uniform_()
-    token_u = torch.empty((rows, block), dtype=probs.dtype, device=probs.device).uniform_()
+    block_u, token_u = _race_noise(probs, seqs)
+    return _race_with(probs, totals, block_u.log_(), token_u.log_())
+
+
+def _race_noise(scores: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The race's uniforms for rows over scores' vocabulary: float64 [rows, blocks] for
+    the blocks' round, [rows, CROSSING_BLOCK] of scores' dtype for the tokens'. Seeded
+    rows draw theirs from their own generator, blocks' first."""
+    rows, vocab = scores.shape
+    blocks = -(-vocab // CROSSING_BLOCK)
+    block_u = torch.empty((rows, blocks), dtype=torch.float64, device=scores.device).uniform_()
+    token_u = torch.empty(
+        (rows, CROSSING_BLOCK), dtype=scores.dtype, device=scores.device
+    ).uniform_()
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
             block_u[i].uniform_(generator=seq.generator)
             token_u[i].uniform_(generator=seq.generator)
-    first = torch.div(totals, block_u.log_()).argmin(dim=-1)
+    return block_u, token_u
+
+
+def _race_with(
+    probs: torch.Tensor, totals: torch.Tensor, log_block_u: torch.Tensor, log_token_u: torch.Tensor
+) -> torch.Tensor:
+    """_race's two rounds given the logs of its uniforms (the argmax of p / E, E = -log U,
+    is the argmin of p / log U)."""
+    rows, vocab = probs.shape
+    block = CROSSING_BLOCK
+    first = torch.div(totals, log_block_u).argmin(dim=-1)
     index = first[:, None] * block + torch.arange(block, device=probs.device)[None, :]
     weights = probs.gather(1, index.clamp(max=vocab - 1)) * (index < vocab)
-    return index.gather(1, torch.div(weights, token_u.log_()).argmin(dim=-1, keepdim=True))[:, 0]
+    return index.gather(1, torch.div(weights, log_token_u).argmin(dim=-1, keepdim=True))[:, 0]
 
 
 def _draw_by_sort(

@@ -81,18 +81,31 @@ def certainly_kept(
     less than top_p of the mass (by a margin for rounding), since the nucleus keeps
     tokens in descending order until the mass before one reaches top_p.
     """
-    vocab = probs.shape[-1]
-    device = probs.device
-    simple = torch.tensor(
-        [(p.top_k <= 0 or p.top_k >= vocab) and p.min_p <= 0 for p in params], device=device
-    )
-    nucleus = torch.tensor(top_p, dtype=torch.float64, device=device)
     chosen = probs.gather(1, tokens[:, None])
     # Both sums have the same bits in any batch, so a seeded row decides the same way alone.
     through = mass_at_least(probs, chosen)
     mass = row_sums(probs) if totals is None else totals.cumsum(dim=-1)[:, -1]
+    return vouched(chosen.squeeze(1), through, mass, probs.shape[-1], params, top_p)
+
+
+def vouched(
+    chosen_prob: torch.Tensor,
+    through: torch.Tensor,
+    mass: torch.Tensor,
+    vocab: int,
+    params: list[SamplingParams],
+    top_p: list[float],
+) -> torch.Tensor:
+    """certainly_kept's decision from its sums: per row the drawn token's probability,
+    the mass at or above it and the row's mass (float64; csrc/vocab_race.c gives them
+    in its pass)."""
+    device = chosen_prob.device
+    simple = torch.tensor(
+        [(p.top_k <= 0 or p.top_k >= vocab) and p.min_p <= 0 for p in params], device=device
+    )
+    nucleus = torch.tensor(top_p, dtype=torch.float64, device=device)
     target = nucleus * mass * (1.0 - CERTAIN_MARGIN)
-    return simple & ((nucleus >= 1.0) | ((through < target) & (chosen.squeeze(1) > 0)))
+    return simple & ((nucleus >= 1.0) | ((through < target) & (chosen_prob > 0)))
 
 
 def mass_at_least(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:

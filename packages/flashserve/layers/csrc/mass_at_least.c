@@ -1,38 +1,14 @@
 /* Per row of probabilities, the mass of the tokens at least as probable as a
  * given floor (the sampler's check that a drawn token lies inside the nucleus).
  *
- * One pass over the row: blocks of 256 tokens are summed in 8 float32 lanes,
- * lanes by one fixed tree, blocks in float64. The order depends only on the
- * row, so a row's result is the same alone or in any batch, with any number
- * of threads. Built at first use by layers/native.py.
+ * One pass over the row (nucleus_mass.h). The order depends only on the row, so
+ * a row's result is the same alone or in any batch, with any number of threads.
+ * Built at first use by layers/native.py.
  */
 #include <stdint.h>
 
+#include "nucleus_mass.h"
 #include "thread_pool.h"
-#include "vector_ops.h"
-
-#define BLOCK 256
-
-static double row_mass(const float *p, int64_t vocab, float floor) {
-    const vf floors = broadcast(floor);
-    const vf zero = (vf){0};
-    double total = 0.0;
-    for (int64_t start = 0; start < vocab; start += BLOCK) {
-        int64_t end = start + BLOCK < vocab ? start + BLOCK : vocab;
-        vf acc = zero;
-        int64_t j = start;
-        for (; j + LANES <= end; j += LANES) {
-            vf v = load_f32(p + j);
-            acc += (vf)((vi)v & (vi)(v >= floors));
-        }
-        float block = lane_sums4(acc, zero, zero, zero)[0];
-        for (; j < end; j++) {
-            if (p[j] >= floor) block += p[j];
-        }
-        total += block;
-    }
-    return total;
-}
 
 struct mass_job {
     const float *probs, *floors;
