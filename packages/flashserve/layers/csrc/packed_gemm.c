@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "linear_job.h"
 #include "thread_pool.h"
 #include "vector_ops.h"
 
@@ -118,28 +119,21 @@ static void product_range(const float *x, int64_t ldx, int64_t m, const float *w
     }
 }
 
-struct product_job {
-    const float *x, *w, *bias;
-    int64_t ldx, m, n, k, ldy;
-    float *y;
-    _Atomic int failed;
-};
-
 /* Output features of panels [begin, end). */
 static void product_panels(void *job, int64_t begin, int64_t end) {
-    struct product_job *j = job;
+    struct linear_job *j = job;
     /* Kept per thread between calls: a prefill makes dozens of these products. */
     static __thread float *xpack, *wpack;
-    int64_t n0 = begin * NR, n1 = end * NR < j->n ? end * NR : j->n;
+    int64_t n0 = begin * NR, n1 = end * NR < j->features ? end * NR : j->features;
     if (!xpack) xpack = aligned_alloc(64, sizeof(float) * MC * KC);
     if (!wpack) wpack = aligned_alloc(64, sizeof(float) * NC * KC);
     if (!xpack || !wpack) {
         atomic_store(&j->failed, 1);
         return;
     }
-    product_range(j->x, j->ldx, j->m, j->w, j->k, n0, n1, j->y, j->ldy, xpack, wpack);
+    product_range(j->x, j->ldx, j->rows, j->w, j->k, n0, n1, j->y, j->ldy, xpack, wpack);
     if (j->bias)
-        for (int64_t r = 0; r < j->m; r++)
+        for (int64_t r = 0; r < j->rows; r++)
             for (int64_t f = n0; f < n1; f++) j->y[r * j->ldy + f] += j->bias[f];
 }
 
@@ -151,7 +145,7 @@ static void product_panels(void *job, int64_t begin, int64_t end) {
  * NULL). Returns 0, or 1 when the packing buffers could not be allocated. */
 int packed_linear_f32(const float *x, int64_t ldx, int64_t m, const float *w, int64_t n,
                       int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    struct product_job job = {x, w, bias, ldx, m, n, k, ldy, y, 0};
+    struct linear_job job = {x, w, bias, ldx, m, n, k, ldy, y, 0};
     int64_t items = n / MIN_FEATURES_PER_ITEM;
     items = items > threads ? items : threads;
     items = items < (int64_t)threads * CHUNKS_PER_THREAD ? items : (int64_t)threads * CHUNKS_PER_THREAD;

@@ -31,6 +31,7 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
+#include "linear_job.h"
 #include "thread_pool.h"
 #include "vector_ops.h"
 
@@ -231,13 +232,6 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
                     &failed, threads);
     return failed;
 }
-
-struct linear_job {
-    const float *x, *w, *bias;
-    int64_t ldx, rows, features, k, ldy;
-    float *y;
-    _Atomic int failed;
-};
 
 /* Output features of blocks [begin, end) of WEIGHTS_PER_BLOCK_FEW_ROWS. */
 static void linear_blocks(void *job, int64_t begin, int64_t end) {
