@@ -94,15 +94,17 @@ def test_two_callers_at_once_each_get_their_own_results():
         assert all(torch.equal(g, w) for g, w in zip(got, want))
 
 
-def test_a_forked_child_runs_kernels_without_the_parents_workers():
+@pytest.mark.parametrize("parent_mode", ["pool", "openmp"])
+def test_a_forked_child_runs_kernels_without_the_parents_threads(parent_mode):
     run = _products()
-    with threading_mode("pool", 2):
-        want = run()  # the parent's workers exist now
+    with threading_mode(parent_mode, 2):
+        want = run()  # the parent's workers, or OpenMP's threads, exist now
         pid = os.fork()
         if pid == 0:  # the child: a hang would be killed by the alarm
             signal.alarm(60)
             # Compared as bytes: torch's own parallel ops may hang in a child forked after
-            # the parent ran OpenMP regions (libgomp is not fork-safe); ours do not.
+            # the parent ran OpenMP regions (libgomp is not fork-safe); the kernels' jobs
+            # go to the child's own workers.
             got = run()
             ok = all(g.numpy().tobytes() == w.numpy().tobytes() for g, w in zip(got, want))
             os._exit(0 if ok else 1)

@@ -130,11 +130,14 @@ static int start_workers(int threads) {
     return pool.started;
 }
 
-/* A forked child has none of the parent's workers (nor the parent's caller). */
+/* A forked child has none of the parent's workers (nor the parent's caller), and its
+ * OpenMP may hang at the first region if the parent ran any (libgomp is not fork-safe):
+ * its jobs go to workers of its own. */
 static void after_fork_in_child(void) {
     pthread_mutex_init(&pool.caller, NULL);
     pool.started = 0;
     atomic_store(&pool.sleepers, 0);
+    pool.mode = ALWAYS_POOL;
 }
 
 static pthread_once_t fork_handler_once = PTHREAD_ONCE_INIT;
@@ -161,7 +164,6 @@ static int run_openmp(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
 }
 
 static void run_pool(chunk_fn fn, void *ctx, int64_t chunks, int threads) {
-    pthread_once(&fork_handler_once, install_fork_handler);
     if (start_workers(threads) == 0) {
         run_inline(fn, ctx, chunks);
         return;
@@ -193,6 +195,7 @@ static int next_job_to_pool(void) {
 }
 
 static void run_locked(chunk_fn fn, void *ctx, int64_t chunks, int threads, int to_pool) {
+    pthread_once(&fork_handler_once, install_fork_handler);
     if (to_pool) {
         run_pool(fn, ctx, chunks, threads);
         return;
