@@ -146,14 +146,9 @@ def thread_pool() -> ctypes.CDLL:
     global THREAD_POOL
     if THREAD_POOL.load_failed is not None:
         THREAD_POOL = THREAD_POOL.fresh()
-    first = THREAD_POOL._library is None
     library = THREAD_POOL.load()
     if library is None:
         raise RuntimeError(f"no thread pool ({THREAD_POOL.load_failed})")
-    if first:  # benchmarks' A/B: FLASHSERVE_CPU_THREADING=openmp or =pool; else adaptive
-        modes = {"openmp": 1, "pool": 2}
-        mode = modes.get(os.environ.get("FLASHSERVE_CPU_THREADING", ""), 0)
-        library.flashserve_pool_mode(mode)
     return library
 
 

@@ -26,6 +26,8 @@
 #include <pthread.h>
 #include <sched.h>
 #include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -236,17 +238,24 @@ static void one_range(void *job, int64_t r) {
 
 void flashserve_run_ranges(range_fn fn, void *ctx, int64_t items, int64_t chunks, int threads) {
     if (items <= 0) return;
-    if (!lock_caller(items, threads)) {
+    if (!lock_caller(items < chunks ? items : chunks, threads)) {
         fn(ctx, 0, items);
         return;
     }
     int to_pool = next_job_to_pool();
     int64_t ranges = to_pool ? chunks : threads;
     ranges = ranges < items ? ranges : items;
-    ranges = ranges > 1 ? ranges : 1;
     struct range_job job = {fn, ctx, items, ranges};
     run_locked(one_range, &job, ranges, threads, to_pool);
     pthread_mutex_unlock(&pool.caller);
+}
+
+/* Benchmarks' A/B, read once when the library loads: FLASHSERVE_CPU_THREADING=openmp or
+ * =pool fixes the mode; anything else leaves it adaptive. */
+__attribute__((constructor)) static void mode_from_environment(void) {
+    const char *mode = getenv("FLASHSERVE_CPU_THREADING");
+    if (mode && !strcmp(mode, "openmp")) pool.mode = ALWAYS_OPENMP;
+    if (mode && !strcmp(mode, "pool")) pool.mode = ALWAYS_POOL;
 }
 
 /* 0: adaptive (the default), 1: always OpenMP regions, 2: always the pool's workers. */

@@ -1,11 +1,12 @@
 /* The CPU kernels' parallel loop (csrc/thread_pool.c, loaded once for every kernel).
  *
  * flashserve_run_chunks(fn, ctx, chunks, threads) calls fn(ctx, c) once for every c in
- * [0, chunks), on the calling thread and up to threads - 1 pool workers, and returns
- * when all have run. Unlike an OpenMP region it never waits for a worker that has not
- * started: the caller takes every chunk no worker took, so a worker the OS has parked
- * (another process on its core) costs parallelism, not a stall. Chunks must be
- * independent; which thread runs one must not change its result. */
+ * [0, chunks), on the calling thread and up to threads - 1 others, and returns when all
+ * have run: as an OpenMP region, or, after a region's thread started late (the OS had
+ * parked it: another process on its core), for a while on the pool's own workers, where
+ * the caller takes every chunk no worker took and never waits for one that has not
+ * started. Chunks must be independent; which thread runs one must not change its
+ * result. */
 #ifndef FLASHSERVE_THREAD_POOL_H
 #define FLASHSERVE_THREAD_POOL_H
 
