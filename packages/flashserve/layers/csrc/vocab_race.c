@@ -44,11 +44,11 @@ static inline __m256 load_partial(const float *p, int64_t count) {
     return _mm256_loadu_ps(lanes);
 }
 
-/* ATen's 8-lane reduction tree: ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)). */
+/* ATen's 8-lane reduction tree, ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7)): the
+ * one vector_ops.h's lane_sums4 adds by. */
 static inline float lane_tree_sum(__m256 v) {
-    float l[8];
-    _mm256_storeu_ps(l, v);
-    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+    const vf zero = {0};
+    return lane_sums4((vf)v, zero, zero, zero)[0];
 }
 
 static inline float lane_tree_max(__m256 v) {
