@@ -84,6 +84,24 @@ def _at_least_by_where(engine: Any = None) -> Iterator[None]:
         truncation._at_least = saved
 
 
+def _set(
+    module_name: str, name: str, value: Any
+) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
+    """A change a module-level setting undoes: the module's `name` = value for the "before"."""
+
+    @contextlib.contextmanager
+    def switched(engine: Any = None) -> Iterator[None]:
+        module = importlib.import_module(module_name)
+        saved = getattr(module, name)
+        setattr(module, name, value)
+        try:
+            yield
+        finally:
+            setattr(module, name, saved)
+
+    return switched
+
+
 def _threading(mode: int) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
     """The CPU kernels' jobs run one way (csrc/thread_pool.c: 0 adaptive, 1 always OpenMP
     regions, 2 always the pool's workers), then back to adaptive."""
@@ -116,6 +134,8 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # the sampler's softmax, block sums, race and nucleus mass as torch passes, not
     # csrc/vocab_race.c
     "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),
+    # a prefill's MLP over all its rows at once, not in tiles of CPU_ROW_TILE rows
+    "mlp_row_tiles": _set("flashserve.layers.mlp", "CPU_ROW_TILE", 1 << 62),
     # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
     # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against

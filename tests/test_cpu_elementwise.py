@@ -1,4 +1,5 @@
-"""RMSNorm and SwiGLU's activation through csrc/elementwise.c (layers/cpu_elementwise.py)."""
+"""RMSNorm, SwiGLU's activation and rope through csrc/elementwise.c (layers/cpu_elementwise.py),
+in fp32 and bf16, and the MLP's row tiles on the CPU."""
 
 from __future__ import annotations
 
@@ -51,7 +52,9 @@ def test_silu_mul_matches_torch_over_the_whole_range() -> None:
 def test_a_strided_input_and_other_dtypes_keep_torch() -> None:
     x = torch.randn(4, 3, 64)
     assert cpu_elementwise.rms_norm(x, torch.ones(64), 1e-6) is None  # 3-D: q/k norms
+    # A weight in another dtype than x: torch's result would be in the wider one.
     assert cpu_elementwise.rms_norm(x[0].bfloat16(), torch.ones(64), 1e-6) is None
+    assert cpu_elementwise.silu_mul(torch.randn(2, 32).half()) is None
     assert cpu_elementwise.silu_mul(torch.randn(2, 12)) is None  # 6 columns: not whole lanes
     norm = RMSNorm(64, 1e-6)
     torch.testing.assert_close(norm(x), _torch_rms_norm(x, norm.weight, 1e-6))
@@ -72,15 +75,16 @@ def test_the_layers_give_the_torch_results() -> None:
     torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("partial", [1.0, 0.5])
-def test_rope_in_place_is_forward_bit_for_bit(partial: float) -> None:
+def test_rope_in_place_is_forward_bit_for_bit(partial: float, dtype: torch.dtype) -> None:
     """On views of a packed q|k|v product (strided rows), partial rotary included."""
     from flashserve.layers.rotary import RotaryEmbedding
 
     rope = {"rope_theta": 10000.0, "partial_rotary_factor": partial}
     rotary = RotaryEmbedding(rope, head_dim=64, max_positions=512)
     heads, kv_heads, rows = 6, 2, 37
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * 64)
+    qkv = torch.randn(rows, (heads + 2 * kv_heads) * 64).to(dtype)
     positions = torch.randint(0, 512, (rows,))
     q = qkv[:, : heads * 64].view(rows, heads, 64)
     k = qkv[:, heads * 64 : (heads + kv_heads) * 64].view(rows, kv_heads, 64)
@@ -99,3 +103,81 @@ def test_rope_at_a_position_past_the_table_is_an_error_not_a_wild_read() -> None
     q, k = torch.randn(2, 4, 64), torch.randn(2, 2, 64)
     with pytest.raises(IndexError):
         rotary.rotate_in_place(torch.tensor([3, 16]), q, k)
+
+
+# One bf16 step: results within one rounding of torch's (its exp and its order of the
+# mean's sum are not ours).
+BF16_ULP = 2.0**-7
+
+
+def _without_kernels(fn):
+    cpu_elementwise.enabled = False
+    try:
+        return fn()
+    finally:
+        cpu_elementwise.enabled = True
+
+
+@pytest.mark.parametrize("rows", [1, 64, 700])
+def test_bf16_rms_norm_is_the_layers_torch_path_and_a_row_alone(rows: int) -> None:
+    g = torch.Generator().manual_seed(rows)
+    norm = RMSNorm(520, 1e-5).to(torch.bfloat16)
+    norm.weight.copy_(torch.randn(520, generator=g))
+    x = (torch.randn(rows, 520, generator=g) * 3).bfloat16()
+    got = cpu_elementwise.rms_norm(x, norm.weight, 1e-5)
+    assert got is not None and got.dtype == torch.bfloat16
+    want = _without_kernels(lambda: norm(x))
+    torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=0)
+    assert (got == want).float().mean() > 0.99
+    alone = torch.cat(
+        [cpu_elementwise.rms_norm(x[i : i + 1], norm.weight, 1e-5) for i in range(rows)]
+    )
+    assert torch.equal(got, alone)
+
+
+def test_bf16_silu_mul_rounds_silu_then_the_product_as_torch_does() -> None:
+    gate = torch.cat([torch.linspace(-120, 120, 4001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    gate = torch.cat([gate, torch.randn(4096 - gate.numel()) * 4]).bfloat16()
+    up = torch.randn(4096).bfloat16()
+    gate_up = torch.cat([gate, up])[None, :].repeat(3, 1)
+    got = cpu_elementwise.silu_mul(gate_up)
+    assert got is not None and got.dtype == torch.bfloat16 and torch.isfinite(got).all()
+    want = F.silu(gate) * up
+    torch.testing.assert_close(got[0].float(), want.float(), rtol=BF16_ULP, atol=1e-30)
+    assert (got[0] == want).float().mean() > 0.98
+    assert torch.equal(got[0], got[2])
+    assert torch.equal(got[0], cpu_elementwise.silu_mul(gate_up[:1])[0])
+
+
+def test_bf16_nan_and_infinities_come_out_as_torch_writes_them() -> None:
+    """Same bits as the torch path, NaN where it has NaN (whose payload bits vary in torch)."""
+    from flashserve.layers.rotary import RotaryEmbedding
+
+    rotary = RotaryEmbedding({"rope_theta": 10000.0}, head_dim=16, max_positions=8)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 3.0e38, -0.0, 1e-40])
+    q = torch.randn(5, 2, 16)
+    q.view(-1)[: special.numel() * 8 : 8] = special
+    q = q.bfloat16()
+    k = q[:, :1].clone()
+    positions = torch.tensor([0, 1, 3, 5, 7])
+    for want, got in zip(rotary(positions, q, k), rotary.rotate_in_place(positions, q, k)):
+        assert torch.equal(got.isnan(), want.isnan()) and want.isnan().any()
+        numbers = ~want.isnan()
+        assert torch.equal(got[numbers].view(torch.int16), want[numbers].view(torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_mlp_on_many_rows_gives_each_row_what_it_gives_alone(monkeypatch, dtype) -> None:
+    """A prefill's rows go through the MLP in tiles; no row's bits depend on its tile."""
+    from flashserve.layers import mlp as mlp_module
+
+    torch.manual_seed(0)
+    mlp = MLP(64, 96).to(dtype)
+    for p in mlp.parameters():
+        p.copy_(torch.randn_like(p) * 0.1)
+    x = torch.randn(37, 64).to(dtype)
+    whole = mlp(x)
+    monkeypatch.setattr(mlp_module, "CPU_ROW_TILE", 8)
+    tiled = mlp(x)
+    assert torch.equal(whole, tiled)
+    assert torch.equal(whole[30:31], mlp(x[30:31]))

@@ -3,9 +3,10 @@
 torch runs RMSNorm as five passes over the activations (square, mean, add,
 rsqrt, two products), silu(gate) * up as two, and rope as five with two
 concatenations; a prefill's rows outgrow the caches, so each pass goes through
-memory. The kernels take each row once (rope in place). Their arithmetic per
-row is fixed, so a row's bits do not depend on the batch. Other devices, dtypes
-and shapes keep the torch path (None or False from these functions).
+memory. The kernels take each row once (rope in place), in fp32 or bf16 (computed
+in fp32, rounded where torch's bf16 ops round). Their arithmetic per row is fixed,
+so a row's bits do not depend on the batch. Other devices, dtypes and shapes keep
+the torch path (None or False from these functions).
 """
 
 from __future__ import annotations
@@ -19,42 +20,51 @@ from flashserve.layers.native import NativeLibrary
 
 LANES = 8
 
+_RMS_NORM = [
+    ctypes.c_void_p,  # x [rows, n]
+    ctypes.c_int64,  # x row stride
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # n
+    ctypes.c_void_p,  # weight [n], x's dtype
+    ctypes.c_float,  # eps
+    ctypes.c_void_p,  # out [rows, n]
+    ctypes.c_int64,  # out row stride
+    ctypes.c_int,  # threads
+]
+_SILU_MUL = [
+    ctypes.c_void_p,  # gate_up [rows, 2n]
+    ctypes.c_int64,  # gate_up row stride
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # n
+    ctypes.c_void_p,  # out [rows, n]
+    ctypes.c_int64,  # out row stride
+    ctypes.c_int,  # threads
+]
+_ROTATE_HALF = [
+    ctypes.c_void_p,  # x [rows, heads, head_dim], rotated in place
+    ctypes.c_int64,  # x row stride
+    ctypes.c_int64,  # x head stride
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # heads
+    ctypes.c_int64,  # rotated dims per head
+    ctypes.c_void_p,  # table float32 [positions, 2 * rotated dims]: cos|cos, -sin|sin
+    ctypes.c_int64,  # table rows
+    ctypes.c_void_p,  # positions int64 [rows]
+    ctypes.c_int,  # threads
+]
+# Each kernel in fp32 and bf16; strides in elements.
+SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNELS = NativeLibrary(
     "elementwise.c",
-    "CPU RMSNorm and SwiGLU activation",
+    "CPU RMSNorm, SwiGLU activation and rope",
     {
-        "rms_norm_f32": [
-            ctypes.c_void_p,  # x [rows, n]
-            ctypes.c_int64,  # x row stride
-            ctypes.c_int64,  # rows
-            ctypes.c_int64,  # n
-            ctypes.c_void_p,  # weight [n]
-            ctypes.c_float,  # eps
-            ctypes.c_void_p,  # out [rows, n]
-            ctypes.c_int64,  # out row stride
-            ctypes.c_int,  # threads
-        ],
-        "silu_mul_f32": [
-            ctypes.c_void_p,  # gate_up [rows, 2n]
-            ctypes.c_int64,  # gate_up row stride
-            ctypes.c_int64,  # rows
-            ctypes.c_int64,  # n
-            ctypes.c_void_p,  # out [rows, n]
-            ctypes.c_int64,  # out row stride
-            ctypes.c_int,  # threads
-        ],
-        "rotate_half_f32": [
-            ctypes.c_void_p,  # x [rows, heads, head_dim], rotated in place
-            ctypes.c_int64,  # x row stride
-            ctypes.c_int64,  # x head stride
-            ctypes.c_int64,  # rows
-            ctypes.c_int64,  # heads
-            ctypes.c_int64,  # rotated dims per head
-            ctypes.c_void_p,  # table [positions, 2 * rotated dims]: cos|cos, -sin|sin
-            ctypes.c_int64,  # table rows
-            ctypes.c_void_p,  # positions int64 [rows]
-            ctypes.c_int,  # threads
-        ],
+        f"{name}_{suffix}": signature
+        for name, signature in (
+            ("rms_norm", _RMS_NORM),
+            ("silu_mul", _SILU_MUL),
+            ("rotate_half", _ROTATE_HALF),
+        )
+        for suffix in SUFFIXES.values()
     },
 )
 
@@ -67,7 +77,7 @@ def _takes(x: torch.Tensor, width: int) -> bool:
         enabled
         and x.dim() == 2
         and x.device.type == "cpu"
-        and x.dtype == torch.float32
+        and x.dtype in SUFFIXES
         and x.stride(1) == 1
         and width % LANES == 0
         and x.shape[0] > 0
@@ -76,20 +86,18 @@ def _takes(x: torch.Tensor, width: int) -> bool:
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """weight * x / sqrt(mean(x^2) + eps) per row of a 2-D fp32 CPU x; None: use torch."""
+    """weight * x / sqrt(mean(x^2) + eps) per row of a 2-D fp32 or bf16 CPU x (weight in
+    x's dtype); None: use torch."""
     n = x.shape[-1]
     if not (
-        _takes(x, n)
-        and weight.shape == (n,)
-        and weight.dtype == torch.float32
-        and weight.is_contiguous()
+        _takes(x, n) and weight.shape == (n,) and weight.dtype == x.dtype and weight.is_contiguous()
     ):
         return None
     library = KERNELS.load()
     if library is None:
         return None
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
-    library.rms_norm_f32(
+    getattr(library, f"rms_norm_{SUFFIXES[x.dtype]}")(
         x.data_ptr(),
         x.stride(0),
         x.shape[0],
@@ -104,7 +112,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
-    """silu(gate) * up for gate_up = [gate | up] rows of a 2-D fp32 CPU tensor; None: use torch."""
+    """silu(gate) * up for gate_up = [gate | up] rows of a 2-D fp32 or bf16 CPU tensor;
+    None: use torch."""
     n = gate_up.shape[-1] // 2
     if not _takes(gate_up, n):
         return None
@@ -112,7 +121,7 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
     if library is None:
         return None
     out = gate_up.new_empty((gate_up.shape[0], n))
-    library.silu_mul_f32(
+    getattr(library, f"silu_mul_{SUFFIXES[gate_up.dtype]}")(
         gate_up.data_ptr(),
         gate_up.stride(0),
         gate_up.shape[0],
@@ -143,7 +152,8 @@ def rotate_half_in_place(
             x.dim() == 3
             and x.shape[2] >= rotary_dim
             and x.device.type == "cpu"
-            and x.dtype == torch.float32
+            and x.dtype in SUFFIXES
+            and x.dtype == tensors[0].dtype
             and x.stride(2) == 1
             for x in tensors
         )
@@ -154,7 +164,7 @@ def rotate_half_in_place(
         return False
     positions = positions.contiguous()
     for x in tensors:
-        out_of_table = library.rotate_half_f32(
+        out_of_table = getattr(library, f"rotate_half_{SUFFIXES[x.dtype]}")(
             x.data_ptr(),
             x.stride(0),
             x.stride(1),

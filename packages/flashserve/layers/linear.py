@@ -173,8 +173,13 @@ class RowParallelLinear(nn.Module):
         return copy_into(param.data, loaded.narrow(1, self.in_start, self.in_size), "weight")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tp_size == 1:
-            return cpu_linear.linear(x, self.weight, self.bias)
+        return self.reduced(self.partial(x))
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's part of the product (all of it at tensor_parallel_size 1)."""
         # The bias once, on rank 0, so the sum over ranks holds it once.
-        out = cpu_linear.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
-        return all_reduce(out, self.tp) if self.reduce else out
+        return cpu_linear.linear(x, self.weight, self.bias if self.tp_rank == 0 else None)
+
+    def reduced(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum of the ranks' `partial` products, where this layer reduces."""
+        return all_reduce(partial, self.tp) if self.reduce and self.tp_size > 1 else partial

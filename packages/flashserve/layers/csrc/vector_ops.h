@@ -15,6 +15,8 @@
 
 typedef float vf __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vi __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
 
 static inline vf load_f32(const float *p) {
     vf v;
@@ -24,12 +26,33 @@ static inline vf load_f32(const float *p) {
 
 static inline void store_f32(float *p, vf v) { memcpy(p, &v, sizeof(v)); }
 
-static inline vf broadcast(float f) { return (vf){f, f, f, f, f, f, f, f}; }
-
 /* Lane by lane: a where mask is set (all ones), else b. */
-static inline vf lane_select(vi mask, vf a, vf b) {
-    return (vf)((mask & (vi)a) | (~mask & (vi)b));
+static inline vi lane_select_bits(vi mask, vi a, vi b) { return (mask & a) | (~mask & b); }
+
+static inline vf lane_select(vi mask, vf a, vf b) { return (vf)lane_select_bits(mask, (vi)a, (vi)b); }
+
+/* bf16 is the top half of an fp32: widening is a shift. */
+static inline vf load_bf16(const uint16_t *p) {
+    vh h;
+    memcpy(&h, p, sizeof(h));
+    return (vf)(__builtin_convertvector(h, vu) << 16);
 }
+
+/* v rounded to the nearest bf16 (ties to even), still as fp32; a NaN stays a NaN (rounding
+ * could carry its payload into an infinity). Each bf16 op in torch rounds its result so. */
+static inline vf round_bf16(vf v) {
+    const vu bits = (vu)v;
+    const vu rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) & 0xffff0000u;
+    const vi nan = (vi)((bits & 0x7fffffffu) > 0x7f800000u);
+    return (vf)lane_select_bits(nan, (vi){0} + 0x7fc00000, (vi)rounded);
+}
+
+static inline void store_bf16(uint16_t *p, vf v) {
+    vh h = __builtin_convertvector((vu)round_bf16(v) >> 16, vh);
+    memcpy(p, &h, sizeof(h));
+}
+
+static inline vf broadcast(float f) { return (vf){f, f, f, f, f, f, f, f}; }
 
 /* a * b + c, fused where the CPU has FMA. */
 static inline vf multiply_add(vf a, vf b, vf c) {
