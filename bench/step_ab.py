@@ -136,6 +136,9 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),
     # a prefill's MLP over all its rows at once, not in tiles of CPU_ROW_TILE rows
     "mlp_row_tiles": _set("flashserve.layers.mlp", "CPU_ROW_TILE", 1 << 62),
+    # bf16 products through F.linear (oneDNN repacks the weight every call), not
+    # through the weights packed once (layers/onednn_linear.py)
+    "onednn_packed": _flag_off("flashserve.layers.onednn_linear", "enabled"),
     # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
     # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against
