@@ -44,6 +44,15 @@
 /* Scores' rows are padded to a multiple of this: both paths' tiles (8, 16 tokens) divide it. */
 #define TILE_PAD 16
 
+/* Tokens ahead whose key (value) rows are fetched into cache while a tile is scored
+ * (summed): blocks lie anywhere in the cache, and a block's rows span pages, where the
+ * hardware prefetcher stops. The prefetches are spread over the tile's arithmetic, one
+ * beside each load of the row it stands for: issued all at once, they stall on the
+ * fill buffers and the arithmetic waits with them. */
+#ifndef PREFETCH_AHEAD
+#define PREFETCH_AHEAD 16
+#endif
+
 /* Everything one task reads; the pointers to q and out are the row's. */
 struct task {
     int bf16;
@@ -51,13 +60,14 @@ struct task {
     void *out;
     int64_t ctx, padded, h0, h1, group, head_dim;
     float scale;
-    const int64_t *tokens; /* [padded]: token t's offset in the cache (elements), KV head 0 */
+    /* [padded + PREFETCH_AHEAD]: token t's offset in the cache (elements), KV head 0 */
+    const int64_t *tokens;
 };
 
 /* Per-thread scratch. */
 struct scratch {
     float *scores;   /* [heads][padded context]: scores, then the softmax's numerators */
-    int64_t *tokens; /* [padded context] */
+    int64_t *tokens; /* [padded context + PREFETCH_AHEAD] */
     float *query;    /* [heads][query_floats] q, as the dot products read it */
     float *acc;      /* [heads][accumulator_floats] the weighted sums of the values */
     float *totals;   /* [heads] the softmax's denominators */
@@ -272,8 +282,11 @@ static void scores_wide(const struct task *tk, const float *query, float *scores
     const __m512 scale = _mm512_set1_ps(tk->scale);
     for (int64_t t0 = 0; t0 < tk->ctx; t0 += 16) {
         for (int64_t h = tk->h0; h < tk->h1; h++) {
-            int64_t keys[16];
-            for (int k = 0; k < 16; k++) keys[k] = tk->tokens[t0 + k] + h * d;
+            int64_t keys[16], ahead[16];
+            for (int k = 0; k < 16; k++) {
+                keys[k] = tk->tokens[t0 + k] + h * d;
+                ahead[k] = tk->tokens[t0 + PREFETCH_AHEAD + k] + h * d;
+            }
             for (int64_t i = (h - tk->h0) * tk->group; i < (h - tk->h0 + 1) * tk->group; i++) {
                 const float *qh = query + i * per_head;
                 __m512 dots[16];
@@ -282,9 +295,11 @@ static void scores_wide(const struct task *tk, const float *query, float *scores
                     if (!tk->bf16) {
                         const __m512 qs = _mm512_loadu_ps(qh + s * 16);
                         const float *keys_f = (const float *)tk->k_cache + s * 16;
-                        for (int k = 0; k < 16; k++)
+                        for (int k = 0; k < 16; k++) {
+                            _mm_prefetch((const char *)(keys_f + ahead[k]), _MM_HINT_T0);
                             dots[k] = _mm512_fmadd_ps(qs, _mm512_loadu_ps(keys_f + keys[k]),
                                                       dots[k]);
+                        }
                         continue;
                     }
                     const __mmask32 mask = piece_mask(d - s * 32);
@@ -292,6 +307,7 @@ static void scores_wide(const struct task *tk, const float *query, float *scores
                     const __m512 even = _mm512_loadu_ps(qh + s * 32);
                     const __m512 odd = _mm512_loadu_ps(qh + s * 32 + 16);
                     for (int k = 0; k < 16; k++) {
+                        _mm_prefetch((const char *)(keys_h + ahead[k]), _MM_HINT_T0);
                         const __m512i x = _mm512_maskz_loadu_epi16(mask, keys_h + keys[k]);
                         dots[k] = _mm512_fmadd_ps(odd, odd_bf16(x),
                                                   _mm512_fmadd_ps(even, even_bf16(x), dots[k]));
@@ -328,7 +344,7 @@ static inline int64_t accumulator_floats_wide(int64_t head_dim) {
  * heads. */
 static inline void values_block_wide(const struct task *tk, int both, const float *scores,
                                      int64_t i, int64_t h, int64_t t0, int64_t count,
-                                     int64_t column, float *acc) {
+                                     int64_t column, int prefetch, float *acc) {
     const int64_t d = tk->head_dim, stride = accumulator_floats_wide(d);
     float *a0 = acc + i * stride + column, *a1 = a0 + stride;
     const float *p0 = scores + i * tk->padded + t0, *p1 = p0 + tk->padded;
@@ -340,7 +356,14 @@ static inline void values_block_wide(const struct task *tk, int both, const floa
     const __mmask32 first = piece_mask(d - column), second = piece_mask(d - column - 32);
     __mmask16 lanes[4];
     for (int j = 0; j < 4; j++) lanes[j] = column + 16 * j < d ? 0xffff : 0;
+    const int64_t size = tk->bf16 ? 2 : 4, lines = (d - column < 64 ? d - column : 64) * size;
     for (int64_t k = 0; k < count; k++) {
+        if (prefetch) {
+            const char *next = (const char *)tk->v_cache +
+                               (tk->tokens[t0 + PREFETCH_AHEAD + k] + h * d + column) * size;
+            for (int64_t line = 0; line < lines; line += 64)
+                _mm_prefetch(next + line, _MM_HINT_T0);
+        }
         __m512 row[4];
         if (tk->bf16) {
             const uint16_t *at = (const uint16_t *)tk->v_cache + tk->tokens[t0 + k] + h * d +
@@ -376,9 +399,9 @@ static void values_wide(const struct task *tk, const float *scores, float *acc) 
                 const int64_t i = (h - tk->h0) * tk->group + g;
                 for (int64_t column = 0; column < d; column += 64) {
                     if (g + 1 < tk->group)
-                        values_block_wide(tk, 1, scores, i, h, t0, count, column, acc);
+                        values_block_wide(tk, 1, scores, i, h, t0, count, column, g == 0, acc);
                     else
-                        values_block_wide(tk, 0, scores, i, h, t0, count, column, acc);
+                        values_block_wide(tk, 0, scores, i, h, t0, count, column, g == 0, acc);
                 }
             }
         }
@@ -485,7 +508,7 @@ static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t be
     const int64_t per_head = 2 * j->head_dim + 64;
     struct scratch sc = {
         .scores = aligned(sizeof(float) * (size_t)(padded_max * heads)),
-        .tokens = aligned(sizeof(int64_t) * (size_t)padded_max),
+        .tokens = aligned(sizeof(int64_t) * (size_t)(padded_max + PREFETCH_AHEAD)),
         .query = aligned(sizeof(float) * (size_t)(per_head * heads)),
         .acc = aligned(sizeof(float) * (size_t)(per_head * heads)),
         .totals = aligned(sizeof(float) * (size_t)heads),
@@ -501,8 +524,9 @@ static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t be
                                                                     : j->max_context;
             const int64_t padded = (ctx + TILE_PAD - 1) / TILE_PAD * TILE_PAD;
             const int32_t *table = j->tables + r * j->table_stride;
-            /* Past the context, tiles read the last token again; its scores are dropped. */
-            for (int64_t t = 0, b = 0, in_block = 0; t < padded; t++) {
+            /* Past the context, tiles read the last token again (its scores are dropped)
+             * and prefetch it. */
+            for (int64_t t = 0, b = 0, in_block = 0; t < padded + PREFETCH_AHEAD; t++) {
                 sc.tokens[t] = t < ctx ? (int64_t)table[b] * block_stride + in_block * token_stride
                                        : sc.tokens[ctx > 0 ? ctx - 1 : 0];
                 if (++in_block == j->block_size) in_block = 0, b++;
