@@ -48,7 +48,8 @@
  * (summed): blocks lie anywhere in the cache, and a block's rows span pages, where the
  * hardware prefetcher stops. The prefetches are spread over the tile's arithmetic, one
  * beside each load of the row it stands for: issued all at once, they stall on the
- * fill buffers and the arithmetic waits with them. */
+ * fill buffers and the arithmetic waits with them. Past the last key the stream goes
+ * on with the first values, past the last value with the next task's first keys. */
 #ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 16
 #endif
@@ -60,14 +61,17 @@ struct task {
     void *out;
     int64_t ctx, padded, h0, h1, group, head_dim;
     float scale;
-    /* [padded + PREFETCH_AHEAD]: token t's offset in the cache (elements), KV head 0 */
-    const int64_t *tokens;
+    const int64_t *tokens; /* [padded]: token t's offset in the cache (elements), KV head 0 */
+    /* [padded + PREFETCH_AHEAD]: the rows (KV head h0 at ...+ (h - h0) head_dim) to fetch
+     * at token t - PREFETCH_AHEAD of the scores' and the values' passes. */
+    const char *const *k_ahead, *const *v_ahead;
 };
 
 /* Per-thread scratch. */
 struct scratch {
     float *scores;   /* [heads][padded context]: scores, then the softmax's numerators */
-    int64_t *tokens; /* [padded context + PREFETCH_AHEAD] */
+    int64_t *tokens; /* [padded context] */
+    const char **ahead; /* [2][padded context + PREFETCH_AHEAD] */
     float *query;    /* [heads][query_floats] q, as the dot products read it */
     float *acc;      /* [heads][accumulator_floats] the weighted sums of the values */
     float *totals;   /* [heads] the softmax's denominators */
@@ -86,6 +90,10 @@ static inline float bf16_to_f32(uint16_t h) {
     float f;
     memcpy(&f, &u, sizeof(f));
     return f;
+}
+
+static inline void prefetch_row(const char *at, int64_t bytes) {
+    for (int64_t line = 0; line < bytes; line += 64) __builtin_prefetch(at + line);
 }
 
 /* ---- 8-float vectors: any x86-64 (and head_dim a multiple of 8 anywhere) ---- */
@@ -122,11 +130,15 @@ static void narrow_query(const struct task *tk, float *query) {
 }
 
 static void scores_narrow(const struct task *tk, const float *query, float *scores) {
-    const int64_t chunks = tk->head_dim / LANES, d = tk->head_dim;
+    const int64_t chunks = tk->head_dim / LANES, d = tk->head_dim, size = tk->bf16 ? 2 : 4;
     for (int64_t t0 = 0; t0 < tk->ctx; t0 += LANES) {
         for (int64_t h = tk->h0; h < tk->h1; h++) {
             int64_t keys[LANES];
-            for (int k = 0; k < LANES; k++) keys[k] = tk->tokens[t0 + k] + h * d;
+            for (int k = 0; k < LANES; k++) {
+                keys[k] = tk->tokens[t0 + k] + h * d;
+                prefetch_row(tk->k_ahead[t0 + PREFETCH_AHEAD + k] + (h - tk->h0) * d * size,
+                             d * size);
+            }
             for (int64_t i = (h - tk->h0) * tk->group; i < (h - tk->h0 + 1) * tk->group; i++) {
                 vf dots[LANES] = {{0}};
                 for (int64_t c = 0; c < chunks; c++) {
@@ -166,6 +178,7 @@ static void values_narrow(const struct task *tk, const float *scores, float *acc
     const int64_t heads = (tk->h1 - tk->h0) * tk->group;
     memset(acc, 0, sizeof(float) * (size_t)(heads * d));
     for (int64_t t = 0; t < tk->ctx; t++) {
+        prefetch_row(tk->v_ahead[t + PREFETCH_AHEAD], (tk->h1 - tk->h0) * d * (tk->bf16 ? 2 : 4));
         for (int64_t h = tk->h0; h < tk->h1; h++) {
             const int64_t at = tk->tokens[t] + h * d;
             for (int64_t c = 0; c < chunks; c++) {
@@ -278,14 +291,16 @@ static void wide_query(const struct task *tk, float *query) {
 
 static void scores_wide(const struct task *tk, const float *query, float *scores) {
     const int64_t d = tk->head_dim, per_head = query_floats_wide(tk->bf16, d);
+    const int64_t size = tk->bf16 ? 2 : 4;
     const int64_t steps = tk->bf16 ? (d + 31) / 32 : d / 16; /* pieces or vectors */
     const __m512 scale = _mm512_set1_ps(tk->scale);
     for (int64_t t0 = 0; t0 < tk->ctx; t0 += 16) {
         for (int64_t h = tk->h0; h < tk->h1; h++) {
-            int64_t keys[16], ahead[16];
+            int64_t keys[16];
+            const char *ahead[16]; /* a piece (16 floats, 32 bf16) is one cache line */
             for (int k = 0; k < 16; k++) {
                 keys[k] = tk->tokens[t0 + k] + h * d;
-                ahead[k] = tk->tokens[t0 + PREFETCH_AHEAD + k] + h * d;
+                ahead[k] = tk->k_ahead[t0 + PREFETCH_AHEAD + k] + (h - tk->h0) * d * size;
             }
             for (int64_t i = (h - tk->h0) * tk->group; i < (h - tk->h0 + 1) * tk->group; i++) {
                 const float *qh = query + i * per_head;
@@ -296,7 +311,7 @@ static void scores_wide(const struct task *tk, const float *query, float *scores
                         const __m512 qs = _mm512_loadu_ps(qh + s * 16);
                         const float *keys_f = (const float *)tk->k_cache + s * 16;
                         for (int k = 0; k < 16; k++) {
-                            _mm_prefetch((const char *)(keys_f + ahead[k]), _MM_HINT_T0);
+                            _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T0);
                             dots[k] = _mm512_fmadd_ps(qs, _mm512_loadu_ps(keys_f + keys[k]),
                                                       dots[k]);
                         }
@@ -307,7 +322,7 @@ static void scores_wide(const struct task *tk, const float *query, float *scores
                     const __m512 even = _mm512_loadu_ps(qh + s * 32);
                     const __m512 odd = _mm512_loadu_ps(qh + s * 32 + 16);
                     for (int k = 0; k < 16; k++) {
-                        _mm_prefetch((const char *)(keys_h + ahead[k]), _MM_HINT_T0);
+                        _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T0);
                         const __m512i x = _mm512_maskz_loadu_epi16(mask, keys_h + keys[k]);
                         dots[k] = _mm512_fmadd_ps(odd, odd_bf16(x),
                                                   _mm512_fmadd_ps(even, even_bf16(x), dots[k]));
@@ -359,8 +374,8 @@ static inline void values_block_wide(const struct task *tk, int both, const floa
     const int64_t size = tk->bf16 ? 2 : 4, lines = (d - column < 64 ? d - column : 64) * size;
     for (int64_t k = 0; k < count; k++) {
         if (prefetch) {
-            const char *next = (const char *)tk->v_cache +
-                               (tk->tokens[t0 + PREFETCH_AHEAD + k] + h * d + column) * size;
+            const char *next =
+                tk->v_ahead[t0 + PREFETCH_AHEAD + k] + ((h - tk->h0) * d + column) * size;
             for (int64_t line = 0; line < lines; line += 64)
                 _mm_prefetch(next + line, _MM_HINT_T0);
         }
@@ -499,6 +514,50 @@ static void *aligned(size_t bytes) {
     return posix_memalign(&p, 64, bytes ? bytes : 64) ? NULL : p;
 }
 
+static inline int64_t task_context(const struct decode_job *j, int64_t task) {
+    const int64_t ctx = j->context_lens[task / j->parts];
+    return ctx < j->max_context ? ctx : j->max_context;
+}
+
+/* The offsets (elements, KV head 0) of tokens [0, count) of the task's row; from its
+ * context on, the last token's again. */
+static void token_offsets(const struct decode_job *j, int64_t task, int64_t count,
+                          int64_t *offsets) {
+    const int64_t ctx = task_context(j, task), token_stride = j->kv_heads * j->head_dim;
+    const int32_t *table = j->tables + task / j->parts * j->table_stride;
+    for (int64_t t = 0, b = 0, in_block = 0; t < count; t++) {
+        offsets[t] = t < ctx ? (int64_t)table[b] * j->block_size * token_stride +
+                                   in_block * token_stride
+                             : offsets[ctx - 1];
+        if (++in_block == j->block_size) in_block = 0, b++;
+    }
+}
+
+/* The task's prefetch streams (struct task's k_ahead, v_ahead), ctx > 0: keys [0, ctx),
+ * then values; values [0, ctx), then the next task's keys (from its first KV head on,
+ * shifted to this task's heads), or the last value again after the last task. */
+static void fill_ahead(const struct decode_job *j, int bf16, int64_t task, int64_t end,
+                       int64_t ctx, int64_t padded, const int64_t *tokens, const char **ahead) {
+    const int64_t size = bf16 ? 2 : 4, length = padded + PREFETCH_AHEAD;
+    const int64_t h0 = task % j->parts * j->span;
+    const char *k = (const char *)j->k_cache + h0 * j->head_dim * size;
+    const char *v = (const char *)j->v_cache + h0 * j->head_dim * size;
+    const char **k_ahead = ahead, **v_ahead = ahead + length;
+    for (int64_t t = 0; t < length; t++) {
+        k_ahead[t] = t < ctx ? k + tokens[t] * size
+                             : v + tokens[t - ctx < ctx ? t - ctx : ctx - 1] * size;
+        v_ahead[t] = v + tokens[t < ctx ? t : ctx - 1] * size;
+    }
+    if (task + 1 < end && task_context(j, task + 1) > 0) {
+        int64_t next[PREFETCH_AHEAD];
+        token_offsets(j, task + 1, PREFETCH_AHEAD, next);
+        const int64_t next_h0 = (task + 1) % j->parts * j->span;
+        const char *next_k = (const char *)j->k_cache + next_h0 * j->head_dim * size;
+        for (int64_t t = ctx; t < length && t - ctx < PREFETCH_AHEAD; t++)
+            v_ahead[t] = next_k + next[t - ctx] * size;
+    }
+}
+
 /* Tasks [begin, end): task t is KV heads span * (t % parts) .. + span of row t / parts. */
 static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t begin,
                                 int64_t end) {
@@ -508,40 +567,36 @@ static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t be
     const int64_t per_head = 2 * j->head_dim + 64;
     struct scratch sc = {
         .scores = aligned(sizeof(float) * (size_t)(padded_max * heads)),
-        .tokens = aligned(sizeof(int64_t) * (size_t)(padded_max + PREFETCH_AHEAD)),
+        .tokens = aligned(sizeof(int64_t) * (size_t)padded_max),
+        .ahead = aligned(sizeof(char *) * (size_t)(2 * (padded_max + PREFETCH_AHEAD))),
         .query = aligned(sizeof(float) * (size_t)(per_head * heads)),
         .acc = aligned(sizeof(float) * (size_t)(per_head * heads)),
         .totals = aligned(sizeof(float) * (size_t)heads),
     };
-    if (!sc.scores || !sc.tokens || !sc.query || !sc.acc || !sc.totals) {
+    if (!sc.scores || !sc.tokens || !sc.ahead || !sc.query || !sc.acc || !sc.totals) {
         atomic_store(&((struct decode_job *)j)->failed, 1);
     } else {
-        const int64_t token_stride = j->kv_heads * j->head_dim;
-        const int64_t block_stride = j->block_size * token_stride;
         for (int64_t task = begin; task < end; task++) {
             const int64_t r = task / j->parts, h0 = (task % j->parts) * j->span;
-            const int64_t ctx = j->context_lens[r] < j->max_context ? j->context_lens[r]
-                                                                    : j->max_context;
-            const int64_t padded = (ctx + TILE_PAD - 1) / TILE_PAD * TILE_PAD;
-            const int32_t *table = j->tables + r * j->table_stride;
-            /* Past the context, tiles read the last token again (its scores are dropped)
-             * and prefetch it. */
-            for (int64_t t = 0, b = 0, in_block = 0; t < padded + PREFETCH_AHEAD; t++) {
-                sc.tokens[t] = t < ctx ? (int64_t)table[b] * block_stride + in_block * token_stride
-                                       : sc.tokens[ctx > 0 ? ctx - 1 : 0];
-                if (++in_block == j->block_size) in_block = 0, b++;
+            const int64_t ctx = task_context(j, task), padded = (ctx + TILE_PAD - 1) / TILE_PAD * TILE_PAD;
+            if (ctx > 0) {
+                /* Past the context, tiles read the last token again; its scores are dropped. */
+                token_offsets(j, task, padded, sc.tokens);
+                fill_ahead(j, bf16, task, end, ctx, padded, sc.tokens, sc.ahead);
             }
             const struct task tk = {
                 .bf16 = bf16, .q = (const char *)j->q + r * j->q_row_stride * size,
                 .k_cache = j->k_cache, .v_cache = j->v_cache,
                 .out = (char *)j->out + r * j->out_row_stride * size, .ctx = ctx,
                 .padded = padded, .h0 = h0, .h1 = h0 + j->span, .group = j->group,
-                .head_dim = j->head_dim, .scale = j->scale, .tokens = sc.tokens};
+                .head_dim = j->head_dim, .scale = j->scale, .tokens = sc.tokens,
+                .k_ahead = sc.ahead, .v_ahead = sc.ahead + padded + PREFETCH_AHEAD};
             attend(&tk, &sc);
         }
     }
     free(sc.scores);
     free(sc.tokens);
+    free(sc.ahead);
     free(sc.query);
     free(sc.acc);
     free(sc.totals);
