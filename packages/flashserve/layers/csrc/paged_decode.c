@@ -11,10 +11,10 @@
  *  - the weighted sum of the values, divided by the softmax's total at the end.
  * With AVX-512 (and head_dim a multiple of 16) vectors are 16 floats; bf16 keys
  * and values are widened 32 at a time, even and odd elements apart (a shift and
- * a mask: two instructions per 32 elements). AVX512_BF16's vdpbf16ps for q.k
- * measured no faster than that on Zen 4 (the loads and the lane sums cost as
- * much as the products), so it is not used. Elsewhere, 8-float vectors (GCC
- * vector extensions).
+ * a mask: two instructions per 32 elements), and the values are summed in
+ * registers, 64 elements of two query heads at a time. AVX512_BF16's vdpbf16ps
+ * for q.k measured no faster than the widening (Zen 4), so it is not used.
+ * Elsewhere, 8-float vectors (GCC vector extensions).
  *
  * A task's arithmetic depends only on its own row (the tiles start at token 0,
  * the order of every sum is fixed, nothing depends on the batch, the thread
@@ -174,11 +174,11 @@ static float softmax_numerators_narrow(float *s, int64_t ctx, int64_t padded) {
 }
 
 static void values_narrow(const struct task *tk, const float *scores, float *acc) {
-    const int64_t chunks = tk->head_dim / LANES, d = tk->head_dim;
+    const int64_t chunks = tk->head_dim / LANES, d = tk->head_dim, size = tk->bf16 ? 2 : 4;
     const int64_t heads = (tk->h1 - tk->h0) * tk->group;
     memset(acc, 0, sizeof(float) * (size_t)(heads * d));
     for (int64_t t = 0; t < tk->ctx; t++) {
-        prefetch_row(tk->v_ahead[t + PREFETCH_AHEAD], (tk->h1 - tk->h0) * d * (tk->bf16 ? 2 : 4));
+        prefetch_row(tk->v_ahead[t + PREFETCH_AHEAD], (tk->h1 - tk->h0) * d * size);
         for (int64_t h = tk->h0; h < tk->h1; h++) {
             const int64_t at = tk->tokens[t] + h * d;
             for (int64_t c = 0; c < chunks; c++) {
@@ -578,7 +578,8 @@ static inline void decode_tasks(const struct decode_job *j, int bf16, int64_t be
     } else {
         for (int64_t task = begin; task < end; task++) {
             const int64_t r = task / j->parts, h0 = (task % j->parts) * j->span;
-            const int64_t ctx = task_context(j, task), padded = (ctx + TILE_PAD - 1) / TILE_PAD * TILE_PAD;
+            const int64_t ctx = task_context(j, task);
+            const int64_t padded = (ctx + TILE_PAD - 1) / TILE_PAD * TILE_PAD;
             if (ctx > 0) {
                 /* Past the context, tiles read the last token again; its scores are dropped. */
                 token_offsets(j, task, padded, sc.tokens);
