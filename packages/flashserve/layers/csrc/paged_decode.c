@@ -4,9 +4,10 @@
  * that share a KV head read each key and value row of the sequence's blocks
  * straight from the cache ([blocks, block_size, kv_heads, head_dim]), with no
  * gathered copy. Three passes, all in fp32:
- *  - scores: tokens are taken a tile at a time, and each query head's dot
- *    products with the tile's keys are summed across lanes together, in one
- *    shuffle tree (a tree per token would cost as much as the products);
+ *  - scores: tokens are taken a tile at a time, and the dot products of the
+ *    tile's keys with a query head (with AVX-512: two heads, 8 keys each, a key
+ *    widened once for both) are summed across lanes together, in one shuffle
+ *    tree (a tree per token would cost as much as the products);
  *  - an exact softmax, max first, with a vector exp;
  *  - the weighted sum of the values, divided by the softmax's total at the end.
  * With AVX-512 (and head_dim a multiple of 16) vectors are 16 floats; bf16 keys
@@ -292,46 +293,78 @@ static void wide_query(const struct task *tk, float *query) {
     }
 }
 
+/* 16 dot products of query heads with keys (offsets keys[k]): with `pair` (a constant in
+ * each caller) qa's and qb's with keys 0..7 (dots[k], dots[8 + k]), else qa's with keys
+ * 0..15. A key row is loaded and widened once for both heads; each dot product sums in
+ * the same order either way. ahead[k]: the row to prefetch beside key k's. */
+static inline void key_dots_wide(const struct task *tk, int pair, const float *qa,
+                                 const float *qb, const int64_t *keys,
+                                 const char *const *ahead, __m512 dots[16]) {
+    const int64_t d = tk->head_dim, steps = tk->bf16 ? (d + 31) / 32 : d / 16;
+    const int count = pair ? 8 : 16;
+    for (int k = 0; k < 16; k++) dots[k] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < steps; s++) { /* a piece (16 floats, 32 bf16) is a cache line */
+        if (!tk->bf16) {
+            const __m512 a = _mm512_loadu_ps(qa + s * 16);
+            const __m512 b = pair ? _mm512_loadu_ps(qb + s * 16) : a;
+            const float *keys_f = (const float *)tk->k_cache + s * 16;
+            for (int k = 0; k < count; k++) {
+                _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T1);
+                const __m512 x = _mm512_loadu_ps(keys_f + keys[k]);
+                dots[k] = _mm512_fmadd_ps(a, x, dots[k]);
+                if (pair) dots[8 + k] = _mm512_fmadd_ps(b, x, dots[8 + k]);
+            }
+            continue;
+        }
+        const __mmask32 mask = piece_mask(d - s * 32);
+        const uint16_t *keys_h = (const uint16_t *)tk->k_cache + s * 32;
+        const __m512 a_even = _mm512_loadu_ps(qa + s * 32);
+        const __m512 a_odd = _mm512_loadu_ps(qa + s * 32 + 16);
+        const __m512 b_even = pair ? _mm512_loadu_ps(qb + s * 32) : a_even;
+        const __m512 b_odd = pair ? _mm512_loadu_ps(qb + s * 32 + 16) : a_odd;
+        for (int k = 0; k < count; k++) {
+            _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T1);
+            const __m512i x = _mm512_maskz_loadu_epi16(mask, keys_h + keys[k]);
+            const __m512 even = even_bf16(x), odd = odd_bf16(x);
+            dots[k] = _mm512_fmadd_ps(a_odd, odd, _mm512_fmadd_ps(a_even, even, dots[k]));
+            if (pair)
+                dots[8 + k] =
+                    _mm512_fmadd_ps(b_odd, odd, _mm512_fmadd_ps(b_even, even, dots[8 + k]));
+        }
+    }
+}
+
+/* Query heads two at a time (8 keys, one widening for both), an odd one out alone (16
+ * keys); the lane sums of 16 dot products at once either way. */
 static void scores_wide(const struct task *tk, const float *query, float *scores) {
     const int64_t d = tk->head_dim, per_head = query_floats_wide(tk->bf16, d);
     const int64_t size = tk->bf16 ? 2 : 4;
-    const int64_t steps = tk->bf16 ? (d + 31) / 32 : d / 16; /* pieces or vectors */
     const __m512 scale = _mm512_set1_ps(tk->scale);
     for (int64_t t0 = 0; t0 < tk->ctx; t0 += 16) {
         for (int64_t h = tk->h0; h < tk->h1; h++) {
             int64_t keys[16];
-            const char *ahead[16]; /* a piece (16 floats, 32 bf16) is one cache line */
+            const char *ahead[16];
             for (int k = 0; k < 16; k++) {
                 keys[k] = tk->tokens[t0 + k] + h * d;
                 ahead[k] = tk->k_ahead[t0 + PREFETCH_AHEAD + k] + (h - tk->h0) * d * size;
             }
-            for (int64_t i = (h - tk->h0) * tk->group; i < (h - tk->h0 + 1) * tk->group; i++) {
-                const float *qh = query + i * per_head;
-                __m512 dots[16];
-                for (int k = 0; k < 16; k++) dots[k] = _mm512_setzero_ps();
-                for (int64_t s = 0; s < steps; s++) {
-                    if (!tk->bf16) {
-                        const __m512 qs = _mm512_loadu_ps(qh + s * 16);
-                        const float *keys_f = (const float *)tk->k_cache + s * 16;
-                        for (int k = 0; k < 16; k++) {
-                            _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T1);
-                            dots[k] = _mm512_fmadd_ps(qs, _mm512_loadu_ps(keys_f + keys[k]),
-                                                      dots[k]);
-                        }
-                        continue;
-                    }
-                    const __mmask32 mask = piece_mask(d - s * 32);
-                    const uint16_t *keys_h = (const uint16_t *)tk->k_cache + s * 32;
-                    const __m512 even = _mm512_loadu_ps(qh + s * 32);
-                    const __m512 odd = _mm512_loadu_ps(qh + s * 32 + 16);
-                    for (int k = 0; k < 16; k++) {
-                        _mm_prefetch(ahead[k] + s * 64, _MM_HINT_T1);
-                        const __m512i x = _mm512_maskz_loadu_epi16(mask, keys_h + keys[k]);
-                        dots[k] = _mm512_fmadd_ps(odd, odd_bf16(x),
-                                                  _mm512_fmadd_ps(even, even_bf16(x), dots[k]));
-                    }
+            const int64_t first = (h - tk->h0) * tk->group;
+            int64_t g = 0;
+            __m512 dots[16];
+            for (; g + 1 < tk->group; g += 2) {
+                float *row_a = scores + (first + g) * tk->padded + t0, *row_b = row_a + tk->padded;
+                for (int half = 0; half < 16; half += 8) {
+                    key_dots_wide(tk, 1, query + (first + g) * per_head,
+                                  query + (first + g + 1) * per_head, keys + half, ahead + half,
+                                  dots);
+                    const __m512d sums = _mm512_castps_pd(_mm512_mul_ps(lane_sums16(dots), scale));
+                    _mm256_storeu_pd((double *)(row_a + half), _mm512_castpd512_pd256(sums));
+                    _mm256_storeu_pd((double *)(row_b + half), _mm512_extractf64x4_pd(sums, 1));
                 }
-                _mm512_storeu_ps(scores + i * tk->padded + t0,
+            }
+            if (g < tk->group) {
+                key_dots_wide(tk, 0, query + (first + g) * per_head, NULL, keys, ahead, dots);
+                _mm512_storeu_ps(scores + (first + g) * tk->padded + t0,
                                  _mm512_mul_ps(lane_sums16(dots), scale));
             }
         }
