@@ -53,9 +53,7 @@
  * more of them are in flight at once; T0 prefetches gained nothing here (Zen 4), T1
  * ones read the scattered blocks twice as fast. Past the last key the stream goes
  * on with the first values, past the last value with the next task's first keys. */
-#ifndef PREFETCH_AHEAD
 #define PREFETCH_AHEAD 16
-#endif
 
 /* Everything one task reads; the pointers to q and out are the row's. */
 struct task {
@@ -72,12 +70,12 @@ struct task {
 
 /* Per-thread scratch. */
 struct scratch {
-    float *scores;   /* [heads][padded context]: scores, then the softmax's numerators */
-    int64_t *tokens; /* [padded context] */
+    float *scores;      /* [heads][padded context]: scores, then the softmax's numerators */
+    int64_t *tokens;    /* [padded context] */
     const char **ahead; /* [2][padded context + PREFETCH_AHEAD] */
-    float *query;    /* [heads][query_floats] q, as the dot products read it */
-    float *acc;      /* [heads][accumulator_floats] the weighted sums of the values */
-    float *totals;   /* [heads] the softmax's denominators */
+    float *query;       /* [heads][query_floats] q, as the dot products read it */
+    float *acc;         /* [heads][accumulator_floats] the weighted sums of the values */
+    float *totals;      /* [heads] the softmax's denominators */
 };
 
 static inline uint16_t f32_to_bf16(float f) {
