@@ -9,10 +9,14 @@ the working tree's (or --after REV). Both are compiled with native.py's flags in
 the working tree's headers, and called through layers/cpu_decode_attention.py,
 alternating, on the same inputs: one layer of a W1 decode step (64 rows, contexts drawn
 from 128..256, block 16, each row's blocks scattered over the cache), in fp32 and bf16.
-Unless --warm, 64 MiB are written between calls so that each reads the KV cache from
-memory, as in a decode step (the other layers and the weights have evicted it). Times are
-CPU time (time.process_time) of the call; prints the medians, their ratio, and the
-largest difference between the two builds' outputs.
+Unless --warm, 64 MiB are read between calls so that each reads the KV cache from
+memory, as in a decode step (the other layers and the weights have evicted it); --warm
+--rows 4 times the arithmetic alone (the rows' cache fits in L2). Times are CPU time
+(time.process_time) of the call, Python wrapper included (about 17 us); prints the
+medians, their ratio, and the largest difference between the two builds' outputs.
+
+    python bench/decode_attention_ab.py --before b35b713             # W1, cold caches
+    python bench/decode_attention_ab.py --before b35b713 --warm --rows 4
 """
 
 from __future__ import annotations
