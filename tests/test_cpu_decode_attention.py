@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import platform
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -46,24 +50,74 @@ def kernel_builds():
         pytest.fail("the kernel does not build here (a C compiler is part of the dev setup)")
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(4, 4, 16), (8, 2, 64), (8, 1, 32)])
-def test_matches_gather_and_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
-    # Contexts of one token, exactly one block, one past a block, several blocks.
-    contexts = [1, 16, 17, 40, 200, 7]
-    q, k_cache, v_cache, tables, lens = _case(dtype, q_heads, kv_heads, head_dim, contexts)
+# Head sizes: 16-float vectors where AVX-512 is (16, 32, 64, 128, 192, 256; 16 and 48 are
+# a bf16 half piece), 8-float ones for 8 and 24; one KV head per query head, and groups
+# of 2, 3 (an odd group: a head summed alone) and 8.
+SHAPES = [
+    (4, 4, 16),
+    (8, 2, 64),
+    (8, 1, 32),
+    (4, 2, 128),
+    (3, 1, 192),
+    (2, 1, 256),
+    (6, 2, 48),
+    (4, 2, 24),
+    (2, 2, 8),
+]
+# One token, a few, exactly one block, one past a block (and past a 16-token tile),
+# several blocks, a tile and a bit.
+CONTEXTS = [1, 3, 16, 17, 40, 200, 7]
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def _check_against_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
+    q, k_cache, v_cache, tables, lens = _case(dtype, q_heads, kv_heads, head_dim, CONTEXTS)
     scale = head_dim**-0.5
-    got = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, scale, max(contexts))
+    got = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, scale, max(CONTEXTS))
     assert got is not None and got.dtype == dtype and got.shape == q.shape
     want = _paged_decode(q, k_cache, v_cache, tables, lens, scale)
     torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
 
 
+@pytest.mark.parametrize("dtype, tol", TOLERANCES)
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", SHAPES)
+def test_matches_gather_and_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
+    _check_against_sdpa(dtype, tol, q_heads, kv_heads, head_dim)
+
+
+@pytest.fixture(scope="module")
+def portable_build(tmp_path_factory):
+    """The kernel built as for a CPU without AVX-512 (8-float vectors only)."""
+    compiler = shutil.which("cc")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 C compiler")
+    library = tmp_path_factory.mktemp("portable") / "paged_decode.so"
+    source = cpu_decode_attention.KERNELS.source
+    subprocess.run(
+        [compiler, *native.FLAGS, "-mno-avx512f", str(source), "-o", str(library), "-lm"],
+        check=True,
+    )
+    portable = cpu_decode_attention.KERNELS.fresh()
+    native.thread_pool()  # loaded globally: the kernel links against it
+    portable._library = portable._bind(ctypes.CDLL(str(library)))
+    return portable
+
+
+@pytest.mark.parametrize("dtype, tol", TOLERANCES)
+@pytest.mark.parametrize("q_heads, kv_heads, head_dim", [(8, 2, 64), (3, 1, 192), (4, 2, 24)])
+def test_the_build_without_avx512_matches_gather_and_sdpa(
+    dtype, tol, q_heads, kv_heads, head_dim, portable_build, monkeypatch
+):
+    monkeypatch.setattr(cpu_decode_attention, "KERNELS", portable_build)
+    _check_against_sdpa(dtype, tol, q_heads, kv_heads, head_dim)
+
+
+@pytest.mark.parametrize("head_dim", [64, 24])  # 16-float vectors where AVX-512 is; 8-float
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(dtype):
+def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(dtype, head_dim):
     # Nine rows on two threads run a row per task; one row alone, a KV head per task.
     contexts = [33, 5, 130, 64, 1, 16, 17, 90, 48]
-    q, k_cache, v_cache, tables, lens = _case(dtype, 8, 2, 64, contexts, seed=3)
+    q, k_cache, v_cache, tables, lens = _case(dtype, 8, 2, head_dim, contexts, seed=3)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
@@ -77,6 +131,16 @@ def test_a_row_has_the_same_bits_alone_in_any_batch_and_with_any_thread_count(dt
             assert torch.equal(alone[0], batch[row])
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_row_with_no_context_gets_zeros_and_leaves_the_others_alone(dtype):
+    q, k_cache, v_cache, tables, lens = _case(dtype, 8, 2, 64, [0, 20, 3])
+    got = cpu_decode_attention.paged_decode(q, k_cache, v_cache, tables, lens, 0.125, 20)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    want = _paged_decode(q[1:], k_cache, v_cache, tables[1:], lens[1:], 0.125)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got[1:].float(), want.float(), atol=tol, rtol=tol)
 
 
 def test_reads_queries_from_a_strided_view():

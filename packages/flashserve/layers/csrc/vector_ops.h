@@ -79,6 +79,23 @@ static inline vf lane_sums4(vf a, vf b, vf c, vf d) {
     return __builtin_shufflevector(sums, sums, 0, 2, 1, 3, 4, 5, 6, 7);
 }
 
+/* Lane k of the result is the lane sum of v[k], each by the same tree:
+ * ((l0 + l2) + (l1 + l3)) + ((l4 + l6) + (l5 + l7)). Summing eight vectors at once
+ * spreads one shuffle tree over eight sums. */
+static inline vf lane_sums8(const vf v[8]) {
+    vf pairs[4], quads[2];
+    for (int k = 0; k < 4; k++) /* [a0+a2, b0+b2, a1+a3, b1+b3, a4+a6, ...] */
+        pairs[k] = __builtin_shufflevector(v[2 * k], v[2 * k + 1], 0, 8, 1, 9, 4, 12, 5, 13) +
+                   __builtin_shufflevector(v[2 * k], v[2 * k + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    for (int k = 0; k < 2; k++) { /* [a, b, c, d (lanes 0-3); a, b, c, d (lanes 4-7)] */
+        const vf x = pairs[2 * k], y = pairs[2 * k + 1];
+        quads[k] = __builtin_shufflevector(x, y, 0, 1, 8, 9, 4, 5, 12, 13) +
+                   __builtin_shufflevector(x, y, 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    return __builtin_shufflevector(quads[0], quads[1], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(quads[0], quads[1], 4, 5, 6, 7, 12, 13, 14, 15);
+}
+
 /* e^x for x <= 0, within ~2 ulp of expf; below -87 (e^x under FLT_MIN) it is 0.
  * Cephes' range reduction and polynomial: x = n ln2 + r, |r| <= ln2 / 2, e^x = 2^n e^r. */
 static inline vf exp_nonpositive(vf x) {
