@@ -78,14 +78,6 @@ struct scratch {
     float *totals;      /* [heads] the softmax's denominators */
 };
 
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof(u));
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even, as torch does */
-    return (uint16_t)(u >> 16);
-}
-
 static inline float bf16_to_f32(uint16_t h) {
     const uint32_t u = (uint32_t)h << 16;
     float f;
@@ -99,18 +91,6 @@ static inline void prefetch_row(const char *at, int64_t bytes) {
 }
 
 /* ---- 8-float vectors: any x86-64 (and head_dim a multiple of 8 anywhere) ---- */
-
-typedef uint32_t vu __attribute__((vector_size(LANES * sizeof(uint32_t))));
-typedef uint16_t vh __attribute__((vector_size(LANES * sizeof(uint16_t))));
-
-static inline vf load_bf16(const uint16_t *p) {
-    vh h;
-    memcpy(&h, p, sizeof(h));
-    vu u = __builtin_convertvector(h, vu) << 16;
-    vf v;
-    memcpy(&v, &u, sizeof(v));
-    return v;
-}
 
 static inline vf load_row(int bf16, const void *base, int64_t index) {
     return bf16 ? load_bf16((const uint16_t *)base + index)
@@ -203,7 +183,7 @@ static void store_narrow(const struct task *tk, const float *acc, const float *t
             const vf v = load_f32(acc + i * tk->head_dim + c) / broadcast(totals[i]);
             const int64_t at = (first + i) * tk->head_dim + c;
             if (tk->bf16)
-                for (int k = 0; k < LANES; k++) ((uint16_t *)tk->out)[at + k] = f32_to_bf16(v[k]);
+                store_bf16((uint16_t *)tk->out + at, v);
             else
                 store_f32((float *)tk->out + at, v);
         }
