@@ -66,9 +66,11 @@ def test_the_kernel_gives_the_torch_passes_results(vocab):
             assert torch.equal(got.through, through)
             assert torch.equal(got.mass, mass)
         else:
+            # torch sums 16 lanes here, the kernel 8: each order of a block's 256 terms
+            # is within n * 2^-24 (1.5e-5) of the exact sum, so the two within twice that.
             torch.testing.assert_close(got.probs, probs, rtol=1e-5, atol=1e-9)
-            torch.testing.assert_close(got.totals, totals, rtol=1e-5, atol=1e-9)
-            torch.testing.assert_close(got.mass, mass, rtol=1e-5, atol=1e-9)
+            torch.testing.assert_close(got.totals, totals, rtol=4e-5, atol=1e-9)
+            torch.testing.assert_close(got.mass, mass, rtol=4e-5, atol=1e-9)
         if vocab > 8:  # the all-banned row
             assert got.mass[2] == 0.0 and got.chosen_prob[2] == 0.0
 
