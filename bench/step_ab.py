@@ -134,6 +134,9 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # the sampler's softmax, block sums, race and nucleus mass as torch passes, not
     # csrc/vocab_race.c
     "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),
+    # prompt chunks longer than SHORT_CHUNK attend through SDPA, not through the paged
+    # kernel one row per query
+    "rows_per_query": _set("flashserve.layers.attention", "PER_QUERY_MAX_KV_BYTES", 0),
     # a prefill's MLP over all its rows at once, not in tiles of CPU_ROW_TILE rows
     "mlp_row_tiles": _set("flashserve.layers.mlp", "CPU_ROW_TILE", 1 << 62),
     # bf16 products through F.linear (oneDNN repacks the weight every call), not

@@ -187,9 +187,17 @@ def test_a_fresh_cache_directory_gets_its_own_build(monkeypatch, tmp_path):
     assert built.name.startswith("paged_decode-") and built.suffix == ".so"
 
 
-def test_short_chunks_join_the_decodes_one_row_per_query(monkeypatch):
+@pytest.mark.parametrize(
+    "kv_bytes_limit, kernel_takes", [(0, [2 + 5 + 3]), (None, [2 + 5 + 3 + 20])]
+)
+def test_chunks_join_the_decodes_one_row_per_query(monkeypatch, kv_bytes_limit, kernel_takes):
     """A step of 2 decodes, a 5-query chunk after 30 cached tokens (a verification), a fresh
-    3-token prompt and a 20-query chunk: the kernel's rows equal SDPA per chunk."""
+    3-token prompt and a 20-query chunk: the kernel's rows equal SDPA per chunk. Short
+    chunks always take the kernel; a longer one where its context's KV is small enough."""
+    from flashserve.layers import attention
+
+    if kv_bytes_limit is not None:
+        monkeypatch.setattr(attention, "PER_QUERY_MAX_KV_BYTES", kv_bytes_limit)
     gen = torch.Generator().manual_seed(7)
     heads, kv_heads, head_dim = 8, 2, 32
     query_lens, contexts = [1, 1, 5, 3, 20], [40, 9, 35, 3, 50]
@@ -230,7 +238,7 @@ def test_short_chunks_join_the_decodes_one_row_per_query(monkeypatch):
 
     monkeypatch.setattr(cpu_decode_attention, "paged_decode", counted)
     got = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
-    assert kernel_rows == [2 + 5 + 3]  # one call; the 20-query chunk stays with SDPA
+    assert kernel_rows == kernel_takes  # one call; what it leaves goes to SDPA
     monkeypatch.setattr(cpu_decode_attention, "enabled", False)
     want = backend.forward(q, k, v, k_cache.clone(), v_cache.clone(), meta, head_dim**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -88,8 +88,13 @@ def write_kv(
 
 
 # CPU: prompt chunks of at most this many queries attend through the paged decode kernel,
-# one row per query (speculative verification is k + 1 queries).
+# one row per query (speculative verification is k + 1 queries)...
 SHORT_CHUNK = 16
+# ... and so do longer chunks whose context's keys and values (one sequence, this rank's
+# KV heads) take at most this many bytes: each query then reads them from the caches,
+# and the kernel outruns SDPA (whose bf16 products go through MKL's slow path on AMD
+# CPUs). Beyond it every query would read the context from memory again.
+PER_QUERY_MAX_KV_BYTES = 4 << 20
 
 
 class TorchAttention(AttentionBackend):
@@ -98,7 +103,8 @@ class TorchAttention(AttentionBackend):
     Decodes are batched into one call (padded to the longest context, masked);
     each prefill chunk is its own call because its causal offset differs. On the
     CPU the paged kernel takes the decodes and, one row per query, every chunk of
-    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks).
+    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks) or whose
+    context's keys and values fit PER_QUERY_MAX_KV_BYTES (a prompt of a few thousand tokens).
     A fixed-shape decode step (a CUDA graph) reads every block of its table.
     """
 
@@ -125,7 +131,8 @@ class TorchAttention(AttentionBackend):
         starts = _prefix_sums(meta.query_lens_host)
         chunks = range(num_decode, len(meta.query_lens_host))
         if not q.is_cuda and _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out):
-            chunks = [i for i in chunks if meta.query_lens_host[i] > SHORT_CHUNK]
+            token_bytes = _kv_bytes_per_token(k_cache)
+            chunks = [i for i in chunks if not _per_query(meta, i, token_bytes)]
         elif num_decode:
             out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
         for i in chunks:
@@ -150,7 +157,7 @@ class TorchAttention(AttentionBackend):
 
 
 def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
-    """Decodes and every chunk of at most SHORT_CHUNK queries in one paged-kernel call.
+    """Decodes and every chunk _per_query takes in one paged-kernel call.
 
     The chunk's keys are already in the cache (write_kv), so each of its queries
     is a decode row over the context up to its own position: a speculative
@@ -159,7 +166,7 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
     at that position. False (nothing written) where the kernel does not run.
     """
     if meta.cpu_query_rows is None:  # the same rows for every layer: built once a step
-        meta.cpu_query_rows = _query_rows(meta, starts, k_cache.shape[1])
+        meta.cpu_query_rows = _query_rows(meta, starts, k_cache)
     plan = meta.cpu_query_rows
     if plan is False:
         return False
@@ -173,15 +180,27 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
     return True
 
 
-def _query_rows(meta, starts, block_size):
+def _kv_bytes_per_token(k_cache: torch.Tensor) -> int:
+    """A cached token's key and value bytes ([blocks, block_size, kv_heads, head_dim])."""
+    return 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+
+
+def _per_query(meta, i: int, token_bytes: int) -> bool:
+    """Whether prompt chunk i attends one row per query through the paged kernel."""
+    q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
+    return q_len <= SHORT_CHUNK or ctx * token_bytes <= PER_QUERY_MAX_KV_BYTES
+
+
+def _query_rows(meta, starts, k_cache):
     """(token index, block tables, context lens, max context) of the decode rows and one row
-    per query of each short chunk; False when there are none."""
+    per query of each chunk _per_query takes; False when there are none."""
+    block_size, token_bytes = k_cache.shape[1], _kv_bytes_per_token(k_cache)
     tokens, table_rows, lens = list(range(meta.num_decode_tokens)), [], []
     table_rows.extend(tokens)
     lens.extend(meta.context_lens_host[: meta.num_decode_tokens])
     for i in range(meta.num_decode_tokens, len(meta.query_lens_host)):
         q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
-        if q_len <= SHORT_CHUNK:
+        if _per_query(meta, i, token_bytes):
             tokens.extend(range(starts[i], starts[i] + q_len))
             table_rows.extend([i] * q_len)
             lens.extend(range(ctx - q_len + 1, ctx + 1))
