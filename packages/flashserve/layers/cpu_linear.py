@@ -12,9 +12,11 @@ from flashserve.layers import onednn_linear, packed_gemm, skinny_gemm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    out = skinny_gemm.linear(x, weight, bias)
-    if out is None:
-        out = packed_gemm.linear(x, weight, bias)
-    if out is None:
+    out = None
+    if x.dtype == torch.float32:
+        out = skinny_gemm.linear(x, weight, bias)
+        if out is None:
+            out = packed_gemm.linear(x, weight, bias)
+    elif x.dtype == torch.bfloat16:
         out = onednn_linear.linear(x, weight, bias)
     return F.linear(x, weight, bias) if out is None else out

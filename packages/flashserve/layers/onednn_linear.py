@@ -53,6 +53,8 @@ def linear(
         and not torch.is_grad_enabled()
     ):
         return None
+    if x.dim() == 2:
+        return torch.ops.mkldnn._linear_pointwise(x, packed(weight), bias, "none", [], "")
     rows = x.reshape(-1, x.shape[-1])
     out = torch.ops.mkldnn._linear_pointwise(rows, packed(weight), bias, "none", [], "")
     return out.view(*x.shape[:-1], weight.shape[0])
