@@ -181,3 +181,44 @@ def test_the_mlp_on_many_rows_gives_each_row_what_it_gives_alone(monkeypatch, dt
     tiled = mlp(x)
     assert torch.equal(whole, tiled)
     assert torch.equal(whole[30:31], mlp(x[30:31]))
+
+
+@pytest.fixture(scope="module")
+def portable_kernels(tmp_path_factory):
+    """elementwise.c built without AVX-512: its 8-lane path everywhere."""
+    import ctypes
+    import platform
+    import shutil
+    import subprocess
+
+    from flashserve.layers import native
+
+    compiler = shutil.which("cc")
+    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 C compiler")
+    library = tmp_path_factory.mktemp("portable") / "elementwise.so"
+    source = cpu_elementwise.KERNELS.source
+    command = [compiler, *native.FLAGS, "-mno-avx512f", str(source), "-o", str(library), "-lm"]
+    subprocess.run(command, check=True)
+    portable = cpu_elementwise.KERNELS.fresh()
+    native.thread_pool()  # loaded globally: the kernels link against it
+    portable._library = portable._bind(ctypes.CDLL(str(library)))
+    return portable
+
+
+@pytest.mark.parametrize("build", ["native", "portable"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("width", [8, 24, 1536])  # 16-float vectors where AVX-512 is, 8 after
+def test_silu_mul_over_widths_and_builds(request, monkeypatch, build, dtype, width) -> None:
+    if build == "portable":
+        monkeypatch.setattr(cpu_elementwise, "KERNELS", request.getfixturevalue("portable_kernels"))
+    g = torch.Generator().manual_seed(width)
+    gate_up = (torch.randn(5, 2 * width, generator=g) * 6).to(dtype)
+    got = cpu_elementwise.silu_mul(gate_up)
+    gate, up = gate_up.split(width, dim=-1)
+    want = F.silu(gate) * up
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, rtol=2e-6, atol=1e-7)
+    else:
+        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-30)
+    assert torch.equal(got[3], cpu_elementwise.silu_mul(gate_up[3:4])[0])
