@@ -57,7 +57,11 @@ def test_stream_interval_gathers_tokens_without_changing_them(model_dir):
     gathered = collect(AsyncEngine(make_engine(model_dir), stream_interval=4), prompts)
     for one_by_one, by_four in zip(every, gathered):
         assert tokens_of(by_four) == tokens_of(one_by_one)
-        assert [len(ids) for ids, _ in one_by_one] == [1] * 30
+        # A token a chunk, except where the engine thread got ahead of the event loop
+        # (a fast CPU with a tiny model does): then outputs merge, as for any consumer
+        # that falls behind (the next test). Never gathered as stream_interval 4 gathers.
+        sizes_every = [len(ids) for ids, _ in one_by_one]
+        assert sizes_every[0] == 1 and len(one_by_one) > len(by_four), sizes_every
         sizes = [len(ids) for ids, _ in by_four]
         # The first token at once; then at least 4 per chunk; the rest with the finish.
         assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]), sizes
