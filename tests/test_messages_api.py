@@ -19,7 +19,6 @@ from flashserve.api.endpoints.messages import MessagesEndpoint
 from flashserve.api.endpoints.messages_format import stream_events, thinking_signature
 from flashserve.api.endpoints.messages_protocol import TOOL_ERROR_PREFIX, chat_messages
 from flashserve.api.frontend.prompt import render_prompt
-from flashserve.api.frontend.thinking_budget import one_token_each
 from flashserve.engine.sequence import SequenceOutput
 from tests.chat_harness import recorded_tokens
 from tests.messages_support import (
@@ -332,7 +331,7 @@ def test_a_budget_that_leaves_no_room_ends_with_the_thinking(messages: MessagesE
 
 def test_one_token_each_keeps_the_finish_on_the_last() -> None:
     out = SequenceOutput("r", [5, 6, 7], True, "stop", 7, None, 10, 4)
-    parts = one_token_each(out)
+    parts = out.one_token_each()
     assert [p.new_token_ids for p in parts] == [[5], [6], [7]]
     assert [(p.finished, p.finish_reason, p.stop_reason) for p in parts] == [
         (False, None, None),

@@ -221,3 +221,42 @@ def test_any_text_splits_the_same_however_it_streams(parts, state, size) -> None
         )
 
     assert run(size) == run(max(1, len(text)))
+
+
+@pytest.mark.parametrize("gathered", [2, 3, 4, 7])
+def test_reasoning_tokens_do_not_depend_on_how_outputs_were_gathered(gathered: int) -> None:
+    """stream_interval, or a consumer that fell behind, hands the output over several
+    tokens at a time: the text, the reasoning and reasoning_tokens are the same as one
+    token at a time (a gathered output that closes the block is taken token by token)."""
+    from flashserve.api.frontend.options import GenerationOptions
+    from flashserve.api.frontend.output.output_plan import ParsingPlan
+    from flashserve.api.frontend.output.text_output import TextOutput
+    from flashserve.api.frontend.output.token_text import TokenText
+    from flashserve.engine.sequence import SequenceOutput
+    from tests.chat_harness import EMBEDDED_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL))
+    ids = tokenizer.encode(
+        "<think>\nSeven has no divisors but one and itself.\n</think>\n\nYes, it is.",
+        add_special_tokens=False,
+    )
+
+    def run(size: int) -> tuple[str, str, int, int]:
+        output = TextOutput(
+            tokenizer, TokenText(tokenizer), GenerationOptions(), [], ParsingPlan(thinking="free")
+        )
+        text = reasoning = ""
+        for start in range(0, len(ids), size):
+            last = start + size >= len(ids)
+            chunk = ids[start : start + size]
+            piece = output.step(
+                SequenceOutput("r", chunk, last, "length" if last else None, num_prompt_tokens=3)
+            )
+            text, reasoning = text + piece.text, reasoning + piece.reasoning
+        assert piece.finish_reason == "length" and piece.completion_tokens == len(ids)
+        return text, reasoning, piece.reasoning_tokens, piece.completion_tokens
+
+    one_by_one = run(1)
+    assert one_by_one[:2] == ("Yes, it is.", "Seven has no divisors but one and itself.")
+    assert 0 < one_by_one[2] < len(ids)
+    assert run(gathered) == one_by_one

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,6 +54,25 @@ class SequenceOutput:
         self.num_cached_tokens = later.num_cached_tokens
         self.error = later.error
         self.context_handle = later.context_handle or self.context_handle
+
+    def one_token_each(self) -> list[SequenceOutput]:
+        """This output as one output per token (the last keeps the finish): absorb undone."""
+        ids = self.new_token_ids
+        if len(ids) <= 1:
+            return [self]
+        last = len(ids) - 1
+        return [
+            replace(
+                self,
+                new_token_ids=[token],
+                logprobs=[self.logprobs[i]] if self.logprobs else self.logprobs,
+                finished=self.finished and i == last,
+                finish_reason=self.finish_reason if i == last else None,
+                stop_reason=self.stop_reason if i == last else None,
+                context_handle=self.context_handle if i == last else None,
+            )
+            for i, token in enumerate(ids)
+        ]
 
 
 @dataclass(eq=False)

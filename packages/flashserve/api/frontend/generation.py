@@ -18,7 +18,7 @@ from flashserve.api.frontend.options import GenerationOptions
 from flashserve.api.frontend.output.output_plan import ParsingPlan
 from flashserve.api.frontend.output.text_output import Piece, TextOutput
 from flashserve.api.frontend.output.token_text import TokenText
-from flashserve.api.frontend.thinking_budget import ThinkingBudget, one_token_each
+from flashserve.api.frontend.thinking_budget import ThinkingBudget
 from flashserve.engine.async_engine import (
     AsyncEngine,
     EngineDeadError,
@@ -116,7 +116,7 @@ class Generator:
                                 num_cached_tokens=cached,
                             )
                         # With a budget, token by token: it may run out inside an output.
-                        parts = [out] if budget is None else one_token_each(out)
+                        parts = [out] if budget is None else out.one_token_each()
                         spent = False
                         for part in parts:
                             piece = output.step(part)

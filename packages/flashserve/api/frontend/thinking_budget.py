@@ -13,11 +13,10 @@ response (its text, pieces, finish reason) comes from the same TextOutput throug
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from flashserve.api.frontend.output.response_parser import ResponseParser
-from flashserve.engine.sequence import SequenceOutput
 
 if TYPE_CHECKING:
     from flashserve.api.frontend.generation import GenerationRequest
@@ -39,24 +38,3 @@ class ThinkingBudget:
         return (
             reasoning is not None and reasoning.in_block and parser.reasoning_tokens >= self.tokens
         )
-
-
-def one_token_each(out: SequenceOutput) -> list[SequenceOutput]:
-    """An engine output carrying several tokens as one output per token (the last one
-    keeps the finish), so the budget can be checked after every token."""
-    ids = out.new_token_ids
-    if len(ids) <= 1:
-        return [out]
-    last = len(ids) - 1
-    return [
-        replace(
-            out,
-            new_token_ids=[token],
-            logprobs=[out.logprobs[i]] if out.logprobs else out.logprobs,
-            finished=out.finished and i == last,
-            finish_reason=out.finish_reason if i == last else None,
-            stop_reason=out.stop_reason if i == last else None,
-            context_handle=out.context_handle if i == last else None,
-        )
-        for i, token in enumerate(ids)
-    ]

@@ -66,6 +66,11 @@ class ReasoningParser:
         """Inside a reasoning block now."""
         return self._state == _THINKING
 
+    @property
+    def settled(self) -> bool:
+        """In the answer: no reasoning block can open or close any more."""
+        return self._state == _ANSWER
+
     def feed(self, text: str) -> tuple[str, str]:
         """(reasoning, answer) text that `text` releases."""
         self._buffer += text

@@ -45,6 +45,11 @@ class ResponseParser:
         self.reasoning_tokens = 0
 
     @property
+    def may_think(self) -> bool:
+        """A reasoning block may still open or close: tokens then count one by one."""
+        return self.reasoning is not None and not self.reasoning.settled
+
+    @property
     def called_tools(self) -> bool:
         return self.tools is not None and self.tools.num_calls > 0
 
@@ -60,8 +65,9 @@ class ResponseParser:
             return self._answer(text, final=False)
         was_thinking = self.reasoning.in_block
         thought, answer = self.reasoning.feed(text)
-        # Token-exact when steps are single tokens (decode); a step that opens or closes
-        # the block counts whole, since the tag tokens themselves are part of thinking.
+        # A step that opens or closes the block counts whole, since the tag tokens
+        # themselves are part of thinking: TextOutput feeds single tokens while
+        # `may_think`, so the count is token-exact however the outputs were gathered.
         if was_thinking or self.reasoning.in_block or thought:
             self.reasoning_tokens += num_tokens
         step = self._answer(answer, final=False)

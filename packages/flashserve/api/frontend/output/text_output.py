@@ -14,6 +14,7 @@ from typing import Any
 from flashserve.api.frontend.options import GenerationOptions
 from flashserve.api.frontend.output.detokenizer import IncrementalDetokenizer
 from flashserve.api.frontend.output.output_plan import ParsingPlan
+from flashserve.api.frontend.output.response_parser import ParsedStep
 from flashserve.api.frontend.output.stop import StopStringMatcher
 from flashserve.api.frontend.output.token_text import TokenText
 
@@ -63,7 +64,28 @@ class TextOutput:
         self.completion_tokens = 0
 
     def step(self, out: Any) -> Piece:
-        """One engine output (a RequestOutput) -> its piece; `finish_reason` set on the last."""
+        """One engine output (a SequenceOutput) -> its piece; `finish_reason` set on the last.
+
+        While a reasoning block may open or close, an output of several tokens (gathered
+        by stream_interval, or by a consumer that fell behind) is taken a token at a time
+        and its pieces joined: reasoning_tokens then counts the same however the outputs
+        were gathered."""
+        if len(out.new_token_ids) <= 1 or not self.parser.may_think:
+            return self._step(out)
+        joined: Piece | None = None
+        parts = out.one_token_each()
+        for done, part in enumerate(parts, 1):
+            piece = self._step(part)
+            joined = piece if joined is None else _joined(joined, piece)
+            if piece.finish_reason is not None:
+                # The text ended inside the output; its tokens all count, as in one step.
+                self.completion_tokens += len(parts) - done
+                joined.completion_tokens = self.completion_tokens
+                break
+        assert joined is not None
+        return joined
+
+    def _step(self, out: Any) -> Piece:
         options = self.options
         ids = out.new_token_ids
         self.completion_tokens += len(ids)
@@ -122,3 +144,30 @@ class TextOutput:
             )
             for lp in out.logprobs
         ]
+
+
+def _joined(first: Piece, then: Piece) -> Piece:
+    """Two consecutive pieces of one output as one (the later one's counts and finish)."""
+    logprobs = first.logprobs
+    if then.logprobs is not None:
+        logprobs = (logprobs or []) + then.logprobs
+    return Piece(
+        text=first.text + then.text,
+        logprobs=logprobs,
+        finish_reason=then.finish_reason,
+        stop_reason=then.stop_reason,
+        completion_tokens=then.completion_tokens,
+        prompt_tokens=then.prompt_tokens,
+        cached_tokens=then.cached_tokens,
+        disaggregated=then.disaggregated or first.disaggregated,
+        reasoning=first.reasoning + then.reasoning,
+        tool_calls=_deltas_joined(first.tool_calls, then.tool_calls),
+        reasoning_tokens=then.reasoning_tokens,
+    )
+
+
+def _deltas_joined(first: list[dict], then: list[dict]) -> list[dict]:
+    """Tool-call deltas of two pieces as one piece's (a call's arguments in one delta)."""
+    joined = ParsedStep(tool_calls=first)
+    joined.extend(ParsedStep(tool_calls=then))
+    return joined.tool_calls
