@@ -15,6 +15,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "thread_pool.h"
 
 #define FIRST_BITS 12
@@ -34,26 +38,57 @@ static inline float key_as_float(int32_t key) {
     return f;
 }
 
-/* One level: histogram keys[0..n) by (key >> shift) & mask; find the bin, best first,
- * where `running` (start + the bins' weights) first reaches `target`; where it never
- * does (rounding), the last bin with weight. Returns the digit (-1: no weight at all)
- * and adds to *above / *mass_above the totals of the bins before it. */
-static int level(const int32_t *keys, int64_t n, int shift, int bits, int by_count,
-                 double target, double *above, double *mass_above, double *counts,
-                 double *masses) {
-    const int bins = 1 << bits;
-    const int32_t mask = bins - 1;
-    memset(counts, 0, sizeof(double) * bins);
-    memset(masses, 0, sizeof(double) * bins);
-    for (int64_t i = 0; i < n; i++) {
-        int digit = (keys[i] >> shift) & mask;
-        counts[digit] += 1.0;
-        masses[digit] += (double)key_as_float(keys[i]);
+/* Histogram keys[0..n) by (key >> shift) & mask: mass a bin, and tokens a bin where
+ * `with_counts` (top-k's select; the nucleus needs only the masses). */
+static void fill(const int32_t *keys, int64_t n, int shift, int bits, int with_counts,
+                 double *counts, double *masses) {
+    const int32_t mask = (1 << bits) - 1;
+    memset(counts, 0, sizeof(double) << bits);
+    memset(masses, 0, sizeof(double) << bits);
+    if (with_counts) {
+        for (int64_t i = 0; i < n; i++) {
+            int digit = (keys[i] >> shift) & mask;
+            counts[digit] += 1.0;
+            masses[digit] += (double)key_as_float(keys[i]);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++)
+            masses[(keys[i] >> shift) & mask] += (double)key_as_float(keys[i]);
     }
+}
+
+/* The keys whose bits from `shift` up equal `prefix`, in vocabulary order, into
+ * `gathered`; returns how many. They are few (one bin of 4096): compare 8 at a time. */
+static int64_t gather(const int32_t *keys, int64_t n, int shift, int32_t prefix,
+                      int32_t *gathered) {
+    int64_t found = 0, i = 0;
+#if defined(__AVX2__)
+    const __m256i wanted = _mm256_set1_epi32(prefix);
+    for (; i + 8 <= n; i += 8) {
+        __m256i eight = _mm256_loadu_si256((const __m256i *)(keys + i));
+        __m256i same = _mm256_cmpeq_epi32(_mm256_srli_epi32(eight, shift), wanted);
+        unsigned lanes = (unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(same));
+        while (lanes) {
+            gathered[found++] = keys[i + __builtin_ctz(lanes)];
+            lanes &= lanes - 1;
+        }
+    }
+#endif
+    for (; i < n; i++)
+        if ((keys[i] >> shift) == prefix) gathered[found++] = keys[i];
+    return found;
+}
+
+/* Find the bin, best first, where the running weight (the bins' counts or masses,
+ * after *above) first reaches `target`; where it never does (rounding), the last bin
+ * with weight. Returns its digit (-1: no weight at all) and adds to *above and
+ * *mass_above the totals of the bins before it. */
+static int walk(const double *counts, const double *masses, int bits, int by_count,
+                double target, double *above, double *mass_above) {
     const double *weights = by_count ? counts : masses;
     double running = *above, mass = *mass_above;
     int last = -1;
-    for (int digit = mask; digit >= 0; digit--) {
+    for (int digit = (1 << bits) - 1; digit >= 0; digit--) {
         if (weights[digit] <= 0.0) continue;
         last = digit;
         if (running + weights[digit] >= target) {
@@ -65,31 +100,29 @@ static int level(const int32_t *keys, int64_t n, int shift, int bits, int by_cou
         mass += masses[digit];
     }
     if (last < 0) return -1;
-    /* never reached: the last bin with weight, the totals before it */
     *above = running - weights[last];
     *mass_above = mass - masses[last];
     return last;
 }
 
 /* The row's cut-off where the running weight (1 a token, or its probability) of the
- * keys in descending order reaches `target`. `gathered`: scratch of `vocab` keys.
- * Returns 0 when no key has weight (a row with every probability zero, by mass). */
-static int select_key(const int32_t *keys, int64_t vocab, int by_count, double target,
-                      int32_t *gathered, double *counts, double *masses,
-                      struct crossing *out) {
+ * keys in descending order reaches `target`. `first_counts` / `first_masses`: the
+ * row's histogram of its keys' top FIRST_BITS bits; `gathered`: scratch of `vocab`
+ * keys. Returns 0 when no key has weight (a row with every probability zero). */
+static int select_key(const int32_t *keys, int64_t vocab, const double *first_counts,
+                      const double *first_masses, int by_count, double target,
+                      int32_t *gathered, double *counts, double *masses, struct crossing *out) {
     double above = 0.0, mass_above = 0.0;
     int shift = 30 - FIRST_BITS;
-    int digit = level(keys, vocab, shift, FIRST_BITS, by_count, target, &above, &mass_above,
-                      counts, masses);
+    int digit =
+        walk(first_counts, first_masses, FIRST_BITS, by_count, target, &above, &mass_above);
     if (digit < 0) return 0;
     int32_t prefix = digit;
-    int64_t n = 0;
-    for (int64_t i = 0; i < vocab; i++)
-        if ((keys[i] >> shift) == prefix) gathered[n++] = keys[i];
+    int64_t n = gather(keys, vocab, shift, prefix, gathered);
     while (shift > 0) {
         shift -= LATER_BITS;
-        digit = level(gathered, n, shift, LATER_BITS, by_count, target, &above, &mass_above,
-                      counts, masses);
+        fill(gathered, n, shift, LATER_BITS, by_count, counts, masses);
+        digit = walk(counts, masses, LATER_BITS, by_count, target, &above, &mass_above);
         prefix = (prefix << LATER_BITS) | digit;
         if (shift > 0) { /* keep only the keys in the chosen bin */
             int64_t kept = 0;
@@ -115,7 +148,9 @@ struct truncate_job {
 };
 
 static void truncate_row(const struct truncate_job *j, float *p, int64_t row, int32_t *gathered,
-                         double *counts, double *masses) {
+                         double *scratch) {
+    double *first_counts = scratch, *first_masses = scratch + MOST_BINS;
+    double *counts = scratch + 2 * MOST_BINS, *masses = counts + (1 << LATER_BITS);
     const int64_t vocab = j->vocab;
     int32_t *keys = (int32_t *)p;
     if (j->min_p[row] > 0.0f) { /* p >= min_p * p_max stays */
@@ -131,24 +166,26 @@ static void truncate_row(const struct truncate_job *j, float *p, int64_t row, in
     const int has_k = k > 0 && k < vocab;
     const int nucleus = top_p < 1.0;
     if (!has_k && !nucleus) return;
+    /* The first level's histogram serves both selects, and the row's mass. */
+    fill(keys, vocab, 30 - FIRST_BITS, FIRST_BITS, has_k, first_counts, first_masses);
     int32_t cut = 0;      /* keep every key > cut ... */
     double ties = vocab;  /* ... and this many = cut */
     double mass = 0.0;
     struct crossing found;
     if (has_k) {
-        select_key(keys, vocab, 1, (double)k, gathered, counts, masses, &found);
+        select_key(keys, vocab, first_counts, first_masses, 1, (double)k, gathered, counts,
+                   masses, &found);
         cut = found.value;
         ties = (double)k - found.above;
         mass = found.mass_above + ties * (double)key_as_float(cut);
     } else {
-        double block = 0.0; /* the whole row, in the order the histogram would add it */
-        for (int64_t i = 0; i < vocab; i++) block += (double)p[i];
-        mass = block;
+        for (int digit = MOST_BINS - 1; digit >= 0; digit--) mass += first_masses[digit];
     }
     if (nucleus) {
         double target = top_p * mass;
         if (target < 2.2250738585072014e-308) target = 2.2250738585072014e-308;
-        if (select_key(keys, vocab, 0, target, gathered, counts, masses, &found)) {
+        if (select_key(keys, vocab, first_counts, first_masses, 0, target, gathered, counts,
+                       masses, &found)) {
             const double each = (double)key_as_float(found.value);
             double count = ceil((target - found.above) / each);
             if (count < 1.0) count = 1.0;
@@ -176,17 +213,15 @@ static void truncate_row(const struct truncate_job *j, float *p, int64_t row, in
 static void truncate_range(void *job, int64_t begin, int64_t end) {
     struct truncate_job *j = job;
     int32_t *gathered = malloc(sizeof(int32_t) * j->vocab);
-    double *counts = malloc(sizeof(double) * MOST_BINS);
-    double *masses = malloc(sizeof(double) * MOST_BINS);
-    if (!gathered || !counts || !masses) {
+    double *scratch = malloc(sizeof(double) * (2 * MOST_BINS + 2 * (1 << LATER_BITS)));
+    if (!gathered || !scratch) {
         j->status = 1; /* read after the join; the rows are left for the caller to redo */
     } else {
         for (int64_t r = begin; r < end; r++)
-            truncate_row(j, j->probs + r * j->stride, r, gathered, counts, masses);
+            truncate_row(j, j->probs + r * j->stride, r, gathered, scratch);
     }
     free(gathered);
-    free(counts);
-    free(masses);
+    free(scratch);
 }
 
 /* probs float32 [rows, vocab] (row stride `stride`), non-negative, NaN-free: zeroed in
