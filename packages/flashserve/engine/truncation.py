@@ -4,7 +4,9 @@
 sampler uses it where a sort is cheap (accelerators). `kept_probs` computes the
 same truncation on the CPU without sorting: the probabilities' bit patterns are
 integer keys in the same order, and a radix select (histograms of the keys)
-finds each row's cut-off key and how many tokens equal to it stay.
+finds each row's cut-off key and how many tokens equal to it stay: in one compiled
+pass per row (csrc/truncate_rows.c) where it loads, else as torch passes
+(_truncate_probs).
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@
  * fixed order (each bin's keys in vocabulary order, bins best first), so a row's
  * result depends only on the row. Built at first use by layers/native.py.
  */
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -183,7 +184,7 @@ static void truncate_row(const struct truncate_job *j, float *p, int64_t row, in
     }
     if (nucleus) {
         double target = top_p * mass;
-        if (target < 2.2250738585072014e-308) target = 2.2250738585072014e-308;
+        if (target < DBL_MIN) target = DBL_MIN;
         if (select_key(keys, vocab, first_counts, first_masses, 0, target, gathered, counts,
                        masses, &found)) {
             const double each = (double)key_as_float(found.value);
