@@ -129,6 +129,9 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "certainly_kept_keys": _at_least_by_where,
     # certainly_kept's mass by torch passes (mask, then row_sums), not csrc/mass_at_least.c
     "mass_kernel": _flag_off("flashserve.engine.truncation", "mass_kernel_enabled"),
+    # the unsure rows' min-p, top-k and nucleus as torch passes (_truncate_probs), not
+    # csrc/truncate_rows.c
+    "truncate_kernel": _flag_off("flashserve.engine.truncation", "truncate_kernel_enabled"),
     # RMSNorm, silu(gate) * up and rope as torch ops, not csrc/elementwise.c
     "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
     # the sampler's softmax, block sums, race and nucleus mass as torch passes, not

@@ -177,9 +177,12 @@ def _nucleus_f64(probs: torch.Tensor, params: SamplingParams, top_p: float):
     return n, slack
 
 
-def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch):
+@pytest.mark.parametrize("kernel", [True, False], ids=["truncate_rows.c", "torch"])
+def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch, kernel):
     """The nucleus, top-k and min-p as _truncate defines them, found without a sort."""
     from flashserve.engine import truncation
+
+    monkeypatch.setattr(truncation, "truncate_kernel_enabled", kernel)
     from flashserve.engine.truncation import kept_probs as _kept_probs
     from flashserve.engine.truncation import truncate_logits as _truncate
 

@@ -4,7 +4,9 @@
 sampler uses it where a sort is cheap (accelerators). `kept_probs` computes the
 same truncation on the CPU without sorting: the probabilities' bit patterns are
 integer keys in the same order, and a radix select (histograms of the keys)
-finds each row's cut-off key and how many tokens equal to it stay.
+finds each row's cut-off key and how many tokens equal to it stay: in one compiled
+pass per row (csrc/truncate_rows.c) where it loads, else as torch passes
+(_truncate_probs).
 """
 
 from __future__ import annotations
@@ -36,6 +38,25 @@ MASS_KERNEL = NativeLibrary(
 # Benchmarks switch the kernel off to compare with the torch passes.
 mass_kernel_enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") != "0"
 
+TRUNCATE_KERNEL = NativeLibrary(
+    "truncate_rows.c",
+    "sampler: truncation of the unsure rows",
+    {
+        "truncate_rows_f32": [
+            ctypes.c_void_p,  # probs float32 [rows, vocab], zeroed in place
+            ctypes.c_int64,  # rows
+            ctypes.c_int64,  # vocab
+            ctypes.c_int64,  # probs row stride
+            ctypes.c_void_p,  # min_p float32 [rows]
+            ctypes.c_void_p,  # top_k int64 [rows]
+            ctypes.c_void_p,  # top_p float64 [rows]
+            ctypes.c_int,  # threads
+        ]
+    },
+)
+# Benchmarks and tests switch it off to compare with the torch passes (_truncate_probs).
+truncate_kernel_enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") != "0"
+
 
 def kept_probs(
     logits: torch.Tensor, params: list[SamplingParams], top_p: list[float]
@@ -46,6 +67,8 @@ def kept_probs(
     Also returns the int32 work buffer of the same shape, spent, for reuse.
     """
     probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
+    if _truncate_in_kernel(probs, params, top_p):
+        return probs, torch.empty_like(probs.view(torch.int32))
     # Non-negative floats compare as their bit patterns do: the truncation works on
     # these integer keys, and zeroes a probability by multiplying its key by 0 (a
     # float mask, or masked_fill_, would cost a [B, V] conversion or a branch a token).
@@ -57,6 +80,46 @@ def kept_probs(
         keys.mul_(work.copy_(keys).ge_(floor))  # p >= min_p * p_max stays
     _truncate_probs(probs, params, top_p, work)
     return probs, work
+
+
+def _truncate_in_kernel(
+    probs: torch.Tensor, params: list[SamplingParams], top_p: list[float]
+) -> bool:
+    """kept_probs's min-p, top-k and nucleus by csrc/truncate_rows.c, row by row, in
+    place; False (probs untouched) where the kernel does not load or take the tensor.
+
+    The same tokens stay as with the torch passes, with one difference: its masses are
+    float64 sums (the torch passes sum blocks of 256 in float32), so where a row's
+    nucleus target lies within float32 rounding of a running mass, the two may end
+    the nucleus one token apart. Both are then truncate_logits' set up to rounding."""
+    if not (
+        truncate_kernel_enabled
+        and probs.device.type == "cpu"
+        and probs.dtype == torch.float32
+        and probs.dim() == 2
+        and probs.stride(1) == 1
+    ):
+        return False
+    library = TRUNCATE_KERNEL.load()
+    if library is None:
+        return False
+    rows, vocab = probs.shape
+    min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+    nucleus = torch.tensor(top_p, dtype=torch.float64)
+    failed = library.truncate_rows_f32(
+        probs.data_ptr(),
+        rows,
+        vocab,
+        probs.stride(0),
+        min_p.data_ptr(),
+        top_k.data_ptr(),
+        nucleus.data_ptr(),
+        torch.get_num_threads(),
+    )
+    if failed:
+        raise MemoryError("sampler: no memory for the truncation kernel's scratch")
+    return True
 
 
 # certainly_kept's allowance for rounding: its sums (float32 within blocks) are good
