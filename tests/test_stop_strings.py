@@ -199,3 +199,39 @@ def test_property_with_stops_taken_from_the_text(data: st.DataObject) -> None:
     deltas = [text[a:b] for a, b in itertools.pairwise(bounds)]
     pieces, matched = run(deltas, stops, include)
     assert ("".join(pieces), matched) == expected_output(text, stops, include)
+
+
+@pytest.mark.parametrize("gathered", [2, 3, 5])
+def test_min_tokens_holds_stop_strings_however_outputs_were_gathered(gathered: int) -> None:
+    """Stop strings count from the min_tokens-th token on, also when outputs arrive several
+    tokens at a time (stream_interval, a consumer that fell behind)."""
+    from transformers import AutoTokenizer
+
+    from flashserve.api.frontend.options import GenerationOptions
+    from flashserve.api.frontend.output.output_plan import ParsingPlan
+    from flashserve.api.frontend.output.text_output import TextOutput
+    from flashserve.api.frontend.output.token_text import TokenText
+    from flashserve.engine.sequence import SequenceOutput
+    from tests.chat_harness import EMBEDDED_MODEL
+
+    tokenizer = AutoTokenizer.from_pretrained(str(EMBEDDED_MODEL))
+    hello = tokenizer.convert_tokens_to_ids("▁Hello")
+    options = GenerationOptions(stop="Hello", min_tokens=3)
+
+    def run(size: int) -> tuple[str, str | None, int]:
+        output = TextOutput(tokenizer, TokenText(tokenizer), options, [], ParsingPlan())
+        text = ""
+        ids = [hello] * 6
+        for start in range(0, len(ids), size):
+            last = start + size >= len(ids)
+            piece = output.step(
+                SequenceOutput("r", ids[start : start + size], last, "length" if last else None)
+            )
+            text += piece.text
+            if piece.finish_reason is not None:
+                break
+        return text, piece.stop_reason, piece.completion_tokens
+
+    one_by_one = run(1)
+    assert one_by_one[0].strip() == "Hello Hello" and one_by_one[1] == "Hello"
+    assert run(gathered)[:2] == one_by_one[:2]

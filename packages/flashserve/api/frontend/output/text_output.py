@@ -66,11 +66,14 @@ class TextOutput:
     def step(self, out: Any) -> Piece:
         """One engine output (a SequenceOutput) -> its piece; `finish_reason` set on the last.
 
-        While a reasoning block may open or close, an output of several tokens (gathered
-        by stream_interval, or by a consumer that fell behind) is taken a token at a time
-        and its pieces joined: reasoning_tokens then counts the same however the outputs
-        were gathered."""
-        if len(out.new_token_ids) <= 1 or not self.parser.may_think:
+        Where something decided token by token may change inside an output of several
+        tokens (gathered by stream_interval, or by a consumer that fell behind), the
+        output is taken a token at a time and its pieces joined, so that the result does
+        not depend on how the outputs were gathered: while a reasoning block may open or
+        close (reasoning_tokens), and before min_tokens (stop strings count from there)."""
+        if len(out.new_token_ids) <= 1 or not (
+            self.parser.may_think or self.completion_tokens < self.options.min_tokens
+        ):
             return self._step(out)
         joined: Piece | None = None
         parts = out.one_token_each()
