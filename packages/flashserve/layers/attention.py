@@ -90,10 +90,11 @@ def write_kv(
 # CPU: prompt chunks of at most this many queries attend through the paged decode kernel,
 # one row per query (speculative verification is k + 1 queries)...
 SHORT_CHUNK = 16
-# ... and so do longer chunks whose context's keys and values (one sequence, this rank's
-# KV heads) take at most this many bytes: each query then reads them from the caches,
-# and the kernel outruns SDPA (whose bf16 products go through MKL's slow path on AMD
-# CPUs). Beyond it every query would read the context from memory again.
+# ... and so do longer bf16 chunks whose context's keys and values (one sequence, this
+# rank's KV heads) take at most this many bytes: each query then reads them from the
+# caches, and the kernel outruns SDPA, whose bf16 products go through MKL's slow path on
+# AMD CPUs (1.05x on W1's prefill). Beyond it every query would read the context from
+# memory again. fp32 SDPA is faster than the kernel (0.86x): short chunks only.
 PER_QUERY_MAX_KV_BYTES = 4 << 20
 
 
@@ -103,8 +104,9 @@ class TorchAttention(AttentionBackend):
     Decodes are batched into one call (padded to the longest context, masked);
     each prefill chunk is its own call because its causal offset differs. On the
     CPU the paged kernel takes the decodes and, one row per query, every chunk of
-    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks) or whose
-    context's keys and values fit PER_QUERY_MAX_KV_BYTES (a prompt of a few thousand tokens).
+    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks) or, in
+    bf16, whose context's keys and values fit PER_QUERY_MAX_KV_BYTES (a prompt of a few
+    thousand tokens).
     A fixed-shape decode step (a CUDA graph) reads every block of its table.
     """
 
@@ -131,8 +133,8 @@ class TorchAttention(AttentionBackend):
         starts = _prefix_sums(meta.query_lens_host)
         chunks = range(num_decode, len(meta.query_lens_host))
         if not q.is_cuda and _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out):
-            token_bytes = _kv_bytes_per_token(k_cache)
-            chunks = [i for i in chunks if not _per_query(meta, i, token_bytes)]
+            longest = _per_query_max_context(k_cache)
+            chunks = [i for i in chunks if not _per_query(meta, i, longest)]
         elif num_decode:
             out[:num_decode] = self._decode(q[:num_decode], k_cache, v_cache, meta, scale)
         for i in chunks:
@@ -180,27 +182,30 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
     return True
 
 
-def _kv_bytes_per_token(k_cache: torch.Tensor) -> int:
-    """A cached token's key and value bytes ([blocks, block_size, kv_heads, head_dim])."""
-    return 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+def _per_query_max_context(k_cache: torch.Tensor) -> int:
+    """The longest context a chunk of more than SHORT_CHUNK queries attends one row per
+    query at (0: none; the cache is [blocks, block_size, kv_heads, head_dim])."""
+    if k_cache.dtype == torch.float32:
+        return 0
+    token_bytes = 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
+    return PER_QUERY_MAX_KV_BYTES // token_bytes
 
 
-def _per_query(meta, i: int, token_bytes: int) -> bool:
+def _per_query(meta, i: int, max_context: int) -> bool:
     """Whether prompt chunk i attends one row per query through the paged kernel."""
-    q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
-    return q_len <= SHORT_CHUNK or ctx * token_bytes <= PER_QUERY_MAX_KV_BYTES
+    return meta.query_lens_host[i] <= SHORT_CHUNK or meta.context_lens_host[i] <= max_context
 
 
 def _query_rows(meta, starts, k_cache):
     """(token index, block tables, context lens, max context) of the decode rows and one row
     per query of each chunk _per_query takes; False when there are none."""
-    block_size, token_bytes = k_cache.shape[1], _kv_bytes_per_token(k_cache)
+    block_size, longest = k_cache.shape[1], _per_query_max_context(k_cache)
     tokens, table_rows, lens = list(range(meta.num_decode_tokens)), [], []
     table_rows.extend(tokens)
     lens.extend(meta.context_lens_host[: meta.num_decode_tokens])
     for i in range(meta.num_decode_tokens, len(meta.query_lens_host)):
         q_len, ctx = meta.query_lens_host[i], meta.context_lens_host[i]
-        if _per_query(meta, i, token_bytes):
+        if _per_query(meta, i, longest):
             tokens.extend(range(starts[i], starts[i] + q_len))
             table_rows.extend([i] * q_len)
             lens.extend(range(ctx - q_len + 1, ctx + 1))
