@@ -60,33 +60,6 @@ static inline vf multiply_add(vf a, vf b, vf c) {
     return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
     return a * b + c;
-
-#if defined(__AVX512F__)
-/* 16-float vectors where the CPU has them (kernels keep an 8-lane path for the rest). */
-#define WIDE_LANES 16
-
-/* e^x for x <= 0: exp_nonpositive (the same range reduction and polynomial) in 16
- * lanes; AVX-512 rounds down and scales by 2^n in one instruction each. */
-static inline __m512 exp_nonpositive16(__m512 x) {
-    const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(
-        _mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
-        _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    const __m512 high = _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f));
-    const __m512 low = _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f));
-    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, high), low);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_maskz_mov_ps(~underflow, _mm512_scalef_ps(p, n));
-}
-#endif
-
 #endif
 }
 
