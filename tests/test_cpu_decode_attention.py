@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
-import platform
-import shutil
-import subprocess
 
 import pytest
 import torch
@@ -19,6 +15,7 @@ from flashserve.layers.attention import (
     _paged_decode,
     _prefix_sums,
 )
+from tests.portable_builds import without_avx512
 
 BLOCK = 16
 NUM_BLOCKS = 64
@@ -88,19 +85,7 @@ def test_matches_gather_and_sdpa(dtype, tol, q_heads, kv_heads, head_dim):
 @pytest.fixture(scope="module")
 def portable_build(tmp_path_factory):
     """The kernel built as for a CPU without AVX-512 (8-float vectors only)."""
-    compiler = shutil.which("cc")
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs an x86-64 C compiler")
-    library = tmp_path_factory.mktemp("portable") / "paged_decode.so"
-    source = cpu_decode_attention.KERNELS.source
-    subprocess.run(
-        [compiler, *native.FLAGS, "-mno-avx512f", str(source), "-o", str(library), "-lm"],
-        check=True,
-    )
-    portable = cpu_decode_attention.KERNELS.fresh()
-    native.thread_pool()  # loaded globally: the kernel links against it
-    portable._library = portable._bind(ctypes.CDLL(str(library)))
-    return portable
+    return without_avx512(cpu_decode_attention.KERNELS, tmp_path_factory.mktemp("portable"))
 
 
 @pytest.mark.parametrize("dtype, tol", TOLERANCES)

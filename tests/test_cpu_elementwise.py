@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from flashserve.layers import cpu_elementwise
 from flashserve.layers.mlp import MLP
 from flashserve.layers.norm import RMSNorm
+from tests.portable_builds import without_avx512
 
 
 @pytest.fixture(autouse=True)
@@ -186,24 +187,7 @@ def test_the_mlp_on_many_rows_gives_each_row_what_it_gives_alone(monkeypatch, dt
 @pytest.fixture(scope="module")
 def portable_kernels(tmp_path_factory):
     """elementwise.c built without AVX-512: its 8-lane path everywhere."""
-    import ctypes
-    import platform
-    import shutil
-    import subprocess
-
-    from flashserve.layers import native
-
-    compiler = shutil.which("cc")
-    if compiler is None or platform.machine() not in ("x86_64", "AMD64"):
-        pytest.skip("needs an x86-64 C compiler")
-    library = tmp_path_factory.mktemp("portable") / "elementwise.so"
-    source = cpu_elementwise.KERNELS.source
-    command = [compiler, *native.FLAGS, "-mno-avx512f", str(source), "-o", str(library), "-lm"]
-    subprocess.run(command, check=True)
-    portable = cpu_elementwise.KERNELS.fresh()
-    native.thread_pool()  # loaded globally: the kernels link against it
-    portable._library = portable._bind(ctypes.CDLL(str(library)))
-    return portable
+    return without_avx512(cpu_elementwise.KERNELS, tmp_path_factory.mktemp("portable"))
 
 
 @pytest.mark.parametrize("build", ["native", "portable"])
