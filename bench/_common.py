@@ -229,3 +229,33 @@ def parse_args_with_gate(parser: Any, argv: list[str] | None, repeat: bool = Fal
     args = parser.parse_args(argv)
     args.gate = Gate(args.wait_quiet, args.max_others, args.attempts, getattr(args, "repeat", 1))
     return args
+
+
+def kernel_build_at(kernels: Any, revision: str | None, into: Path) -> Any:
+    """A C kernel's source at a git revision (or a .c file; None: the working tree), built
+    with native.py's flags and today's headers into `into`: `kernels` (a NativeLibrary)
+    bound to that build, for A/B of two versions of one kernel in one process."""
+    import ctypes
+    import shutil
+
+    from flashserve.layers import native
+
+    relative = kernels.source.relative_to(REPO_ROOT)
+    source = into / f"{kernels.source.stem}_{len(list(into.iterdir()))}.c"
+    if revision is None or Path(revision).is_file():
+        shutil.copy(revision or kernels.source, source)
+    else:
+        shown = subprocess.run(
+            ["git", "show", f"{revision}:{relative}"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        source.write_text(shown.stdout)
+    library = source.with_suffix(".so")
+    compiler = shutil.which("cc") or "cc"
+    command = [compiler, *native.FLAGS, "-I", str(native.CSRC), str(source), "-o", str(library)]
+    subprocess.run([*command, "-lm"], check=True)
+    native.thread_pool()  # loaded globally: the kernel links against it
+    return kernels._bind(ctypes.CDLL(str(library)))

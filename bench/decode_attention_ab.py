@@ -22,50 +22,20 @@ medians, their ratio, and the largest difference between the two builds' outputs
 from __future__ import annotations
 
 import argparse
-import ctypes
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "packages"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import kernel_build_at  # noqa: E402
 
 from flashserve.layers import cpu_decode_attention, native  # noqa: E402
 
-SOURCE = "packages/flashserve/layers/csrc/paged_decode.c"
 BLOCK = 16
-
-
-def _source_at(revision: str | None, into: Path) -> Path:
-    target = into / f"paged_decode_{len(list(into.iterdir()))}.c"
-    if revision is None or Path(revision).is_file():
-        shutil.copy(revision or REPO_ROOT / SOURCE, target)
-    else:
-        text = subprocess.run(
-            ["git", "show", f"{revision}:{SOURCE}"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        target.write_text(text)
-    return target
-
-
-def _build(source: Path) -> ctypes.CDLL:
-    compiler = shutil.which("cc") or "cc"
-    library = source.with_suffix(".so")
-    subprocess.run(
-        [compiler, *native.FLAGS, "-I", str(native.CSRC), str(source), "-o", str(library), "-lm"],
-        check=True,
-    )
-    return cpu_decode_attention.KERNELS._bind(ctypes.CDLL(str(library)))
 
 
 def _inputs(rows: int, q_heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
@@ -98,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     native.thread_pool()  # loaded globally first: builds since the pool link against it
     flush = torch.ones(16 << 20)  # 64 MiB, read (as the weights are) between calls
     with tempfile.TemporaryDirectory() as scratch:
-        builds = [_build(_source_at(rev, Path(scratch))) for rev in (args.before, args.after)]
+        builds = [
+            kernel_build_at(cpu_decode_attention.KERNELS, rev, Path(scratch))
+            for rev in (args.before, args.after)
+        ]
         for dtype in (torch.float32, torch.bfloat16):
             q, k_cache, v_cache, tables, lens, longest = _inputs(
                 args.rows, args.q_heads, args.kv_heads, args.head_dim, dtype

@@ -39,18 +39,7 @@ def _flag_off(
     module_name: str, flag: str
 ) -> Callable[[Any], contextlib.AbstractContextManager[None]]:
     """A change a module-level switch turns off: the module's `flag` False for the "before"."""
-
-    @contextlib.contextmanager
-    def switched_off(engine: Any = None) -> Iterator[None]:
-        module = importlib.import_module(module_name)
-        saved = getattr(module, flag)
-        setattr(module, flag, False)
-        try:
-            yield
-        finally:
-            setattr(module, flag, saved)
-
-    return switched_off
+    return _set(module_name, flag, False)
 
 
 @contextlib.contextmanager

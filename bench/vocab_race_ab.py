@@ -14,50 +14,19 @@ the medians and their ratio.
 from __future__ import annotations
 
 import argparse
-import ctypes
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT / "packages"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import kernel_build_at  # noqa: E402
 
 from flashserve.engine import vocab_race  # noqa: E402
 from flashserve.layers import native  # noqa: E402
-
-SOURCE = "packages/flashserve/layers/csrc/vocab_race.c"
-
-
-def _source_at(revision: str | None, into: Path) -> Path:
-    target = into / f"vocab_race_{revision or 'worktree'}.c"
-    if revision is None:
-        shutil.copy(REPO_ROOT / SOURCE, target)
-    else:
-        text = subprocess.run(
-            ["git", "show", f"{revision}:{SOURCE}"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-        target.write_text(text)
-    return target
-
-
-def _build(source: Path) -> ctypes.CDLL:
-    compiler = shutil.which("cc") or "cc"
-    library = source.with_suffix(".so")
-    subprocess.run(
-        [compiler, *native.FLAGS, "-I", str(native.CSRC), str(source), "-o", str(library), "-lm"],
-        check=True,
-    )
-    return vocab_race.KERNEL._bind(ctypes.CDLL(str(library)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,7 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     native.thread_pool()  # loaded globally first: builds since the pool link against it
     with tempfile.TemporaryDirectory() as scratch:
-        builds = [_build(_source_at(rev, Path(scratch))) for rev in (args.before, args.after)]
+        builds = [
+            kernel_build_at(vocab_race.KERNEL, rev, Path(scratch))
+            for rev in (args.before, args.after)
+        ]
         g = torch.Generator().manual_seed(0)
         logits = torch.randn(args.rows, args.vocab, generator=g) * 2
         blocks = -(-args.vocab // 256)
