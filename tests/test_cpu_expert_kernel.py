@@ -1,4 +1,4 @@
-"""The compiled CPU kernel for routed experts' short runs (layers/csrc/skinny_gemm.c)."""
+"""The compiled CPU kernel for routed experts' short runs (layers/csrc/expert_mlp.c)."""
 
 from __future__ import annotations
 

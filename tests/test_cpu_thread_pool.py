@@ -12,14 +12,15 @@ from collections.abc import Callable, Iterator
 import pytest
 import torch
 
-from flashserve.layers import cpu_elementwise, native, packed_gemm, skinny_gemm
+from flashserve.layers import cpu_elementwise, native, packed_gemm
+from flashserve.layers.moe import cpu_expert_kernel
 
 MODES = {"adaptive": 0, "openmp": 1, "pool": 2}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def kernels_build():
-    for library in (skinny_gemm.KERNELS, packed_gemm.KERNELS, cpu_elementwise.KERNELS):
+    for library in (cpu_expert_kernel.KERNELS, packed_gemm.KERNELS, cpu_elementwise.KERNELS):
         if library.load() is None:
             pytest.fail(f"a kernel does not build here ({library.load_failed})")
 
@@ -37,20 +38,23 @@ def threading_mode(mode: str, threads: int) -> Iterator[None]:
 
 
 def _products() -> Callable[[], list[torch.Tensor]]:
-    """Every kernel family once: few rows, many rows, the elementwise steps."""
+    """Every kernel family once: few rows, many rows, the elementwise steps, experts."""
     g = torch.Generator().manual_seed(3)
     weight = torch.randn(328, 264, generator=g)
     few, many = torch.randn(7, 264, generator=g), torch.randn(300, 264, generator=g)
     norm_weight = torch.randn(264, generator=g)
     gate_up = torch.randn(300, 2 * 264, generator=g)
+    experts_gate_up = torch.randn(2, 2 * 48, 264, generator=g)
+    experts_down = torch.randn(2, 264, 48, generator=g)
 
     def run() -> list[torch.Tensor]:
         with torch.inference_mode():
             return [
-                skinny_gemm.linear(few, weight),
+                packed_gemm.linear(few, weight),
                 packed_gemm.linear(many, weight),
                 cpu_elementwise.rms_norm(many, norm_weight, 1e-5),
                 cpu_elementwise.silu_mul(gate_up),
+                cpu_expert_kernel.expert_mlp(few, [3, 4], experts_gate_up, experts_down),
             ]
 
     return run

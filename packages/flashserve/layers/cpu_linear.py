@@ -1,22 +1,20 @@
 """The engine's linear product, y = x W^T (+ b): on the CPU in fp32 through a compiled
-kernel where one takes the shapes (skinny_gemm: a decode step's few rows;
-packed_gemm: a prefill's many), in bf16 through oneDNN with the weight packed once
-(onednn_linear), else torch's F.linear (every other device and dtype)."""
+kernel (packed_gemm: any row count, the same bits per row at every count), in bf16
+through oneDNN with the weight packed once (onednn_linear), else torch's F.linear
+(every other device and dtype)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from flashserve.layers import onednn_linear, packed_gemm, skinny_gemm
+from flashserve.layers import onednn_linear, packed_gemm
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     out = None
     if x.dtype == torch.float32:
-        out = skinny_gemm.linear(x, weight, bias)
-        if out is None:
-            out = packed_gemm.linear(x, weight, bias)
+        out = packed_gemm.linear(x, weight, bias)
     elif x.dtype == torch.bfloat16:
         out = onednn_linear.linear(x, weight, bias)
     return F.linear(x, weight, bias) if out is None else out

@@ -173,16 +173,18 @@ def linear_product(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     what: str,
+    weight_layout: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = x W^T (+ bias) by a compiled kernel with the linear kernels' argument list
     (x, x row stride, rows, weight, features, k, bias or NULL, y, y row stride, threads;
-    non-zero returned: its scratch memory could not be allocated)."""
+    non-zero returned: its scratch memory could not be allocated). `weight_layout`: the
+    weight's memory in the order the kernel reads it, when that is not `weight` itself."""
     out = torch.empty(x.shape[0], weight.shape[0])
     failed = kernel(
         x.data_ptr(),
         x.stride(0),
         x.shape[0],
-        weight.data_ptr(),
+        (weight if weight_layout is None else weight_layout).data_ptr(),
         weight.shape[0],
         weight.shape[1],
         None if bias is None else bias.data_ptr(),

@@ -15,6 +15,8 @@ import os
 
 import torch
 
+from flashserve.layers.weight_copies import kept_copy
+
 # Benchmarks and tests switch it off to compare with F.linear.
 enabled = os.environ.get("FLASHSERVE_ONEDNN_PACKED", "1") != "0"
 # The batch size oneDNN picks the packed layout for: a decode step's. Any other
@@ -62,16 +64,8 @@ def linear(
 
 def packed(weight: torch.Tensor) -> torch.Tensor:
     """weight in oneDNN's layout, made once per weight (again after an in-place change)."""
-    stamp = (weight.data_ptr(), _version(weight))
-    cached = getattr(weight, _ATTRIBUTE, None)
-    if cached is None or cached[0] != stamp:
-        cached = (stamp, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACKED_FOR_ROWS))
-        setattr(weight, _ATTRIBUTE, cached)
-    return cached[1]
+    return kept_copy(weight, _ATTRIBUTE, _reorder)
 
 
-def _version(weight: torch.Tensor) -> int:
-    try:
-        return weight._version
-    except RuntimeError:  # an inference tensor: it has no version counter
-        return -1
+def _reorder(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, PACKED_FOR_ROWS)

@@ -1,4 +1,4 @@
-"""Routed experts on the CPU for short runs of rows: csrc/skinny_gemm.c.
+"""Routed experts on the CPU for short runs of rows: csrc/expert_mlp.c.
 
 A decode step gives each expert a handful of rows. A BLAS GEMM with so few
 rows spends most of its time packing the expert's weights. The kernel reads each active expert's weights once and multiplies them by all of that
@@ -8,12 +8,32 @@ Longer runs (prefill) stay with the BLAS GEMMs, which are faster there.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from itertools import accumulate
 
 import torch
 
-from flashserve.layers.skinny_gemm import KERNELS
+from flashserve.layers.native import NativeLibrary
+
+KERNELS = NativeLibrary(
+    "expert_mlp.c",
+    "CPU routed experts",
+    {
+        "expert_mlp_f32": [
+            ctypes.c_void_p,  # rows [n, hidden], sorted by expert
+            ctypes.c_void_p,  # offsets int64 [experts + 1]
+            ctypes.c_int64,  # experts
+            ctypes.c_void_p,  # gate_up [experts, 2I, hidden]
+            ctypes.c_void_p,  # down [experts, hidden, I]
+            ctypes.c_void_p,  # scratch [n, 2I]
+            ctypes.c_void_p,  # out [n, hidden]
+            ctypes.c_int64,  # hidden
+            ctypes.c_int64,  # I
+            ctypes.c_int,  # threads
+        ],
+    },
+)
 
 # Runs up to this many rows go to the kernel. Above it a BLAS GEMM's packing is paid
 # back over the rows (bench/moe_kernel.py measures both; RESULTS.md has the crossover).

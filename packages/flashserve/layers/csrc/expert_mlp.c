@@ -1,10 +1,7 @@
-/* Matrix products of a few rows by a weight matrix (CPU, fp32): y = x . W^T.
+/* Routed experts' SwiGLU MLP on the CPU (fp32), each expert over its own short run of
+ * rows (a decode step gives each active expert a handful).
  *
- * `linear_f32`: one weight matrix (a decode step's projections and lm_head, a
- * speculative verification). `expert_mlp_f32`: routed experts' SwiGLU MLP,
- * each expert over its own short run of rows.
- *
- * For expert_mlp_f32 the rows arrive sorted by expert: expert e owns rows offsets[e] .. offsets[e+1].
+ * The rows arrive sorted by expert: expert e owns rows offsets[e] .. offsets[e+1].
  * For each expert with rows:  h = x . gate_up[e]^T  ([n, 2I]),
  *                             a = silu(h[:, :I]) * h[:, I:],
  *                             y = a . down[e]^T     ([n, H]).
@@ -20,7 +17,8 @@
  * Every output element is a dot product summed in a fixed order that depends
  * only on its own input row and weight row (lanes in k order, then one fixed
  * tree over the 8 lanes), so a token's result is the same bits alone or in
- * any batch, with any number of threads.
+ * any batch this kernel takes, with any number of threads. (An expert's run longer
+ * than layers/moe/cpu_expert_kernel.MAX_RUN goes to torch's GEMM, whose sums differ.)
  *
  * Work is split into items of output features (of each expert, for the experts in two
  * phases, gate|up then down), which the thread pool (thread_pool.h) hands out.
@@ -31,7 +29,6 @@
 #include <stdatomic.h>
 #include <stdlib.h>
 
-#include "linear_job.h"
 #include "thread_pool.h"
 #include "vector_ops.h"
 
@@ -231,29 +228,4 @@ int expert_mlp_f32(const float *rows, const int64_t *offsets, int64_t experts,
     expert_products(scratch, 2 * inter, offsets, experts, down, hidden, inter, out, hidden,
                     &failed, threads);
     return failed;
-}
-
-/* Output features of blocks [begin, end) of WEIGHTS_PER_BLOCK_FEW_ROWS. */
-static void linear_blocks(void *job, int64_t begin, int64_t end) {
-    struct linear_job *j = job;
-    const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS;
-    int64_t f0 = begin * unit, f1 = end * unit < j->features ? end * unit : j->features;
-    if (rows_times_weights_blocked(j->x, j->ldx, j->rows, j->w, j->k, f0, f1, j->y, j->ldy)) {
-        atomic_store(&j->failed, 1);
-        return;
-    }
-    if (j->bias)
-        for (int64_t r = 0; r < j->rows; r++)
-            for (int64_t f = f0; f < f1; f++) j->y[r * j->ldy + f] += j->bias[f];
-}
-
-/* y [rows, features] (row stride ldy) = x [rows, k] (row stride ldx) . w [features, k]^T
- * (+ bias [features] if not NULL). k and features multiples of LANES. Returns 0, or 1
- * when the accumulators kept between k blocks could not be allocated. */
-int linear_f32(const float *x, int64_t ldx, int64_t rows, const float *w, int64_t features,
-               int64_t k, const float *bias, float *y, int64_t ldy, int threads) {
-    const int64_t unit = WEIGHTS_PER_BLOCK_FEW_ROWS, units = (features + unit - 1) / unit;
-    struct linear_job job = {x, w, bias, ldx, rows, features, k, ldy, y, 0};
-    flashserve_run_ranges(linear_blocks, &job, units, (int64_t)threads * CHUNKS_PER_THREAD, threads);
-    return job.failed;
 }
