@@ -9,6 +9,7 @@ import pytest
 
 from flashserve.engine.async_engine import AsyncEngine
 from flashserve.engine.sampling_params import SamplingParams
+from flashserve.layers import onednn_linear
 from tests.engine_harness import VOCAB, make_engine, mixed_prompts, run_all
 from tests.tiny_models import save_tiny_llama
 
@@ -51,6 +52,53 @@ def test_preempted_sequences_resume_with_the_same_output(model_dir):
     got = run_all(engine, {f"r{i}": (p, params) for i, p in enumerate(prompts)})
     assert engine.scheduler.total_preemptions > 0
     assert got == expected
+    assert engine.block_manager.num_used_blocks == 0
+
+
+def _tokens_and_logprobs(engine, requests) -> dict[str, list[tuple[int, float]]]:
+    for rid, (prompt, params) in requests.items():
+        engine.add_request(rid, prompt, params)
+    produced: dict[str, list[tuple[int, float]]] = {rid: [] for rid in requests}
+    while engine.has_work():
+        for out in engine.step():
+            logprobs = [entry.logprob for entry in out.logprobs]
+            produced[out.request_id].extend(zip(out.new_token_ids, logprobs, strict=True))
+    return produced
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_seeded_stream_has_the_same_logprob_bits_in_any_batch_and_after_preemption(
+    model_dir, dtype
+):
+    """Every position's logits are the same bits whether it was a decode row, a row of a
+    prompt chunk of any length (a recomputation after preemption starts from the whole
+    text so far) or alone: so seeded sampling gives the same tokens under any load."""
+    if dtype == "bfloat16" and not onednn_linear.SUPPORTED:
+        pytest.skip("bf16 products here are torch's F.linear, not promised row-invariant")
+    prompts = mixed_prompts(12, seed=3)
+
+    def params(i: int) -> SamplingParams:
+        return SamplingParams(max_tokens=24, seed=i, logprobs=True, ignore_eos=True)
+
+    alone = {}
+    for i, prompt in enumerate(prompts):
+        engine = make_engine(model_dir, dtype=dtype)
+        alone.update(_tokens_and_logprobs(engine, {f"r{i}": (prompt, params(i))}))
+    # 40 blocks (2 layers x K,V x 16 tokens x 2 heads x 16 dims) cannot hold them all:
+    # preemptions; and a budget of 96 tokens a step chunks the prompts.
+    element_bytes = 4 if dtype == "float32" else 2
+    engine = make_engine(
+        model_dir,
+        dtype=dtype,
+        kv_cache_memory_gb=40 * 2 * 2 * 16 * 2 * 16 * element_bytes / (1 << 30),
+        max_num_batched_tokens=96,
+        enable_prefix_caching=False,
+    )
+    assert engine.block_manager.num_blocks == 40
+    requests = {f"r{i}": (p, params(i)) for i, p in enumerate(prompts)}
+    together = _tokens_and_logprobs(engine, requests)
+    assert engine.scheduler.total_preemptions > 0
+    assert together == alone
     assert engine.block_manager.num_used_blocks == 0
 
 

@@ -90,11 +90,12 @@ def write_kv(
 # CPU: prompt chunks of at most this many queries attend through the paged decode kernel,
 # one row per query (speculative verification is k + 1 queries)...
 SHORT_CHUNK = 16
-# ... and so do longer bf16 chunks whose context's keys and values (one sequence, this
-# rank's KV heads) take at most this many bytes: each query then reads them from the
-# caches, and the kernel outruns SDPA, whose bf16 products go through MKL's slow path on
-# AMD CPUs (1.05x on W1's prefill). Beyond it every query would read the context from
-# memory again. fp32 SDPA is faster than the kernel (0.86x): short chunks only.
+# ... and so do longer chunks whose context's keys and values (one sequence, this rank's
+# KV heads) take at most this many bytes: each query then reads them from the caches.
+# A position's attention is then a decode's, bit for bit, however the prompt was chunked
+# or recomputed (seeded requests keep their tokens under load and preemption). In bf16 it
+# also outruns SDPA, whose bf16 products go through MKL's slow path on AMD CPUs. Beyond
+# it every query would read the context from memory again: SDPA.
 PER_QUERY_MAX_KV_BYTES = 4 << 20
 
 
@@ -104,8 +105,8 @@ class TorchAttention(AttentionBackend):
     Decodes are batched into one call (padded to the longest context, masked);
     each prefill chunk is its own call because its causal offset differs. On the
     CPU the paged kernel takes the decodes and, one row per query, every chunk of
-    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks) or, in
-    bf16, whose context's keys and values fit PER_QUERY_MAX_KV_BYTES (a prompt of a few
+    at most SHORT_CHUNK queries (speculative verifications, short prompt chunks) or
+    whose context's keys and values fit PER_QUERY_MAX_KV_BYTES (a prompt of a few
     thousand tokens).
     A fixed-shape decode step (a CUDA graph) reads every block of its table.
     """
@@ -184,9 +185,7 @@ def _cpu_rows_per_query(q, k_cache, v_cache, meta, scale, starts, out) -> bool:
 
 def _per_query_max_context(k_cache: torch.Tensor) -> int:
     """The longest context a chunk of more than SHORT_CHUNK queries attends one row per
-    query at (0: none; the cache is [blocks, block_size, kv_heads, head_dim])."""
-    if k_cache.dtype == torch.float32:
-        return 0
+    query at (the cache is [blocks, block_size, kv_heads, head_dim])."""
     token_bytes = 2 * k_cache.shape[2] * k_cache.shape[3] * k_cache.element_size()
     return PER_QUERY_MAX_KV_BYTES // token_bytes
 
