@@ -4,7 +4,7 @@
 
 W4's expert shape (32 experts of MLP 384, hidden 512, top-4, random routing).
 For each token count: wall ms of one experts forward through the kernel
-(layers/csrc/skinny_gemm.c) and one GEMM per active expert (the torch path),
+(layers/csrc/expert_mlp.c) and one GEMM per active expert (the torch path),
 and the kernel's speed-up. It shows where
 the kernel's MAX_RUN (the longest run it takes) should sit.
 """

@@ -134,7 +134,7 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # bf16 products through F.linear (oneDNN repacks the weight every call), not
     # through the weights packed once (layers/onednn_linear.py)
     "onednn_packed": _flag_off("flashserve.layers.onednn_linear", "enabled"),
-    # a prefill's products through torch's GEMM, not csrc/packed_gemm.c
+    # fp32 products through torch's F.linear, not csrc/packed_gemm.c
     "packed_gemm": _flag_off("flashserve.layers.packed_gemm", "enabled"),
     # the kernels' jobs always as OpenMP regions (as before csrc/thread_pool.c), against
     # adaptive ("pool_always": against always the pool's workers)
