@@ -175,7 +175,8 @@ def test_a_fresh_cache_directory_gets_its_own_build(monkeypatch, tmp_path):
 @pytest.mark.parametrize(
     "dtype, kv_bytes_limit, kernel_takes",
     [
-        (torch.float32, None, [2 + 5 + 3]),
+        (torch.float32, 0, [2 + 5 + 3]),
+        (torch.float32, None, [2 + 5 + 3 + 20]),
         (torch.bfloat16, 0, [2 + 5 + 3]),
         (torch.bfloat16, None, [2 + 5 + 3 + 20]),
     ],
@@ -185,8 +186,7 @@ def test_chunks_join_the_decodes_one_row_per_query(
 ):
     """A step of 2 decodes, a 5-query chunk after 30 cached tokens (a verification), a fresh
     3-token prompt and a 20-query chunk: the kernel's rows equal SDPA per chunk. Short
-    chunks always take the kernel; a longer one in bf16 where its context's KV is small
-    enough (in fp32 SDPA is the faster)."""
+    chunks always take the kernel; a longer one where its context's KV is small enough."""
     from flashserve.layers import attention
 
     if kv_bytes_limit is not None:
