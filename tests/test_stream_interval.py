@@ -126,3 +126,29 @@ def test_chat_stream_with_an_interval_has_the_same_text_in_fewer_chunks():
     with_choices = [e for e in fewer if isinstance(e, dict) and e.get("choices")]
     assert len(with_choices) <= 1 + 1 + 24 // 6 + 1
     assert fewer[-2]["usage"]["completion_tokens"] == every[-2]["usage"]["completion_tokens"]
+
+
+def test_gathered_outputs_end_a_stop_string_at_the_same_token():
+    """completion_tokens end at the token that completed the stop string, however many
+    tokens the output that carried it held (a late consumer gets the same)."""
+    plain, gathered = make_service(), make_service(stream_interval=8)
+    try:
+        hello = plain.frontend.tokenizer.convert_tokens_to_ids("▁Hello")
+        forced = body(logit_bias={str(hello): 100}, max_tokens=8, stop=["Hello"])
+        for extra in ({}, {"min_tokens": 3}, {"stream": True, "min_tokens": 2}):
+            request = {**forced, **extra, "stream_options": {"include_usage": True}}
+            if not extra.get("stream"):
+                request.pop("stream_options")
+            one, eight = call(plain, request), call(gathered, request)
+            if extra.get("stream"):
+                assert streamed_content(eight) == streamed_content(one)
+                assert streamed_content(one).strip() == "Hello"
+                one, eight = one[-2], eight[-2]
+            usage = extra.get("min_tokens", 1)
+            assert one["usage"]["completion_tokens"] == usage, extra
+            assert eight["usage"]["completion_tokens"] == usage, extra
+            if not extra.get("stream"):
+                assert eight["choices"][0]["message"] == one["choices"][0]["message"]
+    finally:
+        plain.frontend.engine.shutdown()
+        gathered.frontend.engine.shutdown()

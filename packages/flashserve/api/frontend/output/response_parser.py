@@ -54,6 +54,11 @@ class ResponseParser:
         return self.tools is not None and self.tools.num_calls > 0
 
     @property
+    def may_exhaust(self) -> bool:
+        """Tool calls are capped and the cap is not reached: the text may end at a token."""
+        return self.tools is not None and self.tools.max_calls is not None and not self.exhausted
+
+    @property
     def exhausted(self) -> bool:
         """The allowed number of tool calls is complete: generation can stop."""
         return self.tools is not None and self.tools.exhausted

@@ -94,6 +94,11 @@ class StopStringMatcher:
         """True once a stop matched or ``flush`` was called; later input is ignored."""
         return self._finished
 
+    @property
+    def watching(self) -> bool:
+        """Stop strings were given and none has ended the text yet."""
+        return self._automaton is not None and not self._finished
+
     def feed(self, delta: str) -> tuple[str, str | None]:
         if self._finished:
             return "", None

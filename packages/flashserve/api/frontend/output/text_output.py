@@ -70,20 +70,24 @@ class TextOutput:
         tokens (gathered by stream_interval, or by a consumer that fell behind), the
         output is taken a token at a time and its pieces joined, so that the result does
         not depend on how the outputs were gathered: while a reasoning block may open or
-        close (reasoning_tokens), and before min_tokens (stop strings count from there)."""
+        close (reasoning_tokens), before min_tokens (stop strings count from there), and
+        while a stop string or the last allowed tool call may end the text
+        (completion_tokens then end at its token)."""
+        parser = self.parser
         if len(out.new_token_ids) <= 1 or not (
-            self.parser.may_think or self.completion_tokens < self.options.min_tokens
+            parser.may_think
+            or parser.may_exhaust
+            or self.completion_tokens < self.options.min_tokens
+            or self.stops.watching
         ):
             return self._step(out)
         joined: Piece | None = None
-        parts = out.one_token_each()
-        for done, part in enumerate(parts, 1):
+        for part in out.one_token_each():
             piece = self._step(part)
             joined = piece if joined is None else _joined(joined, piece)
             if piece.finish_reason is not None:
-                # The text ended inside the output; its tokens all count, as in one step.
-                self.completion_tokens += len(parts) - done
-                joined.completion_tokens = self.completion_tokens
+                # The text ended inside the output: the tokens after that one were
+                # never part of it, however many the engine had made by then.
                 break
         assert joined is not None
         return joined
