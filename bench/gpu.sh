@@ -7,7 +7,9 @@
 # torch 2.11 (cu130), transformers 5.17, safetensors, pytest; no network, so nothing is
 # installed and flash-attn is absent. Everything runs with the engine's torch (SDPA)
 # attention and its decode CUDA graphs:
-# 1. pytest -m gpu (tests/test_gpu.py): backends, decode graphs captured for every
+# 1. pytest -m gpu (tests/test_gpu.py, test_gpu_moe.py, test_mla_gpu.py; the other test
+#    modules import the server's packages, which that image lacks): backends, MoE and
+#    MLA on CUDA, decode graphs captured for every
 #    bucket and their memory report, graphs on vs off (same greedy tokens in fp32;
 #    close logits in bf16), every KV block freed. Capped at 150 s.
 # 2. bench/gpu_bench.py, capped at 240 s: the load-memory probe (a 2 GB Llama-3.2-1B-
@@ -18,7 +20,9 @@
 #    against the bandwidth floor (weight bytes / copy bandwidth) and transformers.
 # 3. bench/gpu_async_scheduling.py, capped at 90 s: the same decode with graphs on and
 #    async scheduling off, then on (tok/s, share of the floor, on / off).
-# 4. The summaries: one table each (check | result | verdict), printed last.
+# 4. bench/gpu_decode_profile.py, capped at 90 s: where a batch-1 decode step's time
+#    goes (its wall, the same weights through bare matmuls in a graph, kernels by name).
+# 5. The summaries: one table each (check | result | verdict), printed last.
 #
 # Tensor-parallel mode, on a machine with several GPUs:
 #
@@ -32,8 +36,10 @@
 # checkpoint: python3 bench/gpu_tensor_parallel.py --model-dir build/bench_model_8b --tp N.)
 #
 # Everything lands in $OUT (the device tool brings that folder back), else build/gpu_out:
-# nvidia-smi.txt, versions.txt, pytest_gpu.txt, gpu_bench.log, gpu_bench.json,
-# gpu_bench.txt (its table), gpu_async_scheduling.log / .json / .txt.
+# machine.txt (nvidia-smi, versions), pytest_gpu.txt, gpu_bench.log, gpu_bench.json,
+# gpu_bench.txt (its table), gpu_async_scheduling.json / .txt, decode_profile.json: the
+# device tool brings back at most 8 files, so gpu_async_scheduling's log is appended to
+# gpu_bench.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-build/gpu_out}"
@@ -45,8 +51,8 @@ started=$(date +%s)
 log() { echo "[gpu.sh +$(( $(date +%s) - started ))s] $*"; }
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv \
-    > "$OUT/nvidia-smi.txt" 2>&1
-cat "$OUT/nvidia-smi.txt"
+    > "$OUT/machine.txt" 2>&1
+cat "$OUT/machine.txt"
 
 if [ "${1:-}" = "tensor-parallel" ]; then
     gpus=$($PY -c "import torch; print(torch.cuda.device_count())")
@@ -64,7 +70,7 @@ if [ "${1:-}" = "tensor-parallel" ]; then
     cat "$OUT/tensor_parallel.txt"
     exit 0
 fi
-$PY - > "$OUT/versions.txt" 2>&1 <<'EOF'
+$PY - >> "$OUT/machine.txt" 2>&1 <<'EOF'
 import importlib, sys
 import torch
 print("python", sys.version.split()[0], "| torch", torch.__version__, "| cuda", torch.version.cuda,
@@ -75,10 +81,11 @@ for name in ("flash_attn", "transformers", "safetensors", "huggingface_hub", "py
     except Exception as exc:  # missing here is reported, not fatal
         print(name, "missing:", type(exc).__name__)
 EOF
-cat "$OUT/versions.txt"
+tail -n +3 "$OUT/machine.txt"
 
 log "pytest -m gpu"
-timeout 150 $PY -m pytest -m gpu tests/test_gpu.py -q -p no:cacheprovider -rs \
+timeout 150 $PY -m pytest -m gpu tests/test_gpu.py tests/test_gpu_moe.py tests/test_mla_gpu.py \
+    -q -p no:cacheprovider -rs \
     > "$OUT/pytest_gpu.txt" 2>&1
 tail -15 "$OUT/pytest_gpu.txt"
 
@@ -94,12 +101,17 @@ log "gpu_bench exit $status"
 
 log "bench/gpu_async_scheduling.py"
 timeout 90 $PY bench/gpu_async_scheduling.py --out "$OUT" --attention torch \
-    > "$OUT/gpu_async_scheduling.log" 2>&1
+    > "$OUT/async.log.tmp" 2>&1
 async_status=$?
-grep -E "^\[|Error|error" "$OUT/gpu_async_scheduling.log" | tail -10
+grep -E "^\[|Error|error" "$OUT/async.log.tmp" | tail -10
+{ echo "== bench/gpu_async_scheduling.py"; cat "$OUT/async.log.tmp"; } >> "$OUT/gpu_bench.log"
+rm -f "$OUT/async.log.tmp"
+log "bench/gpu_decode_profile.py"
+timeout 90 $PY bench/gpu_decode_profile.py --out "$OUT" --attention torch 2>&1 \
+    | grep -v -E "Loading weights|it/s\]|USDT" | grep -A45 "^batch" | cut -c1-150
 log "done (gpu_bench exit $status, gpu_async_scheduling exit $async_status)"
 echo
 cat "$OUT/gpu_bench.txt" 2>/dev/null || echo "no summary table: see $OUT/gpu_bench.log"
 echo
 cat "$OUT/gpu_async_scheduling.txt" 2>/dev/null \
-    || echo "no async scheduling table: see $OUT/gpu_async_scheduling.log"
+    || echo "no async scheduling table: see $OUT/gpu_bench.log"

@@ -140,7 +140,10 @@ def test_replayed_decode_logits_match_eager_bf16(model_dir, backend):
         runner.use_graphs = True
         assert sample_rows == eager_rows == list(range(rows))
         eager = runner.model.compute_logits(eager_hidden)
-        torch.testing.assert_close(replayed, eager, atol=5e-2, rtol=5e-2)
+        # A graph's padded batch may take other GEMM tiles than the eager one: in bf16
+        # that moves a few logits by several ulps (0.016 at |logit| 2-4; the first H200
+        # run saw 0.082 on 2 of 32,768), so the bound is 8 ulps there.
+        torch.testing.assert_close(replayed, eager, atol=0.125, rtol=5e-2)
         agree = (replayed.argmax(-1) == eager.argmax(-1)).float().mean().item()
         assert agree >= 0.9, f"{rows} rows: argmax agrees on {agree:.0%}"
         for seq in seqs:

@@ -54,6 +54,8 @@ class AttentionMetadata:
     # The torch backend's CPU rows for the paged kernel, built by the first layer of a step
     # (every layer reads the same ones).
     cpu_query_rows: Any = None
+    # The decode path's (shape, mask): the same for every layer of a step, built once.
+    decode_mask: Any = None
 
 
 class AttentionBackend:
@@ -126,7 +128,7 @@ class TorchAttention(AttentionBackend):
             # This runs once, while a CUDA graph captures it: keep SDPA to kernels
             # that capture cleanly (torch may otherwise pick cuDNN for a masked call).
             with sdpa_kernel(_CAPTURABLE_SDPA):
-                return _paged_decode(*args)
+                return _paged_decode(*args, meta)
         num_decode = meta.num_decode_tokens
         if num_decode == q.shape[0] and not q.is_cuda:  # decodes alone: one kernel call
             return self._decode(q, k_cache, v_cache, meta, scale)
@@ -155,7 +157,7 @@ class TorchAttention(AttentionBackend):
         tables = meta.block_tables[:n, :blocks_needed]
         args = (q, k_cache, v_cache, tables, meta.context_lens[:n], scale)
         if q.is_cuda:
-            return _paged_decode(*args)
+            return _paged_decode(*args, meta)
         return _cpu_decode(*args, meta.max_context_len)
 
 
@@ -223,21 +225,33 @@ def _cpu_decode(q, k_cache, v_cache, tables, context_lens, scale, max_context):
     return _paged_decode(q, k_cache, v_cache, tables, context_lens, scale) if out is None else out
 
 
-def _paged_decode(q, k_cache, v_cache, tables, context_lens, scale):
+def _paged_decode(q, k_cache, v_cache, tables, context_lens, scale, meta=None):
     """One query token per row over all blocks of its table row, masked to its context.
 
     Shapes depend only on q and tables, never on host values, so a CUDA graph
-    can capture it.
+    can capture it. With the step's `meta`, the mask is built by the first layer only.
     """
     n, num_heads, head_dim = q.shape
     kv_heads = k_cache.shape[2]
-    # index_select copies whole blocks; advanced indexing (k_cache[tables])
-    # computes an offset per element and is markedly slower on the CPU.
-    blocks = tables.reshape(-1)
-    keys = k_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-    values = v_cache.index_select(0, blocks).view(n, -1, kv_heads, head_dim).transpose(1, 2)
-    positions = torch.arange(keys.shape[2], device=q.device)
-    mask = positions[None, :] < context_lens[:, None]
+    if q.is_cuda:
+        # One vectorised gather kernel; index_select's kernel for few indices (a small
+        # batch) is several times slower there (bench/gpu_decode_profile.py).
+        keys, values = k_cache[tables], v_cache[tables]
+    else:
+        # index_select copies whole blocks; advanced indexing computes an offset per
+        # element and is markedly slower on the CPU.
+        blocks = tables.reshape(-1)
+        keys, values = k_cache.index_select(0, blocks), v_cache.index_select(0, blocks)
+    keys = keys.view(n, -1, kv_heads, head_dim).transpose(1, 2)
+    values = values.view(n, -1, kv_heads, head_dim).transpose(1, 2)
+    shape = (n, keys.shape[2])
+    if meta is not None and meta.decode_mask is not None and meta.decode_mask[0] == shape:
+        mask = meta.decode_mask[1]
+    else:
+        positions = torch.arange(keys.shape[2], device=q.device)
+        mask = positions[None, :] < context_lens[:, None]
+        if meta is not None:
+            meta.decode_mask = (shape, mask)
     # The query heads sharing a KV head act as that head's query rows, so
     # SDPA needs no enable_gqa: on the CPU its GQA path is several times
     # slower in bf16. Query head h reads KV head h // group, as in HF's repeat_kv.
