@@ -127,13 +127,18 @@ def graphs_report(engine: LLMEngine) -> dict[str, Any] | None:
     }
 
 
-def run_batch(engine: LLMEngine, device, batch: int, prompt_len: int, output_len: int, tag: str):
+def add_requests(engine: LLMEngine, batch: int, prompt_len: int, output_len: int, tag: str):
+    """`batch` random prompts, sampled as SAMPLING says, for output_len tokens each."""
     vocab = engine.model_config.vocab_size
     gen = torch.Generator().manual_seed(batch)
     params = SamplingParams(max_tokens=output_len, ignore_eos=True, **SAMPLING)
     for i in range(batch):
         prompt = torch.randint(1000, vocab, (prompt_len,), generator=gen).tolist()
         engine.add_request(f"{tag}-{batch}-{i}", prompt, params)
+
+
+def run_batch(engine: LLMEngine, device, batch: int, prompt_len: int, output_len: int, tag: str):
+    add_requests(engine, batch, prompt_len, output_len, tag)
     graphs = engine.runner.graphs
     replays = graphs.replays if graphs is not None else 0
     sync(device)

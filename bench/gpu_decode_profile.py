@@ -33,14 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from gpu_common import (  # noqa: E402
-    SAMPLING,
+    add_requests,
     copy_bandwidth,
     decode_engine,
     decode_weight_bytes,
     sync,
 )
-
-from flashserve.engine.sampling_params import SamplingParams  # noqa: E402
 
 
 def matmul_chain_ms(model: torch.nn.Module, batch: int, device: torch.device) -> dict[str, Any]:
@@ -94,12 +92,7 @@ def matmul_chain_ms(model: torch.nn.Module, batch: int, device: torch.device) ->
 
 
 def start_decoding(engine, batch: int, prompt_len: int, tokens: int) -> None:
-    vocab = engine.model_config.vocab_size
-    gen = torch.Generator().manual_seed(batch)
-    params = SamplingParams(max_tokens=tokens, ignore_eos=True, **SAMPLING)
-    for i in range(batch):
-        prompt = torch.randint(1000, vocab, (prompt_len,), generator=gen).tolist()
-        engine.add_request(f"profile-{i}", prompt, params)
+    add_requests(engine, batch, prompt_len, tokens, "profile")
     engine.step()  # the prefill
     for _ in range(8):
         engine.step()
