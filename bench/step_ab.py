@@ -108,6 +108,17 @@ def _threading(mode: int) -> Callable[[Any], contextlib.AbstractContextManager[N
     return switched
 
 
+def _redraw_by_full_noise(kept: Any, seqs: list[Any]) -> Any:
+    """The sampler's redraw before it raced in two rounds: a uniform for every token."""
+    import torch
+
+    noise = torch.empty_like(kept).uniform_()
+    for r, seq in enumerate(seqs):
+        if seq.generator is not None:
+            noise[r].uniform_(generator=seq.generator)
+    return torch.div(kept, noise.log_(), out=noise).argmin(dim=-1)
+
+
 # change name -> what switches it off (the "before"), given the engine
 CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # decode attention as before: gather the blocks (index_select), then SDPA
@@ -121,6 +132,8 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     # the unsure rows' min-p, top-k and nucleus as torch passes (_truncate_probs), not
     # csrc/truncate_rows.c
     "truncate_kernel": _flag_off("flashserve.engine.truncation", "truncate_kernel_enabled"),
+    # the unsure rows' redraw with a uniform for every token, not the two-round race
+    "redraw_race": _set("flashserve.engine.sampler", "redraw", _redraw_by_full_noise),
     # RMSNorm, silu(gate) * up and rope as torch ops, not csrc/elementwise.c
     "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
     # the sampler's softmax, block sums, race and nucleus mass as torch passes, not

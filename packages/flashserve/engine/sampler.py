@@ -211,22 +211,24 @@ def _draw_from_vocab(
     unsure = (~sure).nonzero().view(-1)
     if len(unsure):
         rows = unsure.tolist()
-        kept, work = kept_probs(
+        kept, _ = kept_probs(
             logits.index_select(0, unsure), [params[i] for i in rows], [top_p[i] for i in rows]
         )
-        # The race's noise E = -log U, drawn into kept_probs's spent work buffer.
-        noise = work.view(torch.float32).uniform_()
-        for r, i in enumerate(rows):
-            if seqs[i].generator is not None:
-                noise[r].uniform_(generator=seqs[i].generator)
-        # argmax of p / E is the argmin of p / log U (log U < 0; U = 0 gives -inf: a loss).
-        redrawn = torch.div(kept, noise.log_(), out=noise).argmin(dim=-1)
+        redrawn = redraw(kept, [seqs[i] for i in rows])
         # Accepted exactly when the truncation keeps the proposal, unsure or not:
         # anything else would skew the kept tokens' shares.
         proposed = chosen.index_select(0, unsure)
         accepted = kept.gather(1, proposed[:, None])[:, 0] > 0
         chosen[unsure] = torch.where(accepted, proposed, redrawn)
     return chosen
+
+
+def redraw(kept: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """A token from each row's kept probabilities (zero where truncated): the race in two
+    rounds, as for the proposal, with fresh noise; V / 256 + 256 uniforms a row, not V
+    (torch draws and takes logs of uniforms at ~3 ns each on the CPU)."""
+    block_u, token_u = _race_noise(kept, seqs)
+    return _race_with(kept, block_sums(kept), block_u.log_(), token_u.log_())
 
 
 def _race(probs: torch.Tensor, totals: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
