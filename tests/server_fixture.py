@@ -32,6 +32,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 STARTUP_TIMEOUT_S = float(os.environ.get("FLASHSERVE_STARTUP_TIMEOUT", "240"))
 
 
+_SERVER_LOG = pytest.StashKey[Path]()
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -75,6 +78,7 @@ def truss_server(
     """Base URL (http://127.0.0.1:<port>) of the Truss server on the embedded model."""
     build_dir = tmp_path_factory.mktemp("truss_server")
     log_path = build_dir / "server.log"
+    request.config.stash[_SERVER_LOG] = log_path
     port = free_port()
     # One torch thread: the test process shares the two cores, and an oversubscribed
     # engine step is many times slower than a single-threaded one.
@@ -90,3 +94,9 @@ def truss_server(
     stop_process_group(proc)
     if request.session.testsfailed > failed_before:
         dump_log(request.config, log_path, "tests failed")
+
+
+@pytest.fixture(scope="session")
+def truss_server_log(truss_server: str, request: pytest.FixtureRequest) -> Path:
+    """The session server's log file, for tests that check what it logged."""
+    return request.config.stash[_SERVER_LOG]
