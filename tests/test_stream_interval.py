@@ -63,8 +63,10 @@ def test_stream_interval_gathers_tokens_without_changing_them(model_dir):
         sizes_every = [len(ids) for ids, _ in one_by_one]
         assert sizes_every[0] == 1 and len(one_by_one) > len(by_four), sizes_every
         sizes = [len(ids) for ids, _ in by_four]
-        # The first token at once; then at least 4 per chunk; the rest with the finish.
-        assert sizes[0] == 1 and all(n >= 4 for n in sizes[1:-1]), sizes
+        # The first token at once (unless the loop fell behind and it merged with the next
+        # chunks, as a CI run under load saw: 1 + 4 + 4); then at least 4 per chunk; the
+        # rest with the finish.
+        assert (sizes[0] == 1 or sizes[0] >= 5) and all(n >= 4 for n in sizes[1:-1]), sizes
         assert [done for _, done in by_four] == [False] * (len(by_four) - 1) + [True]
         assert len(by_four) <= 1 + 30 // 4 + 1
 
