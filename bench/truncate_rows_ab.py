@@ -40,7 +40,7 @@ def _logits(rows: int, vocab: int) -> torch.Tensor:
 def _time(kernel: bool, logits, params, top_p) -> tuple[float, float, torch.Tensor]:
     truncation.truncate_kernel_enabled = kernel
     cpu, wall = time.process_time(), time.perf_counter()
-    kept = truncation.kept_probs(logits, params, top_p)[0]
+    kept = truncation.kept_probs(logits, params, top_p)
     return time.process_time() - cpu, time.perf_counter() - wall, kept
 
 

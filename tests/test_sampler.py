@@ -191,7 +191,7 @@ def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch, ker
         vocab, 1, top_ps=(0.5, 0.9, 0.95, 0.99, 1.0), min_ps=(0.0, 0.05), top_ks=(-1, 3000)
     )
     top_p = [p.top_p for p in params]
-    kept = _kept_probs(logits, params, top_p)[0]
+    kept = _kept_probs(logits, params, top_p)
     reference = _truncate(logits, params, top_p, "cpu") > float("-inf")
     probs = torch.softmax(logits, dim=-1)
     for row, p in enumerate(params):
@@ -217,7 +217,7 @@ def test_the_vocabulary_cut_off_keeps_the_tokens_truncate_keeps(monkeypatch, ker
     # bins, or histogramming all keys again) give the same bits: it may pick either.
     for share in (0.0, 2.0):
         monkeypatch.setattr(truncation, "RADIX_GATHER_SHARE", share)
-        assert torch.equal(_kept_probs(logits, params, top_p)[0], kept)
+        assert torch.equal(_kept_probs(logits, params, top_p), kept)
 
 
 def _groups(want: torch.Tensor, probs: torch.Tensor, groups: int) -> torch.Tensor:

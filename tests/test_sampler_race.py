@@ -19,7 +19,7 @@ def test_certainly_kept_vouches_only_for_tokens_the_truncation_keeps():
     )
     top_p = [p.top_p for p in params]
     probs = torch.softmax(logits, dim=-1)
-    kept = kept_probs(logits, params, top_p)[0] > 0
+    kept = kept_probs(logits, params, top_p) > 0
     # Every row's tokens by rank, so each nucleus's edge (and its ties) is tried.
     ranked = probs.argsort(dim=-1, descending=True)
     vouched = 0

@@ -137,20 +137,20 @@ def test_gathered_outputs_end_a_stop_string_at_the_same_token():
     try:
         hello = plain.frontend.tokenizer.convert_tokens_to_ids("▁Hello")
         forced = body(logit_bias={str(hello): 100}, max_tokens=8, stop=["Hello"])
-        for extra in ({}, {"min_tokens": 3}, {"stream": True, "min_tokens": 2}):
-            request = {**forced, **extra, "stream_options": {"include_usage": True}}
-            if not extra.get("stream"):
-                request.pop("stream_options")
-            one, eight = call(plain, request), call(gathered, request)
-            if extra.get("stream"):
-                assert streamed_content(eight) == streamed_content(one)
-                assert streamed_content(one).strip() == "Hello"
-                one, eight = one[-2], eight[-2]
-            usage = extra.get("min_tokens", 1)
-            assert one["usage"]["completion_tokens"] == usage, extra
-            assert eight["usage"]["completion_tokens"] == usage, extra
-            if not extra.get("stream"):
-                assert eight["choices"][0]["message"] == one["choices"][0]["message"]
+        for min_tokens in (0, 3):
+            one, eight = (
+                call(svc, {**forced, "min_tokens": min_tokens}) for svc in (plain, gathered)
+            )
+            assert eight["choices"][0]["message"] == one["choices"][0]["message"]
+            assert one["usage"]["completion_tokens"] == max(min_tokens, 1)
+            assert eight["usage"]["completion_tokens"] == max(min_tokens, 1)
+        streamed = {**forced, "min_tokens": 2, "stream": True}
+        streamed["stream_options"] = {"include_usage": True}
+        one, eight = call(plain, streamed), call(gathered, streamed)
+        assert streamed_content(eight) == streamed_content(one)
+        assert streamed_content(one).strip() == "Hello"
+        assert one[-2]["usage"]["completion_tokens"] == 2
+        assert eight[-2]["usage"]["completion_tokens"] == 2
     finally:
         plain.frontend.engine.shutdown()
         gathered.frontend.engine.shutdown()

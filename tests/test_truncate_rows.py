@@ -22,8 +22,8 @@ def _both(logits, params, monkeypatch):
     top_p = [p.top_p for p in params]
     with monkeypatch.context() as m:
         m.setattr(truncation, "truncate_kernel_enabled", False)
-        reference = kept_probs(logits, params, top_p)[0]
-    return kept_probs(logits, params, top_p)[0], reference
+        reference = kept_probs(logits, params, top_p)
+    return kept_probs(logits, params, top_p), reference
 
 
 def _rule(probs: torch.Tensor, params: SamplingParams):
@@ -121,7 +121,7 @@ def test_the_kernel_agrees_with_truncate_logits(monkeypatch):
         for tp, k, mp in itertools.product((0.5, 0.95), (-1, 40), (0.0, 0.05))
     ]
     logits = torch.stack([_logits("llm", vocab, g) for _ in params])
-    ours = kept_probs(logits, params, [p.top_p for p in params])[0]
+    ours = kept_probs(logits, params, [p.top_p for p in params])
     reference = truncate_logits(logits, params, [p.top_p for p in params], "cpu") > float("-inf")
     for row in range(len(params)):
         differ = (ours[row] > 0) ^ reference[row]
@@ -170,11 +170,11 @@ def test_a_row_does_not_depend_on_the_batch_or_the_threads():
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        batch = kept_probs(logits, params, top_p)[0]
+        batch = kept_probs(logits, params, top_p)
         torch.set_num_threads(1)
         for row in range(len(params)):
             alone = kept_probs(logits[row : row + 1], params[row : row + 1], top_p[row : row + 1])
-            assert torch.equal(alone[0][0], batch[row])
+            assert torch.equal(alone[0], batch[row])
     finally:
         torch.set_num_threads(threads)
 

@@ -211,7 +211,7 @@ def _draw_from_vocab(
     unsure = (~sure).nonzero().view(-1)
     if len(unsure):
         rows = unsure.tolist()
-        kept, _ = kept_probs(
+        kept = kept_probs(
             logits.index_select(0, unsure), [params[i] for i in rows], [top_p[i] for i in rows]
         )
         redrawn = redraw(kept, [seqs[i] for i in rows])

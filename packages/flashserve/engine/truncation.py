@@ -60,15 +60,14 @@ truncate_kernel_enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") !
 
 def kept_probs(
     logits: torch.Tensor, params: list[SamplingParams], top_p: list[float]
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> torch.Tensor:
     """softmax(truncate_logits(logits)) times a factor per row: min-p, top-k and top-p applied.
 
     Zero exactly where truncate_logits masks (ties at a cut-off aside: see _truncate_probs).
-    Also returns the int32 work buffer of the same shape, spent, for reuse.
     """
     probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
     if _truncate_in_kernel(probs, params, top_p):
-        return probs, torch.empty_like(probs.view(torch.int32))
+        return probs
     # Non-negative floats compare as their bit patterns do: the truncation works on
     # these integer keys, and zeroes a probability by multiplying its key by 0 (a
     # float mask, or masked_fill_, would cost a [B, V] conversion or a branch a token).
@@ -79,7 +78,7 @@ def kept_probs(
         floor = (probs.amax(dim=-1, keepdim=True) * min_p).view(torch.int32)
         keys.mul_(work.copy_(keys).ge_(floor))  # p >= min_p * p_max stays
     _truncate_probs(probs, params, top_p, work)
-    return probs, work
+    return probs
 
 
 def _truncate_in_kernel(

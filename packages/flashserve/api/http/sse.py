@@ -34,14 +34,12 @@ class EventStreamResponse(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-async def cancel_on_disconnect(http_request: Any, task: asyncio.Task | None) -> bool:
-    """Poll until the client leaves, then cancel `task`; True once it has.
-
-    A non-streaming request never fails a send() when its client leaves; cancelling
-    the handler aborts the engine request."""
+async def cancel_on_disconnect(http_request: Any, task: asyncio.Task | None) -> None:
+    # A non-streaming request never fails a send() when its client leaves; poll
+    # for the disconnect and cancel the handler, which aborts the engine request.
     while True:
         await asyncio.sleep(DISCONNECT_POLL_SECONDS)
         if await http_request.is_disconnected():
             if task is not None:
                 task.cancel()
-            return True
+            return
