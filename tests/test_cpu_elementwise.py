@@ -206,3 +206,52 @@ def test_silu_mul_over_widths_and_builds(request, monkeypatch, build, dtype, wid
     else:
         torch.testing.assert_close(got.float(), want.float(), rtol=BF16_ULP, atol=1e-30)
     assert torch.equal(got[3], cpu_elementwise.silu_mul(gate_up[3:4])[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,width", [(1, 512), (5, 520), (64, 24), (33, 4096)])
+def test_add_rms_norm_is_the_add_then_the_norm_bit_for_bit(dtype, rows, width) -> None:
+    """The residual add fused into RMSNorm's pass: the sum torch's add gives (rounded to
+    bf16 once) and the norm of it, for odd row counts (rows go two at a time) and widths
+    with an 8-lane tail; from strided rows too (a slice of a wider tensor)."""
+    g = torch.Generator().manual_seed(rows * width)
+    x = (torch.randn(rows, width + 8, generator=g) * 3).to(dtype)[:, :width]
+    residual = (torch.randn(rows, width, generator=g) * 3).to(dtype)
+    weight = torch.randn(width, generator=g).to(dtype)
+    fused = cpu_elementwise.add_rms_norm(x, residual, weight, 1e-6)
+    assert fused is not None
+    total, normed = fused
+    assert torch.equal(total, x + residual)
+    assert torch.equal(normed, cpu_elementwise.rms_norm(x + residual, weight, 1e-6))
+    alone = [
+        cpu_elementwise.add_rms_norm(x[i : i + 1], residual[i : i + 1], weight, 1e-6)
+        for i in range(rows)
+    ]
+    assert torch.equal(normed, torch.cat([a[1] for a in alone]))
+    norm = RMSNorm(width, 1e-6).to(dtype)
+    norm.weight.copy_(weight)
+    cpu_elementwise.enabled = False
+    try:
+        plain_total, plain_normed = norm.add_and_norm(x, residual)
+    finally:
+        cpu_elementwise.enabled = True
+    assert torch.equal(plain_total, total)
+    # torch's mean sums in another order: the last bit may differ.
+    tolerance = dict(rtol=BF16_ULP, atol=0) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(plain_normed.float(), normed.float(), **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_wide_rms_norm_is_the_8_lane_builds_bits(request, monkeypatch, dtype) -> None:
+    """AVX-512 takes 16 columns at a time and two rows at once: each row still sums its
+    squares in the 8-lane build's order, so both builds give the same bits."""
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(9, 520, generator=g) * 3).to(dtype)
+    residual = torch.randn(9, 520, generator=g).to(dtype)
+    weight = torch.randn(520, generator=g).to(dtype)
+    wide = cpu_elementwise.add_rms_norm(x, residual, weight, 1e-5)
+    plain = cpu_elementwise.rms_norm(x, weight, 1e-5)
+    monkeypatch.setattr(cpu_elementwise, "KERNELS", request.getfixturevalue("portable_kernels"))
+    portable = cpu_elementwise.add_rms_norm(x, residual, weight, 1e-5)
+    assert torch.equal(portable[0], wide[0]) and torch.equal(portable[1], wide[1])
+    assert torch.equal(cpu_elementwise.rms_norm(x, weight, 1e-5), plain)

@@ -1,7 +1,8 @@
 """RMSNorm, SwiGLU's activation and rope on the CPU in one pass each: csrc/elementwise.c.
 
 torch runs RMSNorm as five passes over the activations (square, mean, add,
-rsqrt, two products), silu(gate) * up as two, and rope as five with two
+rsqrt, two products; one more for the residual add before it), silu(gate) * up
+as two, and rope as five with two
 concatenations; a prefill's rows outgrow the caches, so each pass goes through
 memory. The kernels take each row once (rope in place), in fp32 or bf16 (computed
 in fp32, rounded where torch's bf16 ops round). Their arithmetic per row is fixed,
@@ -27,6 +28,21 @@ _RMS_NORM = [
     ctypes.c_int64,  # n
     ctypes.c_void_p,  # weight [n], x's dtype
     ctypes.c_float,  # eps
+    ctypes.c_void_p,  # out [rows, n]
+    ctypes.c_int64,  # out row stride
+    ctypes.c_int,  # threads
+]
+_ADD_RMS_NORM = [
+    ctypes.c_void_p,  # x [rows, n]
+    ctypes.c_int64,  # x row stride
+    ctypes.c_void_p,  # residual [rows, n]
+    ctypes.c_int64,  # residual row stride
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # n
+    ctypes.c_void_p,  # weight [n], x's dtype
+    ctypes.c_float,  # eps
+    ctypes.c_void_p,  # sum [rows, n]: x + residual
+    ctypes.c_int64,  # sum row stride
     ctypes.c_void_p,  # out [rows, n]
     ctypes.c_int64,  # out row stride
     ctypes.c_int,  # threads
@@ -61,6 +77,7 @@ KERNELS = NativeLibrary(
         f"{name}_{suffix}": signature
         for name, signature in (
             ("rms_norm", _RMS_NORM),
+            ("add_rms_norm", _ADD_RMS_NORM),
             ("silu_mul", _SILU_MUL),
             ("rotate_half", _ROTATE_HALF),
         )
@@ -109,6 +126,45 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         torch.get_num_threads(),
     )
     return out
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(x + residual, rms_norm of it) in one pass, with the bits of the add (rounded to
+    x's dtype) followed by rms_norm; None: use torch."""
+    n = x.shape[-1]
+    if not (
+        _takes(x, n)
+        and _takes(residual, n)
+        and residual.shape == x.shape
+        and residual.dtype == x.dtype
+        and weight.shape == (n,)
+        and weight.dtype == x.dtype
+        and weight.is_contiguous()
+    ):
+        return None
+    library = KERNELS.load()
+    if library is None:
+        return None
+    total = torch.empty_like(x, memory_format=torch.contiguous_format)
+    out = torch.empty_like(total)
+    getattr(library, f"add_rms_norm_{SUFFIXES[x.dtype]}")(
+        x.data_ptr(),
+        x.stride(0),
+        residual.data_ptr(),
+        residual.stride(0),
+        x.shape[0],
+        n,
+        weight.data_ptr(),
+        eps,
+        total.data_ptr(),
+        total.stride(0),
+        out.data_ptr(),
+        out.stride(0),
+        torch.get_num_threads(),
+    )
+    return total, out
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:

@@ -15,6 +15,17 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
 
+    def add_and_norm(
+        self, x: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, this norm of it): a pre-norm layer's residual stream and the
+        next block's input, in one pass on the CPU."""
+        fused = cpu_elementwise.add_rms_norm(x, residual, self.weight, self.eps)
+        if fused is not None:
+            return fused
+        total = x + residual
+        return total, self(total)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         fused = cpu_elementwise.rms_norm(x, self.weight, self.eps)
         if fused is not None:

@@ -210,9 +210,15 @@ class DeepseekDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, cache, meta):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), cache, meta)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, cache, meta):
+        """As llama.DecoderLayer: (output, residual stream before it)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
+        attended = self.self_attn(positions, normed, cache, meta)
+        residual, normed = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
@@ -311,10 +317,12 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
         kv_caches: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, (cache, _latent_view) in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, cache, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight

@@ -110,11 +110,17 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, positions, hidden, k_cache, v_cache, meta):
-        hidden = hidden + self.self_attn(
-            positions, self.input_layernorm(hidden), k_cache, v_cache, meta
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, positions, hidden, residual, k_cache, v_cache, meta):
+        """(this layer's output, the residual stream before it): the next layer (or the
+        final norm) adds them while it normalises, in one pass. residual None: hidden is
+        the stream itself (the first layer)."""
+        if residual is None:
+            residual, normed = hidden, self.input_layernorm(hidden)
+        else:
+            residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
+        attended = self.self_attn(positions, normed, k_cache, v_cache, meta)
+        residual, normed = self.post_attention_layernorm.add_and_norm(attended, residual)
+        return self.mlp(normed), residual
 
 
 class DecoderOnlyLM(CausalLM):
@@ -163,10 +169,12 @@ class DecoderOnlyLM(CausalLM):
         kv_caches: KVCache,
         meta: AttentionMetadata,
     ) -> torch.Tensor:
-        hidden = self.embed_tokens(input_ids)
+        hidden, residual = self.embed_tokens(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, k_cache, v_cache, meta)
-        return self.norm(hidden)
+            hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, meta)
+        if residual is None:  # no layers
+            return self.norm(hidden)
+        return self.norm.add_and_norm(hidden, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         table = self.embed_tokens if self.lm_head is None else self.lm_head

@@ -51,35 +51,130 @@ static inline void scalar_store(int bf16, void *row, int64_t i, float f) {
     ((uint16_t *)row)[i] = (uint16_t)(u >> 16);
 }
 
+#if defined(__AVX512F__)
+/* 16 floats at a time where the CPU has AVX-512 (the 8-lane forms stay for the rest). */
+static inline __m512 load_bf16_wide(const uint16_t *p) {
+    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+/* round_bf16 in 16 lanes. */
+static inline __m512 round_bf16_wide(__m512 v) {
+    const __m512i bits = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    const __m512i rounded = _mm512_and_si512(
+        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd),
+        _mm512_set1_epi32((int)0xffff0000u));
+    const __mmask16 nan = _mm512_cmp_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
+}
+
+static inline void store_bf16_wide(uint16_t *p, __m512 v) {
+    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16_wide(v)), 16);
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
+}
+
+static inline __m512 load_wide(int bf16, const void *row, int64_t i) {
+    return bf16 ? load_bf16_wide((const uint16_t *)row + i) : _mm512_loadu_ps((const float *)row + i);
+}
+
+static inline void store_wide(int bf16, void *row, int64_t i, __m512 v) {
+    if (bf16)
+        store_bf16_wide((uint16_t *)row + i, v);
+    else
+        _mm512_storeu_ps((float *)row + i, v);
+}
+#endif
+
 /* Strides below are in elements of the row's type. */
 struct rms_norm_job {
-    const void *x, *weight;
-    int64_t ldx, n, ldo;
+    const void *x, *residual, *weight;
+    int64_t ldx, ldr, n, ldo, lds;
     float eps;
-    void *out;
+    void *out, *sum;
 };
+
+/* Row r of the norm's input: x, or x + residual as torch adds them (rounded once to the
+ * row's type), stored to `sum` first: the residual stream's next value. */
+static inline const char *norm_input(int bf16, const struct rms_norm_job *j, int64_t r) {
+    const int64_t size = bf16 ? 2 : 4, n = j->n;
+    const char *xr = (const char *)j->x + r * j->ldx * size;
+    if (!j->residual) return xr;
+    const char *rr = (const char *)j->residual + r * j->ldr * size;
+    char *sr = (char *)j->sum + r * j->lds * size;
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c + WIDE_LANES <= n; c += WIDE_LANES)
+        store_wide(bf16, sr, c, _mm512_add_ps(load_wide(bf16, xr, c), load_wide(bf16, rr, c)));
+#endif
+    for (; c < n; c += LANES) store_at(bf16, sr, c, load_at(bf16, xr, c) + load_at(bf16, rr, c));
+    return sr;
+}
+
+/* The sums of squares of rows a and b, each in one fixed order: lane k of an 8-lane
+ * accumulator takes columns k, k + 8, k + 16, ... in turn, then the lanes by lane_sums4's
+ * tree. Two rows at once: their addition chains overlap (one alone waits on each add). */
+static inline void sums_of_squares(int bf16, const char *a, const char *b, int64_t n,
+                                   float *sum_a, float *sum_b) {
+    vf acc_a = {0}, acc_b = {0};
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    for (; c + WIDE_LANES <= n; c += WIDE_LANES) { /* columns c..c+7, then c+8..c+15 */
+        const __m512 va = load_wide(bf16, a, c), vb = load_wide(bf16, b, c);
+        const __m512 qa = _mm512_mul_ps(va, va), qb = _mm512_mul_ps(vb, vb);
+        acc_a += (vf)_mm512_castps512_ps256(qa);
+        acc_b += (vf)_mm512_castps512_ps256(qb);
+        acc_a += (vf)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(qa), 1));
+        acc_b += (vf)_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(qb), 1));
+    }
+#endif
+    for (; c < n; c += LANES) {
+        const vf va = load_at(bf16, a, c), vb = load_at(bf16, b, c);
+        acc_a += va * va;
+        acc_b += vb * vb;
+    }
+    const vf sums = lane_sums4(acc_a, acc_b, (vf){0}, (vf){0});
+    *sum_a = sums[0], *sum_b = sums[1];
+}
 
 /* fp32: weight * (x * scale). bf16 as torch's reference: (x * scale) rounded to bf16,
  * then times the bf16 weight, rounded again. */
+static inline void normalize_row(int bf16, const char *xr, const void *weight, int64_t n,
+                                 float sum_of_squares, float eps, char *o) {
+    const float mean = sum_of_squares / (float)n, scale = 1.0f / sqrtf(mean + eps);
+    int64_t c = 0;
+#if defined(__AVX512F__)
+    const __m512 wide_scale = _mm512_set1_ps(scale);
+    for (; c + WIDE_LANES <= n; c += WIDE_LANES) {
+        __m512 normed = _mm512_mul_ps(load_wide(bf16, xr, c), wide_scale);
+        if (bf16) normed = round_bf16_wide(normed);
+        store_wide(bf16, o, c, _mm512_mul_ps(load_wide(bf16, weight, c), normed));
+    }
+#endif
+    const vf narrow_scale = broadcast(scale);
+    for (; c < n; c += LANES) {
+        vf normed = load_at(bf16, xr, c) * narrow_scale;
+        if (bf16) normed = round_bf16(normed);
+        store_at(bf16, o, c, load_at(bf16, weight, c) * normed);
+    }
+}
+
+/* Rows two at a time (sums_of_squares); each row's arithmetic is its own either way. */
 static inline void rms_norm_rows(int bf16, const struct rms_norm_job *j, int64_t begin,
                                  int64_t end) {
-    const int64_t size = bf16 ? 2 : 4, n = j->n;
-    for (int64_t r = begin; r < end; r++) {
-        const char *xr = (const char *)j->x + r * j->ldx * size;
-        char *o = (char *)j->out + r * j->ldo * size;
-        vf acc = {0};
-        for (int64_t c = 0; c < n; c += LANES) {
-            vf v = load_at(bf16, xr, c);
-            acc += v * v;
-        }
-        const vf zero = {0};
-        float mean = lane_sums4(acc, zero, zero, zero)[0] / (float)n;
-        vf scale = broadcast(1.0f / sqrtf(mean + j->eps));
-        for (int64_t c = 0; c < n; c += LANES) {
-            vf normed = load_at(bf16, xr, c) * scale;
-            if (bf16) normed = round_bf16(normed);
-            store_at(bf16, o, c, load_at(bf16, j->weight, c) * normed);
-        }
+    const int64_t size = bf16 ? 2 : 4;
+    for (int64_t r = begin; r < end; r += 2) {
+        const int pair = r + 1 < end;
+        const char *a = norm_input(bf16, j, r);
+        const char *b = pair ? norm_input(bf16, j, r + 1) : a;
+        float sum_a, sum_b;
+        sums_of_squares(bf16, a, b, j->n, &sum_a, &sum_b);
+        normalize_row(bf16, a, j->weight, j->n, sum_a, j->eps,
+                      (char *)j->out + r * j->ldo * size);
+        if (pair)
+            normalize_row(bf16, b, j->weight, j->n, sum_b, j->eps,
+                          (char *)j->out + (r + 1) * j->ldo * size);
     }
 }
 
@@ -94,7 +189,8 @@ static void rms_norm_rows_bf16(void *job, int64_t begin, int64_t end) {
 /* out[r, :] = weight * (x[r, :] / sqrt(mean(x[r, :]^2) + eps)); n a multiple of LANES. */
 static int rms_norm(int bf16, const void *x, int64_t ldx, int64_t rows, int64_t n,
                     const void *weight, float eps, void *out, int64_t ldo, int threads) {
-    struct rms_norm_job job = {x, weight, ldx, n, ldo, eps, out};
+    struct rms_norm_job job = {.x = x, .weight = weight, .ldx = ldx, .n = n, .ldo = ldo,
+                               .eps = eps, .out = out};
     flashserve_run_ranges(bf16 ? rms_norm_rows_bf16 : rms_norm_rows_f32, &job, rows,
                           (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
@@ -108,6 +204,30 @@ int rms_norm_f32(const float *x, int64_t ldx, int64_t rows, int64_t n, const flo
 int rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t rows, int64_t n,
                   const uint16_t *weight, float eps, uint16_t *out, int64_t ldo, int threads) {
     return rms_norm(1, x, ldx, rows, n, weight, eps, out, ldo, threads);
+}
+
+/* sum = x + residual; out = rms_norm(sum) (see rms_norm_rows). */
+static int add_rms_norm(int bf16, const void *x, int64_t ldx, const void *residual,
+                        int64_t ldr, int64_t rows, int64_t n, const void *weight, float eps,
+                        void *sum, int64_t lds, void *out, int64_t ldo, int threads) {
+    struct rms_norm_job job = {x, residual, weight, ldx, ldr, n, ldo, lds, eps, out, sum};
+    flashserve_run_ranges(bf16 ? rms_norm_rows_bf16 : rms_norm_rows_f32, &job, rows,
+                          (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    return 0;
+}
+
+int add_rms_norm_f32(const float *x, int64_t ldx, const float *residual, int64_t ldr,
+                     int64_t rows, int64_t n, const float *weight, float eps, float *sum,
+                     int64_t lds, float *out, int64_t ldo, int threads) {
+    return add_rms_norm(0, x, ldx, residual, ldr, rows, n, weight, eps, sum, lds, out, ldo,
+                        threads);
+}
+
+int add_rms_norm_bf16(const uint16_t *x, int64_t ldx, const uint16_t *residual, int64_t ldr,
+                      int64_t rows, int64_t n, const uint16_t *weight, float eps,
+                      uint16_t *sum, int64_t lds, uint16_t *out, int64_t ldo, int threads) {
+    return add_rms_norm(1, x, ldx, residual, ldr, rows, n, weight, eps, sum, lds, out, ldo,
+                        threads);
 }
 
 /* t = e^-|g| <= 1, so that no exp overflows: silu(g) = g / (1 + t) for g >= 0, g t / (1 + t)
@@ -135,28 +255,6 @@ static inline __m512 silu16(__m512 g, __m512 *t_out) {
     const __m512 minus_abs = _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_setzero_ps(), g), g);
     *t_out = exp_nonpositive16(minus_abs);
     return _mm512_mask_blend_ps(negative, g, _mm512_mul_ps(g, *t_out));
-}
-
-static inline __m512 load_bf16_wide(const uint16_t *p) {
-    const __m256i h = _mm256_loadu_si256((const __m256i *)p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-}
-
-/* round_bf16 in 16 lanes. */
-static inline __m512 round_bf16_wide(__m512 v) {
-    const __m512i bits = _mm512_castps_si512(v);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-    const __m512i rounded = _mm512_and_si512(
-        _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7fff)), odd),
-        _mm512_set1_epi32((int)0xffff0000u));
-    const __mmask16 nan = _mm512_cmp_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
-                                                _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
-    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
-}
-
-static inline void store_bf16_wide(uint16_t *p, __m512 v) {
-    const __m512i bits = _mm512_srli_epi32(_mm512_castps_si512(round_bf16_wide(v)), 16);
-    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(bits));
 }
 
 /* Columns [0, 16 * whole) of a silu_mul row; returns where the 8-lane loop goes on. */
