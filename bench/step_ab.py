@@ -136,6 +136,11 @@ CHANGES: dict[str, Callable[[Any], contextlib.AbstractContextManager[None]]] = {
     "redraw_race": _set("flashserve.engine.sampler", "redraw", _redraw_by_full_noise),
     # RMSNorm, silu(gate) * up and rope as torch ops, not csrc/elementwise.c
     "elementwise": _flag_off("flashserve.layers.cpu_elementwise", "enabled"),
+    # the residual add as a torch op before RMSNorm's kernel, not in the kernel's pass
+    "add_norm": _set("flashserve.layers.cpu_elementwise", "add_rms_norm", lambda *args: None),
+    # the sampler's logits copied to fp32 and divided by the temperature in two passes
+    # before the race, not read raw (bf16) and divided by the race kernel as it goes
+    "raw_race": _set("flashserve.engine.sampler", "_raced_raw", lambda *args: False),
     # the sampler's softmax, block sums, race and nucleus mass as torch passes, not
     # csrc/vocab_race.c
     "vocab_race": _flag_off("flashserve.engine.vocab_race", "enabled"),

@@ -203,3 +203,30 @@ def test_engine_step_over_64_requests_calls_each_processor_once(monkeypatch, mod
 
     work = count_processor_work(monkeypatch, run)
     assert all(calls == len(steps) for calls, _ in work.values()), (work, len(steps))
+
+
+def test_a_row_edits_logits_does_not_rule_out_is_left_as_it_was():
+    """The sampler reads raw logits where edits_logits is False for every row: then no
+    processor may change that row. Each setting alone, and none, over outputs of several
+    lengths (min_tokens holds only until it is reached)."""
+    g = torch.Generator().manual_seed(0)
+    settings = [
+        {},
+        dict(repetition_penalty=1.3),
+        dict(frequency_penalty=0.5),
+        dict(presence_penalty=-0.4),
+        dict(logit_bias={3: 2.0}),
+        dict(bad_token_ids=[4]),
+        dict(bad_sequences=[(5, 6)]),
+        dict(bad_sequences=[(7,)]),
+        dict(min_tokens=2, stop_token_ids=[8]),
+        dict(min_tokens=2),
+    ]
+    for setting in settings:
+        for output in ([], [5], [5, 9, 9]):
+            seq = seq_with([1, 3, 5], output, **setting)
+            logits = torch.randn(1, VOCAB, generator=g)
+            edited = apply_logits_processors(logits.clone(), [seq], (TINY_EOS,))
+            if not torch.equal(edited, logits):
+                assert logits_processors.edits_logits(seq), (setting, output)
+    assert not logits_processors.edits_logits(seq_with([1], [], temperature=0.7, top_p=0.9))

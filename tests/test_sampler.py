@@ -12,6 +12,7 @@ import torch
 
 from flashserve.api.endpoints.chat_protocol import ChatRequest
 from flashserve.api.frontend.params import TOP_P_DECAY, ModelDefaults, to_sampling_params
+from flashserve.engine import sampler as sampler_module
 from flashserve.engine.sampler import Sampler, effective_top_p
 from flashserve.engine.sampling_params import SamplingParams
 from tests.sampling_harness import (
@@ -325,3 +326,37 @@ def test_the_accelerator_path_draws_inside_the_same_nucleus():
     for _ in range(20):
         tokens = _draw_by_sort(logits, seqs, top_p, torch.device("cpu"))
         assert bool(allowed.gather(1, tokens[:, None]).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_raw_logits_race_gives_the_copied_and_scaled_paths_tokens(monkeypatch, dtype):
+    """Where no row needs a logits processor, the CPU sampler races the model's logits as
+    they are and divides by the temperature in the kernel: the tokens, logprobs and seeded
+    generators' states of the path that copies to fp32 and divides first."""
+    vocab = 4096
+    draws = Sampler(torch.device("cpu"), vocab, (2,))
+
+    def run(raw: bool):
+        if not raw:
+            monkeypatch.setattr(sampler_module, "_raced_raw", lambda *args: False)
+        settings = [
+            dict(temperature=t, top_p=p, seed=s, logprobs=s % 2 == 0, top_logprobs=s % 3)
+            for s, (t, p) in enumerate([(0.8, 0.95), (1.0, 0.5), (0.3, 1.0), (1.7, 0.9)] * 2)
+        ]
+        seqs = [seq_with([1], [], **s) for s in settings]
+        for seq in seqs:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        g = torch.Generator().manual_seed(4)
+        steps = []
+        for _ in range(6):
+            logits = (torch.randn(len(seqs), vocab + 64, generator=g) * 3).to(dtype)
+            out = draws.sample(logits, seqs).resolve()
+            steps.append((out.token_ids, out.logprobs))
+        monkeypatch.undo()
+        return steps, [seq.generator.get_state() for seq in seqs]
+
+    assert sampler_module._raced_raw(torch.zeros(1, vocab), [seq_with([1], [], temperature=0.8)])
+    raw, raw_states = run(True)
+    copied, copied_states = run(False)
+    assert raw == copied
+    assert all(torch.equal(a, b) for a, b in zip(raw_states, copied_states))

@@ -175,3 +175,23 @@ def test_without_torchs_exp_the_torch_passes_serve(monkeypatch, caplog):
         assert vocab_race.race_over_vocab(logits, *_noise(2, 1000, seed=0)) is None
         assert vocab_race.race_over_vocab(logits, *_noise(2, 1000, seed=0)) is None
     assert caplog.text.count("no_such_exp_here not found") == 1
+
+
+@pytest.mark.parametrize("vocab", [32768, 1003, 13])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_raw_logits_with_temperatures_are_the_scaled_fp32_rows(vocab, dtype):
+    """The model's logits as they come (bf16 too) with a temperature per row: the same
+    bits as racing `logits.float() / t`, which the kernel no longer needs made."""
+    raw = _logits(6, vocab, 3.0, seed=vocab).to(dtype)
+    temps = torch.tensor([0.8, 1.0, 0.3, 1.7, 0.05, 1.0])
+    log_block_u, log_token_u = _noise(6, vocab, seed=2)
+    scaled = raw.float() / temps[:, None]
+    want = vocab_race.race_over_vocab(scaled, log_block_u, log_token_u, keep_probs=True)
+    got = vocab_race.race_over_vocab(
+        raw, log_block_u, log_token_u, keep_probs=True, temperatures=temps
+    )
+    assert got is not None and want is not None
+    for field in ("probs", "totals", "chosen", "chosen_prob", "through", "mass"):
+        assert torch.equal(getattr(got, field), getattr(want, field)), field
+    with pytest.raises(ValueError, match="temperatures"):
+        vocab_race.race_over_vocab(raw, log_block_u, log_token_u, temperatures=temps[:3])

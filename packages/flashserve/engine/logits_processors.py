@@ -136,6 +136,23 @@ LOGITS_PROCESSORS: list[LogitsProcessor] = [
 ]
 
 
+def edits_logits(seq: Sequence) -> bool:
+    """Whether any of LOGITS_PROCESSORS may edit seq's row this step (False: it surely
+    leaves the row as the model gave it; True may still edit nothing, e.g. a bad sequence
+    that does not match). The sampler reads raw logits where no row needs editing."""
+    p = seq.params
+    return bool(
+        p.repetition_penalty != 1.0
+        or p.frequency_penalty
+        or p.presence_penalty
+        or p.logit_bias
+        or p.bad_token_ids
+        or p.bad_sequences
+        or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
+        or seq.grammar_matcher is not None
+    )
+
+
 def apply_logits_processors(
     logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]
 ) -> torch.Tensor:

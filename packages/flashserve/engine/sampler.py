@@ -35,8 +35,9 @@ from dataclasses import dataclass
 
 import torch
 
+from flashserve.engine import vocab_race
 from flashserve.engine.host_transfer import Download, upload
-from flashserve.engine.logits_processors import apply_logits_processors
+from flashserve.engine.logits_processors import apply_logits_processors, edits_logits
 from flashserve.engine.sampling_params import SamplingParams
 from flashserve.engine.sequence import Sequence, TokenLogprob
 from flashserve.engine.truncation import (
@@ -47,7 +48,6 @@ from flashserve.engine.truncation import (
     truncate_logits,
     vouched,
 )
-from flashserve.engine.vocab_race import race_over_vocab
 
 
 @dataclass
@@ -96,16 +96,26 @@ class Sampler:
         private: the caller hands over fp32 logits nobody else reads (the runner's fresh
         ones), so they are edited in place instead of copied first.
         """
-        # The processors and the temperature edit the logits in place.
-        logits = logits[:, : self.vocab_size].to(torch.float32, copy=not private)
-        logits = apply_logits_processors(logits, seqs, self.eos_token_ids)
+        logits = logits[:, : self.vocab_size]
         params = [s.params for s in seqs]
+        temps = None
         if any(p.temperature not in (0.0, 1.0) for p in params):
             temps = upload(
                 [p.temperature if not p.greedy else 1.0 for p in params],
                 torch.float32,
                 self.device,
             )
+        if _raced_raw(logits, seqs):
+            # The race reads the model's logits as they are (bf16 too) and divides by
+            # the temperature as it goes: no [rows, vocab] fp32 copy, no pass to scale it.
+            top_p = [effective_top_p(p, s.num_output_tokens) for p, s in zip(params, seqs)]
+            chosen = _draw_from_vocab(logits, seqs, top_p, self.device, temps)
+            return SampledBatch(chosen, _logprob_tensors(logits, chosen, params, temps), params)
+
+        # The processors and the temperature edit the logits in place.
+        logits = logits.to(torch.float32, copy=not private)
+        logits = apply_logits_processors(logits, seqs, self.eos_token_ids)
+        if temps is not None:
             logits.div_(temps[:, None])  # the private copy: no second [rows, vocab] buffer
 
         if all(p.greedy for p in params):
@@ -117,6 +127,30 @@ class Sampler:
                 greedy = upload([p.greedy for p in params], torch.bool, self.device)
                 chosen = torch.where(greedy, logits.argmax(dim=-1), chosen)
         return SampledBatch(chosen, _logprob_tensors(logits, chosen, params), params)
+
+
+def _raced_raw(logits: torch.Tensor, seqs: list[Sequence]) -> bool:
+    """Whether every row goes to _draw_from_vocab's race with the logits as the model gave
+    them: the CPU race kernel, no greedy or small top-k row, no logits processor."""
+    limit = min(CANDIDATE_TOP_K_LIMIT, logits.shape[-1])
+    return (
+        logits.device.type == "cpu"
+        and vocab_race.enabled
+        and not any(s.params.greedy or 0 < s.params.top_k <= limit or edits_logits(s) for s in seqs)
+    )
+
+
+def scaled_logits(
+    logits: torch.Tensor, temps: torch.Tensor | None, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """fp32 logits / temperature (of the given rows): the bits Sampler.sample's own
+    conversion and division give, for rows that need them after a raw race."""
+    if rows is not None:  # a new tensor: the division may go in place
+        logits = logits.index_select(0, rows)
+        temps = None if temps is None else temps.index_select(0, rows)
+    if temps is None:
+        return logits.to(torch.float32)
+    return logits.to(torch.float32, copy=rows is None).div_(temps[:, None])
 
 
 def effective_top_p(p: SamplingParams, num_output_tokens: int) -> float:
@@ -169,9 +203,16 @@ def _draw(
 
 
 def _draw_from_vocab(
-    logits: torch.Tensor, seqs: list[Sequence], top_p: list[float], device: torch.device
+    logits: torch.Tensor,
+    seqs: list[Sequence],
+    top_p: list[float],
+    device: torch.device,
+    temps: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A token from each row's truncated distribution (truncate_logits's), without a sort.
+
+    logits: fp32 and scaled, or (temps given, or another dtype) as the model gave them,
+    to be read as scaled_logits(logits, temps).
 
     On the CPU, rejection sampling with the untruncated distribution as the proposal:
     _race draws from it with a few hundred noise draws a row instead of one a token,
@@ -193,17 +234,18 @@ def _draw_from_vocab(
     """
     params = [s.params for s in seqs]
     if logits.device.type != "cpu":
-        return _draw_by_sort(logits, seqs, top_p, device)
-    block_u, token_u = _race_noise(logits, seqs)
+        return _draw_by_sort(scaled_logits(logits, temps), seqs, top_p, device)
+    block_u, token_u = _race_noise(logits, seqs, torch.float32)
     log_block_u, log_token_u = block_u.log_(), token_u.log_()
     # The softmax, race and check in one pass per row where the kernel loads: the same bits.
-    raced = race_over_vocab(logits, log_block_u, log_token_u)
+    raced = vocab_race.race_over_vocab(logits, log_block_u, log_token_u, temperatures=temps)
     if raced is not None:
         chosen = raced.chosen
         sure = vouched(
             raced.chosen_prob, raced.through, raced.mass, logits.shape[-1], params, top_p
         )
     else:
+        logits, temps = scaled_logits(logits, temps), None
         probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
         totals = block_sums(probs)
         chosen = _race_with(probs, totals, log_block_u, log_token_u)
@@ -212,7 +254,9 @@ def _draw_from_vocab(
     if len(unsure):
         rows = unsure.tolist()
         kept = kept_probs(
-            logits.index_select(0, unsure), [params[i] for i in rows], [top_p[i] for i in rows]
+            scaled_logits(logits, temps, unsure),
+            [params[i] for i in rows],
+            [top_p[i] for i in rows],
         )
         redrawn = redraw(kept, [seqs[i] for i in rows])
         # Accepted exactly when the truncation keeps the proposal, unsure or not:
@@ -245,15 +289,17 @@ def _race(probs: torch.Tensor, totals: torch.Tensor, seqs: list[Sequence]) -> to
     return _race_with(probs, totals, block_u.log_(), token_u.log_())
 
 
-def _race_noise(scores: torch.Tensor, seqs: list[Sequence]) -> tuple[torch.Tensor, torch.Tensor]:
+def _race_noise(
+    scores: torch.Tensor, seqs: list[Sequence], dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The race's uniforms for rows over scores' vocabulary: float64 [rows, blocks] for
-    the blocks' round, [rows, CROSSING_BLOCK] of scores' dtype for the tokens'. Seeded
+    the blocks' round, [rows, CROSSING_BLOCK] of `dtype` (scores') for the tokens'. Seeded
     rows draw theirs from their own generator, blocks' first."""
     rows, vocab = scores.shape
     blocks = -(-vocab // CROSSING_BLOCK)
     block_u = torch.empty((rows, blocks), dtype=torch.float64, device=scores.device).uniform_()
     token_u = torch.empty(
-        (rows, CROSSING_BLOCK), dtype=scores.dtype, device=scores.device
+        (rows, CROSSING_BLOCK), dtype=dtype or scores.dtype, device=scores.device
     ).uniform_()
     for i, seq in enumerate(seqs):
         if seq.generator is not None:
@@ -348,14 +394,18 @@ class _LogprobTensors:
 
 
 def _logprob_tensors(
-    logits: torch.Tensor, chosen: torch.Tensor, params: list[SamplingParams]
+    logits: torch.Tensor,
+    chosen: torch.Tensor,
+    params: list[SamplingParams],
+    temps: torch.Tensor | None = None,
 ) -> _LogprobTensors | None:
-    """Logprob entries for the rows that asked, from one log-softmax and one top-k."""
+    """Logprob entries for the rows that asked, from one log-softmax and one top-k
+    (logits read as scaled_logits(logits, temps))."""
     rows = [i for i, p in enumerate(params) if p.logprobs]
     if not rows:
         return None
     row_ids = upload(rows, torch.long, logits.device)
-    table = torch.log_softmax(logits.index_select(0, row_ids), dim=-1)
+    table = torch.log_softmax(scaled_logits(logits, temps, row_ids), dim=-1)
     picked = chosen.index_select(0, row_ids)
     values = table.gather(1, picked[:, None]).squeeze(1)
     widest = max(params[i].top_logprobs for i in rows)

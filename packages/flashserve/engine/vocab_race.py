@@ -2,7 +2,9 @@
 
 For each row of logits: the softmax, its blocks' totals, the two-round exponential
 race (sampler._race) and the mass at or above the drawn token (certainly_kept's
-check), while the row sits in the cache. The torch passes read and write the whole
+check), while the row sits in the cache. The row may be the model's own (bf16 too)
+with its temperature still to divide by: the kernel widens and divides as it reads,
+with the bits torch's `.float()` and `div_` give, and no [rows, vocab] copy is made. The torch passes read and write the whole
 [rows, vocab] batch several times over (softmax, nan_to_num, block_sums, the mass),
 each through memory. The kernel repeats torch's arithmetic operation for operation,
 with the exp torch itself calls (Sleef's, found in libtorch_cpu), so where torch
@@ -30,27 +32,28 @@ from flashserve.layers.native import NativeLibrary
 
 logger = logging.getLogger(__name__)
 
+_SIGNATURE = [
+    ctypes.c_void_p,  # logits [rows, vocab]
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # vocab
+    ctypes.c_int64,  # logits row stride
+    ctypes.c_void_p,  # temperatures float32 [rows] or NULL
+    ctypes.c_void_p,  # log U of the blocks' round, float64 [rows, blocks]
+    ctypes.c_void_p,  # log U of the tokens' round, float32 [rows, CROSSING_BLOCK]
+    ctypes.c_void_p,  # the 8-lane exp (Sleef_expf8_u10)
+    ctypes.c_void_p,  # probs float32 [rows, vocab] or NULL
+    ctypes.c_void_p,  # block totals float64 [rows, blocks] or NULL
+    ctypes.c_void_p,  # chosen int64 [rows]
+    ctypes.c_void_p,  # the chosen tokens' probabilities, float32 [rows]
+    ctypes.c_void_p,  # mass at or above the chosen token's probability, float64 [rows]
+    ctypes.c_void_p,  # the row's mass, float64 [rows]
+    ctypes.c_int,  # threads
+]
+SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNEL = NativeLibrary(
     "vocab_race.c",
     "sampler: softmax and race over the vocabulary",
-    {
-        "vocab_race_f32": [
-            ctypes.c_void_p,  # logits [rows, vocab]
-            ctypes.c_int64,  # rows
-            ctypes.c_int64,  # vocab
-            ctypes.c_int64,  # logits row stride
-            ctypes.c_void_p,  # log U of the blocks' round, float64 [rows, blocks]
-            ctypes.c_void_p,  # log U of the tokens' round, float32 [rows, CROSSING_BLOCK]
-            ctypes.c_void_p,  # the 8-lane exp (Sleef_expf8_u10)
-            ctypes.c_void_p,  # probs float32 [rows, vocab] or NULL
-            ctypes.c_void_p,  # block totals float64 [rows, blocks] or NULL
-            ctypes.c_void_p,  # chosen int64 [rows]
-            ctypes.c_void_p,  # the chosen tokens' probabilities, float32 [rows]
-            ctypes.c_void_p,  # mass at or above the chosen token's probability, float64 [rows]
-            ctypes.c_void_p,  # the row's mass, float64 [rows]
-            ctypes.c_int,  # threads
-        ]
-    },
+    {f"vocab_race_{suffix}": _SIGNATURE for suffix in SUFFIXES.values()},
 )
 # Benchmarks and tests switch the kernel off to compare with the torch passes.
 enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") != "0"
@@ -97,21 +100,25 @@ def race_over_vocab(
     log_block_u: torch.Tensor,
     log_token_u: torch.Tensor,
     keep_probs: bool = False,
+    temperatures: torch.Tensor | None = None,
 ) -> RaceResult | None:
-    """The race over softmax(logits) (NaN as 0) with the given logs of uniforms, or None
-    where the kernel does not take these tensors (then use the torch passes).
+    """The race over softmax(logits / temperatures) (NaN as 0) with the given logs of
+    uniforms, or None where the kernel does not take these tensors (then use the torch
+    passes).
 
-    logits: [rows, vocab] float32 on the CPU, unit column stride; log_block_u: float64
-    [rows, ceil(vocab / CROSSING_BLOCK)]; log_token_u: float32 [rows, CROSSING_BLOCK].
-    keep_probs: also return the probabilities and block totals (tests; costs a write of
-    the whole batch)."""
+    logits: [rows, vocab] float32 or bfloat16 on the CPU, unit column stride; each row is
+    taken as `logits.float() / temperatures[:, None]` would give it (the same bits),
+    without that pass over the batch. temperatures: float32 [rows], all > 0, or None (1).
+    log_block_u: float64 [rows, ceil(vocab / CROSSING_BLOCK)]; log_token_u: float32
+    [rows, CROSSING_BLOCK]. keep_probs: also return the probabilities and block totals
+    (tests; costs a write of the whole batch)."""
     if not enabled or logits.dim() != 2:
         return None
     rows, vocab = logits.shape
     blocks = -(-vocab // CROSSING_BLOCK)
     if not (
         logits.device.type == "cpu"
-        and logits.dtype == torch.float32
+        and logits.dtype in SUFFIXES
         and logits.stride(1) == 1
         and vocab >= 8  # torch's softmax takes a shorter row another way
         and rows > 0
@@ -128,6 +135,13 @@ def race_over_vocab(
             f"log_token_u: want float32 {(rows, CROSSING_BLOCK)}, got "
             f"{log_token_u.dtype} {tuple(log_token_u.shape)}"
         )
+    if temperatures is not None and (
+        temperatures.shape != (rows,) or temperatures.dtype != torch.float32
+    ):
+        raise ValueError(
+            f"temperatures: want float32 {(rows,)}, got {temperatures.dtype} "
+            f"{tuple(temperatures.shape)}"
+        )
     library = KERNEL.load()
     exp = torch_exp_address() if library is not None else None
     if exp is None:
@@ -140,11 +154,14 @@ def race_over_vocab(
     mass = torch.empty(rows, dtype=torch.float64)
     probs = torch.empty(rows, vocab) if keep_probs else None
     totals = torch.empty(rows, blocks, dtype=torch.float64) if keep_probs else None
-    failed = library.vocab_race_f32(
+    if temperatures is not None:
+        temperatures = temperatures.contiguous()
+    failed = getattr(library, f"vocab_race_{SUFFIXES[logits.dtype]}")(
         logits.data_ptr(),
         rows,
         vocab,
         logits.stride(0),
+        None if temperatures is None else temperatures.data_ptr(),
         log_block_u.data_ptr(),
         log_token_u.data_ptr(),
         exp,

@@ -14,6 +14,11 @@
  *   first and then the 8 lanes in order;
  * - the race: totals / log U and p / log U, the first minimum of each round;
  * - the mass by nucleus_mass.h, as csrc/mass_at_least.c.
+ * The logits may be bf16 and come with a temperature per row: each is then widened
+ * and divided as torch's .float() and div_ would have done, in the pass that reads
+ * it, instead of in two more passes over the batch (the largest logit is found on
+ * the raw values and divided once: dividing by t > 0 keeps their order, rounding
+ * included).
  * Nothing depends on the other rows or the thread count.
  * Built at first use by layers/native.py (-ffp-contract=off: no fused multiply-add).
  */
@@ -65,38 +70,67 @@ static inline __m256 first_lanes(__m256 a, __m256 b, int64_t count) {
     return _mm256_blendv_ps(a, b, take);
 }
 
+/* A row of logits as the softmax reads it: fp32 or bf16, divided by a temperature. */
+struct logit_row {
+    const void *x;
+    int bf16;
+    int divide; /* by t (t == 1 changes nothing) */
+    __m256 t;
+};
+
+/* 8 logits from index d, widened (bf16) but not divided. */
+static inline __m256 raw8(const struct logit_row *row, int64_t d) {
+    if (!row->bf16) return _mm256_loadu_ps((const float *)row->x + d);
+    const __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row->x + d));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+/* The first `count` (< 8) logits from index d, the other lanes zero, widened. */
+static inline __m256 raw_partial(const struct logit_row *row, int64_t d, int64_t count) {
+    if (!row->bf16) return load_partial((const float *)row->x + d, count);
+    uint16_t lanes[8] = {0};
+    memcpy(lanes, (const uint16_t *)row->x + d, (size_t)count * sizeof(uint16_t));
+    const __m128i h = _mm_loadu_si128((const __m128i *)lanes);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
+static inline __m256 scaled(const struct logit_row *row, __m256 v) {
+    return row->divide ? _mm256_div_ps(v, row->t) : v;
+}
+
 /* probs[0:n] = softmax(x[0:n]) with NaN as 0, as torch computes it; n >= 8. next: the
  * row this thread takes after x (or NULL), fetched into the cache during the exp loop,
  * which computes more than it reads, so that the next max pass need not wait for memory. */
-static void softmax_row(const float *x, int64_t n, float *probs, exp8_fn exp8,
-                        const float *next) {
+static void softmax_row(const struct logit_row *row, int64_t n, float *probs, exp8_fn exp8,
+                        const char *next) {
     const int64_t whole = n - n % 8, tail = n - whole;
     /* The largest value is the same in any order (NaN aside, which wins anyway; and
      * a zero's sign, which x - max never shows): four chains, not one. */
     __m256 peaks[4];
-    for (int k = 0; k < 4; k++) peaks[k] = _mm256_loadu_ps(x);
+    for (int k = 0; k < 4; k++) peaks[k] = raw8(row, 0);
     int64_t d = 8;
     for (; d + 32 <= whole; d += 32) {
-        for (int k = 0; k < 4; k++) peaks[k] = maximum(peaks[k], _mm256_loadu_ps(x + d + 8 * k));
+        for (int k = 0; k < 4; k++) peaks[k] = maximum(peaks[k], raw8(row, d + 8 * k));
     }
-    for (; d < whole; d += 8) peaks[0] = maximum(peaks[0], _mm256_loadu_ps(x + d));
+    for (; d < whole; d += 8) peaks[0] = maximum(peaks[0], raw8(row, d));
     __m256 peak = maximum(maximum(peaks[0], peaks[1]), maximum(peaks[2], peaks[3]));
-    if (tail) peak = first_lanes(peak, maximum(peak, load_partial(x + whole, tail)), tail);
-    const __m256 shift = _mm256_set1_ps(lane_tree_max(peak));
+    if (tail) peak = first_lanes(peak, maximum(peak, raw_partial(row, whole, tail)), tail);
+    const __m256 shift = scaled(row, _mm256_set1_ps(lane_tree_max(peak)));
+    const int64_t line_elements = row->bf16 ? 32 : 16;
 
     /* The running sum goes through memory at each call (a call clobbers every vector
      * register), but behind the exp's own latency that costs less than a second loop. */
     __m256 tail_e = _mm256_setzero_ps();
     __m256 sum = _mm256_setzero_ps();
     for (d = 0; d < whole; d += 8) {
-        if (next && d % 16 == 0) __builtin_prefetch(next + d, 0, 2);
-        __m256 e = exp8(_mm256_sub_ps(_mm256_loadu_ps(x + d), shift));
+        if (next && d % line_elements == 0) __builtin_prefetch(next + d * (row->bf16 ? 2 : 4), 0, 2);
+        __m256 e = exp8(_mm256_sub_ps(scaled(row, raw8(row, d)), shift));
         _mm256_storeu_ps(probs + d, e);
         sum = d ? _mm256_add_ps(sum, e) : e;
     }
     if (tail) {
         float lanes[8];
-        tail_e = exp8(_mm256_sub_ps(load_partial(x + whole, tail), shift));
+        tail_e = exp8(_mm256_sub_ps(scaled(row, raw_partial(row, whole, tail)), shift));
         _mm256_storeu_ps(lanes, tail_e);
         memcpy(probs + whole, lanes, (size_t)tail * sizeof(float));
         sum = first_lanes(sum, _mm256_add_ps(sum, tail_e), tail);
@@ -136,8 +170,8 @@ static float block_total(const float *p, int64_t count) {
 }
 
 /* One row: softmax into probs, block totals, the race's token, its mass check. */
-static void race_row(const float *x, int64_t n, const double *log_block_u,
-                     const float *log_token_u, exp8_fn exp8, const float *next, float *probs,
+static void race_row(const struct logit_row *x, int64_t n, const double *log_block_u,
+                     const float *log_token_u, exp8_fn exp8, const char *next, float *probs,
                      double *totals, int64_t *chosen, float *chosen_prob, double *through,
                      double *mass) {
     const int64_t blocks = (n + RACE_BLOCK - 1) / RACE_BLOCK;
@@ -170,7 +204,9 @@ static void race_row(const float *x, int64_t n, const double *log_block_u,
 }
 
 struct race_job {
-    const float *logits;
+    const void *logits;
+    int bf16;
+    const float *temperatures;
     int64_t vocab, stride, blocks;
     const double *log_block_u;
     const float *log_token_u;
@@ -191,10 +227,14 @@ static void race_rows(void *ctx, int64_t begin, int64_t end) {
     if ((!j->probs && !scratch_probs) || (!j->totals && !scratch_totals)) {
         atomic_store(&j->failed, 1);
     } else {
+        const int64_t row_bytes = j->stride * (j->bf16 ? 2 : 4);
         for (int64_t r = begin; r < end; r++) {
-            race_row(j->logits + r * j->stride, j->vocab, j->log_block_u + r * j->blocks,
+            const float t = j->temperatures ? j->temperatures[r] : 1.0f;
+            const struct logit_row row = {(const char *)j->logits + r * row_bytes, j->bf16,
+                                          t != 1.0f, _mm256_set1_ps(t)};
+            race_row(&row, j->vocab, j->log_block_u + r * j->blocks,
                      j->log_token_u + r * RACE_BLOCK, j->exp8,
-                     r + 1 < end ? j->logits + (r + 1) * j->stride : NULL,
+                     r + 1 < end ? (const char *)j->logits + (r + 1) * row_bytes : NULL,
                      j->probs ? j->probs + r * j->vocab : scratch_probs,
                      j->totals ? j->totals + r * j->blocks : scratch_totals, j->chosen + r,
                      j->chosen_prob + r, j->through + r, j->mass + r);
@@ -205,18 +245,23 @@ static void race_rows(void *ctx, int64_t begin, int64_t end) {
 }
 #endif
 
-/* logits [rows, vocab] (row stride `stride`, vocab >= 8); log_block_u [rows, blocks] and
+/* logits [rows, vocab] fp32 (or bf16: vocab_race_bf16), row stride `stride` (elements),
+ * vocab >= 8; temperatures [rows] (> 0) or NULL: each row's logits divided by its own
+ * first, as torch's div_ would (fp32 division, after widening bf16); log_block_u [rows, blocks] and
  * log_token_u [rows, 256], contiguous: the logs of the race's uniforms; exp8: Sleef_expf8_u10.
  * Out: chosen, chosen_prob (its probability), through (mass of the tokens at least as
  * probable as it) and mass (the row's total) [rows]; probs [rows, vocab] and totals
  * [rows, blocks], contiguous, where not NULL (else scratch rows).
  * Returns 0; 1: no memory for the scratch rows; 2: built without AVX2 (no kernel). */
-int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
-                   const double *log_block_u, const float *log_token_u, const void *exp8,
-                   float *probs, double *totals, int64_t *chosen, float *chosen_prob,
-                   double *through, double *mass, int threads) {
+static int vocab_race(int bf16, const void *logits, int64_t rows, int64_t vocab, int64_t stride,
+                      const float *temperatures, const double *log_block_u,
+                      const float *log_token_u, const void *exp8, float *probs, double *totals,
+                      int64_t *chosen, float *chosen_prob, double *through, double *mass,
+                      int threads) {
 #if defined(__AVX2__)
     struct race_job job = {.logits = logits,
+                           .bf16 = bf16,
+                           .temperatures = temperatures,
                            .vocab = vocab,
                            .stride = stride,
                            .blocks = (vocab + RACE_BLOCK - 1) / RACE_BLOCK,
@@ -233,9 +278,28 @@ int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t str
     flashserve_run_ranges(race_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return atomic_load(&job.failed);
 #else
+    (void)bf16, (void)temperatures;
     (void)logits, (void)rows, (void)vocab, (void)stride, (void)log_block_u;
     (void)log_token_u, (void)exp8, (void)probs, (void)totals, (void)chosen, (void)chosen_prob;
     (void)through, (void)mass, (void)threads;
     return 2;
 #endif
+}
+
+int vocab_race_f32(const float *logits, int64_t rows, int64_t vocab, int64_t stride,
+                   const float *temperatures, const double *log_block_u,
+                   const float *log_token_u, const void *exp8, float *probs, double *totals,
+                   int64_t *chosen, float *chosen_prob, double *through, double *mass,
+                   int threads) {
+    return vocab_race(0, logits, rows, vocab, stride, temperatures, log_block_u, log_token_u,
+                      exp8, probs, totals, chosen, chosen_prob, through, mass, threads);
+}
+
+int vocab_race_bf16(const uint16_t *logits, int64_t rows, int64_t vocab, int64_t stride,
+                    const float *temperatures, const double *log_block_u,
+                    const float *log_token_u, const void *exp8, float *probs, double *totals,
+                    int64_t *chosen, float *chosen_prob, double *through, double *mass,
+                    int threads) {
+    return vocab_race(1, logits, rows, vocab, stride, temperatures, log_block_u, log_token_u,
+                      exp8, probs, totals, chosen, chosen_prob, through, mass, threads);
 }
