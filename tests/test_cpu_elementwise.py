@@ -77,24 +77,25 @@ def test_the_layers_give_the_torch_results() -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("partial", [1.0, 0.5])
-def test_rope_in_place_is_forward_bit_for_bit(partial: float, dtype: torch.dtype) -> None:
-    """On views of a packed q|k|v product (strided rows), partial rotary included."""
+@pytest.mark.parametrize("partial,head_dim", [(1.0, 64), (0.5, 64), (1.0, 40)])
+def test_rope_in_place_is_forward_bit_for_bit(partial, head_dim, dtype) -> None:
+    """On views of a packed q|k|v product (strided rows), partial rotary included, and
+    halves of 20 dims (8 columns at a time, then 4 alone)."""
     from flashserve.layers.rotary import RotaryEmbedding
 
     rope = {"rope_theta": 10000.0, "partial_rotary_factor": partial}
-    rotary = RotaryEmbedding(rope, head_dim=64, max_positions=512)
-    heads, kv_heads, rows = 6, 2, 37
-    qkv = torch.randn(rows, (heads + 2 * kv_heads) * 64).to(dtype)
+    rotary = RotaryEmbedding(rope, head_dim=head_dim, max_positions=512)
+    heads, kv_heads, rows, d = 6, 2, 37, head_dim
+    qkv = (torch.randn(rows, (heads + 2 * kv_heads) * d) * 4).to(dtype)
     positions = torch.randint(0, 512, (rows,))
-    q = qkv[:, : heads * 64].view(rows, heads, 64)
-    k = qkv[:, heads * 64 : (heads + kv_heads) * 64].view(rows, kv_heads, 64)
+    q = qkv[:, : heads * d].view(rows, heads, d)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(rows, kv_heads, d)
     expected_q, expected_k = rotary(positions, q, k)
-    v_before = qkv[:, (heads + kv_heads) * 64 :].clone()
+    v_before = qkv[:, (heads + kv_heads) * d :].clone()
     got_q, got_k = rotary.rotate_in_place(positions, q, k)
     assert got_q.data_ptr() == q.data_ptr(), "the kernel took the views"
     assert torch.equal(got_q, expected_q) and torch.equal(got_k, expected_k)
-    assert torch.equal(qkv[:, (heads + kv_heads) * 64 :], v_before)
+    assert torch.equal(qkv[:, (heads + kv_heads) * d :], v_before)
 
 
 def test_rope_at_a_position_past_the_table_is_an_error_not_a_wild_read() -> None:
@@ -255,3 +256,30 @@ def test_the_wide_rms_norm_is_the_8_lane_builds_bits(request, monkeypatch, dtype
     portable = cpu_elementwise.add_rms_norm(x, residual, weight, 1e-5)
     assert torch.equal(portable[0], wide[0]) and torch.equal(portable[1], wide[1])
     assert torch.equal(cpu_elementwise.rms_norm(x, weight, 1e-5), plain)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_store_kv_is_index_copy_and_checks_its_slots(dtype) -> None:
+    """Keys and values from views of a packed q|k|v product into their slots: what
+    write_kv's index_copy_ writes; a slot out of range writes nothing (torch then raises)."""
+    from flashserve.layers.attention import write_kv
+
+    g = torch.Generator().manual_seed(1)
+    rows, kv_heads, d = 9, 2, 64
+    qkv = torch.randn(rows, 8 * d, generator=g).to(dtype)
+    k = qkv[:, 4 * d : 6 * d].view(rows, kv_heads, d)
+    v = qkv[:, 6 * d :].view(rows, kv_heads, d)
+    caches = [torch.zeros(5, 4, kv_heads, d, dtype=dtype) for _ in range(4)]
+    slots = torch.randperm(20, generator=g)[:rows]
+    assert cpu_elementwise.store_kv(k, v, caches[0], caches[1], slots)
+    caches[2].view(-1, kv_heads, d).index_copy_(0, slots, k)
+    caches[3].view(-1, kv_heads, d).index_copy_(0, slots, v)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    wild = slots.clone()
+    wild[-1] = 20
+    assert not cpu_elementwise.store_kv(k, v, caches[0], caches[1], wild)
+    assert torch.equal(caches[0], caches[2])
+    with pytest.raises(IndexError):
+        write_kv(k, v, caches[0], caches[1], wild)
+    # Another dtype than the cache's: torch converts.
+    assert not cpu_elementwise.store_kv(k.double(), v.double(), caches[0], caches[1], slots)

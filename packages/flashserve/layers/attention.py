@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from flashserve.layers import cpu_decode_attention
+from flashserve.layers import cpu_decode_attention, cpu_elementwise
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +84,8 @@ def write_kv(
     slots: torch.Tensor,
 ) -> None:
     """Store this step's keys/values. Cache layout: [blocks, block_size, kv_heads, head_dim]."""
+    if cpu_elementwise.store_kv(k, v, k_cache, v_cache, slots):
+        return
     kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, kv_heads, head_dim).index_copy_(0, slots, v.to(v_cache.dtype))

@@ -57,31 +57,51 @@ _SILU_MUL = [
     ctypes.c_int,  # threads
 ]
 _ROTATE_HALF = [
-    ctypes.c_void_p,  # x [rows, heads, head_dim], rotated in place
-    ctypes.c_int64,  # x row stride
-    ctypes.c_int64,  # x head stride
+    ctypes.c_void_p,  # q [rows, q heads, head_dim], rotated in place
+    ctypes.c_int64,  # q row stride
+    ctypes.c_int64,  # q head stride
+    ctypes.c_int64,  # q heads
+    ctypes.c_void_p,  # k [rows, k heads, head_dim], rotated in place (or NULL)
+    ctypes.c_int64,  # k row stride
+    ctypes.c_int64,  # k head stride
+    ctypes.c_int64,  # k heads (0: q alone)
     ctypes.c_int64,  # rows
-    ctypes.c_int64,  # heads
     ctypes.c_int64,  # rotated dims per head
     ctypes.c_void_p,  # table float32 [positions, 2 * rotated dims]: cos|cos, -sin|sin
     ctypes.c_int64,  # table rows
     ctypes.c_void_p,  # positions int64 [rows]
     ctypes.c_int,  # threads
 ]
+_STORE_KV = [
+    ctypes.c_void_p,  # k [rows, ...]
+    ctypes.c_int64,  # k row stride, bytes
+    ctypes.c_void_p,  # v [rows, ...]
+    ctypes.c_int64,  # v row stride, bytes
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # bytes of a token's keys (and of its values)
+    ctypes.c_void_p,  # slots int64 [rows]
+    ctypes.c_void_p,  # k cache [slots, ...]
+    ctypes.c_void_p,  # v cache [slots, ...]
+    ctypes.c_int64,  # slots in the cache
+    ctypes.c_int,  # threads
+]
 # Each kernel in fp32 and bf16; strides in elements.
 SUFFIXES = {torch.float32: "f32", torch.bfloat16: "bf16"}
 KERNELS = NativeLibrary(
     "elementwise.c",
-    "CPU RMSNorm, SwiGLU activation and rope",
+    "CPU RMSNorm, SwiGLU activation, rope and the KV cache write",
     {
-        f"{name}_{suffix}": signature
-        for name, signature in (
-            ("rms_norm", _RMS_NORM),
-            ("add_rms_norm", _ADD_RMS_NORM),
-            ("silu_mul", _SILU_MUL),
-            ("rotate_half", _ROTATE_HALF),
-        )
-        for suffix in SUFFIXES.values()
+        **{
+            f"{name}_{suffix}": signature
+            for name, signature in (
+                ("rms_norm", _RMS_NORM),
+                ("add_rms_norm", _ADD_RMS_NORM),
+                ("silu_mul", _SILU_MUL),
+                ("rotate_half", _ROTATE_HALF),
+            )
+            for suffix in SUFFIXES.values()
+        },
+        "store_kv": _STORE_KV,
     },
 )
 
@@ -192,11 +212,14 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 def rotate_half_in_place(
     tensors: tuple[torch.Tensor, ...], positions: torch.Tensor, table: torch.Tensor, rotary_dim: int
 ) -> bool:
-    """Rope each x [rows, heads, head_dim] in place at positions with the rotary table's
-    rows (cos|cos, -sin|sin over the first rotary_dim dims). All or none: False when the
-    kernel takes not every one of them (nothing is changed then; use torch)."""
+    """Rope each x [rows, heads, head_dim] (one or two: q and k, in one call) in place at
+    positions with the rotary table's rows (cos|cos, -sin|sin over the first rotary_dim
+    dims). All or none: False when the kernel takes not every one of them (nothing is
+    changed then; use torch)."""
     if not (
-        enabled
+        len(tensors) in (1, 2)
+        and all(x.shape[0] == positions.shape[0] for x in tensors)
+        and enabled
         and table.dtype == torch.float32
         and table.is_contiguous()
         and table.shape[-1] == 2 * rotary_dim
@@ -219,19 +242,73 @@ def rotate_half_in_place(
     if library is None:
         return False
     positions = positions.contiguous()
-    for x in tensors:
-        out_of_table = getattr(library, f"rotate_half_{SUFFIXES[x.dtype]}")(
-            x.data_ptr(),
-            x.stride(0),
-            x.stride(1),
-            x.shape[0],
-            x.shape[1],
-            rotary_dim,
-            table.data_ptr(),
-            table.shape[0],
-            positions.data_ptr(),
-            torch.get_num_threads(),
+    q, k = tensors[0], tensors[-1] if len(tensors) == 2 else None
+    out_of_table = getattr(library, f"rotate_half_{SUFFIXES[q.dtype]}")(
+        q.data_ptr(),
+        q.stride(0),
+        q.stride(1),
+        q.shape[1],
+        None if k is None else k.data_ptr(),
+        0 if k is None else k.stride(0),
+        0 if k is None else k.stride(1),
+        0 if k is None else k.shape[1],
+        q.shape[0],
+        rotary_dim,
+        table.data_ptr(),
+        table.shape[0],
+        positions.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return not out_of_table  # nothing written then; torch's indexing raises
+
+
+def store_kv(
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+) -> bool:
+    """Write k and v [rows, kv_heads, head_dim] into caches [blocks, block_size, kv_heads,
+    head_dim] at slots (int64 [rows]) in one call: index_copy_'s result, two ops fewer a
+    layer. False (nothing written) where the kernel does not take them: use torch."""
+    if not (
+        enabled
+        and k.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and slots.dtype == torch.int64
+        and slots.dim() == 1
+        and slots.is_contiguous()
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+        and k_cache.shape == v_cache.shape
+        and all(
+            x.dim() == 3
+            and x.shape == k.shape
+            and x.shape[0] == slots.shape[0]
+            and x.shape[1:] == k_cache.shape[2:]
+            and x.dtype == k_cache.dtype == v_cache.dtype
+            and x.stride(2) == 1
+            and x.stride(1) == x.shape[2]
+            for x in (k, v)
         )
-        if out_of_table:  # the first call already (q): nothing written; torch's indexing raises
-            return False
-    return True
+    ):
+        return False
+    library = KERNELS.load()
+    if library is None:
+        return False
+    size = k.element_size()
+    out_of_range = library.store_kv(
+        k.data_ptr(),
+        k.stride(0) * size,
+        v.data_ptr(),
+        v.stride(0) * size,
+        k.shape[0],
+        k.shape[1] * k.shape[2] * size,
+        slots.data_ptr(),
+        k_cache.data_ptr(),
+        v_cache.data_ptr(),
+        k_cache.shape[0] * k_cache.shape[1],
+        torch.get_num_threads(),
+    )
+    return not out_of_range  # nothing written then; index_copy_ raises

@@ -1,7 +1,8 @@
 /* Row-wise elementwise steps of a decoder layer in one pass each (CPU, fp32 or bf16):
- * torch runs RMSNorm as five passes over the activations, SwiGLU's activation as
- * two and rope as five, each through memory once a prefill's rows outgrow the
- * caches.
+ * torch runs RMSNorm as five passes over the activations (six with the residual add
+ * before it), SwiGLU's activation as two and rope as five, each through memory once
+ * a prefill's rows outgrow the caches; and the KV cache write, one call for keys and
+ * values where torch takes two (a decode step is many small ops).
  *
  * Every row is computed alone in a fixed order (lanes in column order, then
  * one fixed tree over the lanes), so its bits do not depend on the other rows
@@ -334,26 +335,47 @@ int silu_mul_bf16(const uint16_t *gate_up, int64_t ldg, int64_t rows, int64_t n,
     return silu_mul(1, gate_up, ldg, rows, n, out, ldo, threads);
 }
 
-struct rope_job {
+/* One tensor rope rotates: x [rows, heads, head_dim], row stride ldx, head stride ldh. */
+struct rope_operand {
     void *x;
-    int64_t ldx, ldh, heads, rotary;
+    int64_t ldx, ldh, heads;
+};
+
+struct rope_job {
+    struct rope_operand operands[2]; /* q and k; a second with no heads is skipped */
+    int64_t rotary;
     const float *table;
     const int64_t *positions;
 };
 
-/* In fp32 for both types (torch's reference widens bf16 first), one rounding at the end. */
+/* In fp32 for both types (torch's reference widens bf16 first), one rounding at the end:
+ * x * cos + partner * sin, two products and a sum, 8 columns at a time (scalar past the
+ * last whole 8). */
+static inline void rope_head(int bf16, char *first, int64_t half, const float *cos,
+                             const float *sin) {
+    const int64_t size = bf16 ? 2 : 4;
+    char *second = first + half * size;
+    int64_t c = 0;
+    for (; c + LANES <= half; c += LANES) {
+        const vf a = load_at(bf16, first, c), b = load_at(bf16, second, c);
+        store_at(bf16, first, c, a * load_f32(cos + c) + b * load_f32(sin + c));
+        store_at(bf16, second, c, b * load_f32(cos + half + c) + a * load_f32(sin + half + c));
+    }
+    for (; c < half; c++) {
+        const float a = scalar_at(bf16, first, c), b = scalar_at(bf16, second, c);
+        scalar_store(bf16, first, c, a * cos[c] + b * sin[c]);
+        scalar_store(bf16, second, c, b * cos[half + c] + a * sin[half + c]);
+    }
+}
+
 static inline void rope_rows(int bf16, const struct rope_job *j, int64_t begin, int64_t end) {
     const int64_t half = j->rotary / 2, size = bf16 ? 2 : 4;
     for (int64_t r = begin; r < end; r++) {
         const float *cos = j->table + j->positions[r] * 2 * j->rotary, *sin = cos + j->rotary;
-        for (int64_t h = 0; h < j->heads; h++) {
-            char *first = (char *)j->x + (r * j->ldx + h * j->ldh) * size;
-            char *second = first + half * size;
-            for (int64_t c = 0; c < half; c++) {
-                float a = scalar_at(bf16, first, c), b = scalar_at(bf16, second, c);
-                scalar_store(bf16, first, c, a * cos[c] + b * sin[c]);
-                scalar_store(bf16, second, c, b * cos[half + c] + a * sin[half + c]);
-            }
+        for (int k = 0; k < 2; k++) {
+            const struct rope_operand *x = &j->operands[k];
+            for (int64_t h = 0; h < x->heads; h++)
+                rope_head(bf16, (char *)x->x + (r * x->ldx + h * x->ldh) * size, half, cos, sin);
         }
     }
 }
@@ -364,32 +386,69 @@ static void rope_rows_bf16(void *job, int64_t begin, int64_t end) {
     rope_rows(1, job, begin, end);
 }
 
-/* Rotate-half rope in place: x [rows, heads, head_dim] (row stride ldx, head stride
- * ldh), the first `rotary` dims of each head, at positions[r]; table row p holds
- * cos|cos over the rotated dims, then -sin|sin. Each element is x * cos + partner * sin
- * (two products, one sum: torch's arithmetic for the same table, bit for bit). Returns 1,
- * with x untouched, when a position has no row in the table. */
-static int rotate_half(int bf16, void *x, int64_t ldx, int64_t ldh, int64_t rows, int64_t heads,
-                       int64_t rotary, const float *table, int64_t table_rows,
-                       const int64_t *positions, int threads) {
+/* Rotate-half rope in place: q [rows, q_heads, head_dim] (row stride ldq, head stride
+ * ldqh) and k [rows, k_heads, head_dim] (ldk, ldkh; k_heads 0: q alone), the first
+ * `rotary` dims of each head, at positions[r]; table row p holds cos|cos over the rotated
+ * dims, then -sin|sin. Each element is x * cos + partner * sin (two products, one sum:
+ * torch's arithmetic for the same table, bit for bit). Returns 1, with nothing written,
+ * when a position has no row in the table. */
+static int rotate_half(int bf16, void *q, int64_t ldq, int64_t ldqh, int64_t q_heads, void *k,
+                       int64_t ldk, int64_t ldkh, int64_t k_heads, int64_t rows, int64_t rotary,
+                       const float *table, int64_t table_rows, const int64_t *positions,
+                       int threads) {
     for (int64_t r = 0; r < rows; r++) /* checked before anything is written */
         if (positions[r] < 0 || positions[r] >= table_rows) return 1;
-    struct rope_job job = {x, ldx, ldh, heads, rotary, table, positions};
+    struct rope_job job = {{{q, ldq, ldqh, q_heads}, {k, ldk, ldkh, k_heads}},
+                           rotary, table, positions};
     flashserve_run_ranges(bf16 ? rope_rows_bf16 : rope_rows_f32, &job, rows,
                           (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
 }
 
-int rotate_half_f32(float *x, int64_t ldx, int64_t ldh, int64_t rows, int64_t heads,
-                    int64_t rotary, const float *table, int64_t table_rows,
-                    const int64_t *positions, int threads) {
-    return rotate_half(0, x, ldx, ldh, rows, heads, rotary, table, table_rows, positions,
-                       threads);
+int rotate_half_f32(float *q, int64_t ldq, int64_t ldqh, int64_t q_heads, float *k,
+                    int64_t ldk, int64_t ldkh, int64_t k_heads, int64_t rows, int64_t rotary,
+                    const float *table, int64_t table_rows, const int64_t *positions,
+                    int threads) {
+    return rotate_half(0, q, ldq, ldqh, q_heads, k, ldk, ldkh, k_heads, rows, rotary, table,
+                       table_rows, positions, threads);
 }
 
-int rotate_half_bf16(uint16_t *x, int64_t ldx, int64_t ldh, int64_t rows, int64_t heads,
-                     int64_t rotary, const float *table, int64_t table_rows,
-                     const int64_t *positions, int threads) {
-    return rotate_half(1, x, ldx, ldh, rows, heads, rotary, table, table_rows, positions,
-                       threads);
+int rotate_half_bf16(uint16_t *q, int64_t ldq, int64_t ldqh, int64_t q_heads, uint16_t *k,
+                     int64_t ldk, int64_t ldkh, int64_t k_heads, int64_t rows, int64_t rotary,
+                     const float *table, int64_t table_rows, const int64_t *positions,
+                     int threads) {
+    return rotate_half(1, q, ldq, ldqh, q_heads, k, ldk, ldkh, k_heads, rows, rotary, table,
+                       table_rows, positions, threads);
+}
+
+struct kv_store_job {
+    const char *k, *v;
+    int64_t k_row_bytes, v_row_bytes, token_bytes; /* row strides of k and v; a slot's size */
+    const int64_t *slots;
+    char *k_cache, *v_cache;
+};
+
+static void store_rows(void *job, int64_t begin, int64_t end) {
+    const struct kv_store_job *j = job;
+    for (int64_t r = begin; r < end; r++) {
+        memcpy(j->k_cache + j->slots[r] * j->token_bytes, j->k + r * j->k_row_bytes,
+               (size_t)j->token_bytes);
+        memcpy(j->v_cache + j->slots[r] * j->token_bytes, j->v + r * j->v_row_bytes,
+               (size_t)j->token_bytes);
+    }
+}
+
+/* This step's keys and values into their cache slots: row r of k and v (token_bytes
+ * each, the rows k_row_bytes and v_row_bytes apart) to slot slots[r] of k_cache and
+ * v_cache (slots of token_bytes, num_slots of them). Returns 1, with nothing written,
+ * when a slot is out of range. */
+int store_kv(const void *k, int64_t k_row_bytes, const void *v, int64_t v_row_bytes,
+             int64_t rows, int64_t token_bytes, const int64_t *slots, void *k_cache,
+             void *v_cache, int64_t num_slots, int threads) {
+    for (int64_t r = 0; r < rows; r++)
+        if (slots[r] < 0 || slots[r] >= num_slots) return 1;
+    struct kv_store_job job = {k, v, k_row_bytes, v_row_bytes, token_bytes, slots, k_cache,
+                               v_cache};
+    flashserve_run_ranges(store_rows, &job, rows, (int64_t)threads * CHUNKS_PER_THREAD, threads);
+    return 0;
 }
