@@ -195,3 +195,26 @@ def test_raw_logits_with_temperatures_are_the_scaled_fp32_rows(vocab, dtype):
         assert torch.equal(getattr(got, field), getattr(want, field)), field
     with pytest.raises(ValueError, match="temperatures"):
         vocab_race.race_over_vocab(raw, log_block_u, log_token_u, temperatures=temps[:3])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_16_lane_exp_gives_the_8_lane_exps_bits(monkeypatch, dtype):
+    """Where the build has AVX-512 the kernel calls Sleef's 16-lane exp: every result
+    (probabilities, totals, token, masses) has the bits the 8-lane one gives, over logits
+    spread from far below the row's best (exp underflows) to it, with -inf and NaN rows."""
+    if vocab_race.torch_exp16_address() is None:
+        pytest.skip("this torch build has no Sleef_expf16_u10")
+    vocab = 4099  # 16-lane blocks, then an 8-lane one, then a tail of 3
+    logits = _logits(8, vocab, 40.0, seed=5)
+    logits[4, ::7] = -200.0
+    logits = logits.to(dtype)
+    temps = torch.tensor([0.8, 1.0, 0.25, 2.0, 1.0, 0.6, 1.0, 3.0])
+    noise = _noise(8, vocab, seed=6)
+    results = []
+    for wide in (True, False):
+        monkeypatch.setattr(vocab_race, "use_exp16", wide)
+        results.append(
+            vocab_race.race_over_vocab(logits, *noise, keep_probs=True, temperatures=temps)
+        )
+    for field in ("probs", "totals", "chosen", "chosen_prob", "through", "mass"):
+        assert torch.equal(getattr(results[0], field), getattr(results[1], field)), field

@@ -41,6 +41,7 @@ _SIGNATURE = [
     ctypes.c_void_p,  # log U of the blocks' round, float64 [rows, blocks]
     ctypes.c_void_p,  # log U of the tokens' round, float32 [rows, CROSSING_BLOCK]
     ctypes.c_void_p,  # the 8-lane exp (Sleef_expf8_u10)
+    ctypes.c_void_p,  # the 16-lane exp (Sleef_expf16_u10) or NULL
     ctypes.c_void_p,  # probs float32 [rows, vocab] or NULL
     ctypes.c_void_p,  # block totals float64 [rows, blocks] or NULL
     ctypes.c_void_p,  # chosen int64 [rows]
@@ -62,6 +63,11 @@ enabled = os.environ.get("FLASHSERVE_CPU_SAMPLER_KERNEL", "1") != "0"
 EXP_SYMBOL = "Sleef_expf8_u10"
 _exp_address: int | None = None
 _exp_missing: str | None = None
+# Its 16-lane form gives the same bits for every float (all 2^32 checked against torch
+# 2.13's build): AVX-512 kernels call it, half as often. Tests switch it off to compare.
+EXP16_SYMBOL = "Sleef_expf16_u10"
+use_exp16 = True
+_exp16_address: int | None = None
 
 
 def torch_exp_address() -> int | None:
@@ -79,6 +85,20 @@ def torch_exp_address() -> int | None:
                 "sampler: %s not found in %s (%s); using torch", EXP_SYMBOL, library, _exp_missing
             )
     return _exp_address
+
+
+def torch_exp16_address() -> int | None:
+    """The address of torch's 16-lane float exp, or None where this build lacks it (the
+    kernel then calls the 8-lane one)."""
+    global _exp16_address
+    if _exp16_address is None:
+        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+        try:
+            function = getattr(ctypes.CDLL(str(library)), EXP16_SYMBOL)
+            _exp16_address = ctypes.cast(function, ctypes.c_void_p).value or 0
+        except (OSError, AttributeError):
+            _exp16_address = 0
+    return _exp16_address or None
 
 
 @dataclass
@@ -165,6 +185,7 @@ def race_over_vocab(
         log_block_u.data_ptr(),
         log_token_u.data_ptr(),
         exp,
+        torch_exp16_address() if use_exp16 else None,
         None if probs is None else probs.data_ptr(),
         None if totals is None else totals.data_ptr(),
         chosen.data_ptr(),
