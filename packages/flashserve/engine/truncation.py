@@ -147,7 +147,8 @@ def certainly_kept(
     # Both sums have the same bits in any batch, so a seeded row decides the same way alone.
     through = mass_at_least(probs, chosen)
     mass = row_sums(probs) if totals is None else totals.cumsum(dim=-1)[:, -1]
-    return vouched(chosen.squeeze(1), through, mass, probs.shape[-1], params, top_p)
+    sure = vouched(chosen.squeeze(1), through, mass, probs.shape[-1], params, top_p)
+    return torch.tensor(sure, dtype=torch.bool, device=probs.device)
 
 
 def vouched(
@@ -157,17 +158,20 @@ def vouched(
     vocab: int,
     params: list[SamplingParams],
     top_p: list[float],
-) -> torch.Tensor:
+) -> list[bool]:
     """certainly_kept's decision from its sums: per row the drawn token's probability,
     the mass at or above it and the row's mass (float64; csrc/vocab_race.c gives them
-    in its pass)."""
-    device = chosen_prob.device
-    simple = torch.tensor(
-        [(p.top_k <= 0 or p.top_k >= vocab) and p.min_p <= 0 for p in params], device=device
-    )
-    nucleus = torch.tensor(top_p, dtype=torch.float64, device=device)
-    target = nucleus * mass * (1.0 - CERTAIN_MARGIN)
-    return simple & ((nucleus >= 1.0) | ((through < target) & (chosen_prob > 0)))
+    in its pass). On the host, in float64 as torch would compute it: a batch's few
+    dozen rows cost less there than a handful of tensor ops."""
+    factor = 1.0 - CERTAIN_MARGIN
+    return [
+        (p.top_k <= 0 or p.top_k >= vocab)
+        and p.min_p <= 0
+        and (nucleus >= 1.0 or (below < nucleus * total * factor and prob > 0))
+        for p, nucleus, prob, below, total in zip(
+            params, top_p, chosen_prob.tolist(), through.tolist(), mass.tolist()
+        )
+    ]
 
 
 def mass_at_least(probs: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
