@@ -204,16 +204,18 @@ class ModelRunner:
         if not sampled:
             self._last = None
             return LaunchedStep([], None)
-        draws = self.sampler.sample(self.logits(hidden, sample_rows), sampled, private=True)
+        logits = self.logits(hidden, sample_rows, native=True)
+        draws = self.sampler.sample(logits, sampled, private=True)
         self._last = (draws.tokens, {seq: row for row, seq in enumerate(sampled)})
         return LaunchedStep(sampled, draws)
 
-    def logits(self, hidden: torch.Tensor, rows: list[int]) -> torch.Tensor:
-        """fp32 logits of hidden-state `rows` (whole vocabulary on rank 0). Under tensor
-        parallel every rank calls this with the rows the step's inputs named."""
+    def logits(self, hidden: torch.Tensor, rows: list[int], native: bool = False) -> torch.Tensor:
+        """fp32 logits of hidden-state `rows` (whole vocabulary on rank 0; native: in the
+        model's dtype). Under tensor parallel every rank calls this with the rows the
+        step's inputs named."""
         if len(rows) != hidden.shape[0]:  # else every row (a pure decode step)
             hidden = hidden.index_select(0, upload(rows, torch.long, self.device))
-        return self.model.compute_logits(hidden)
+        return self.model.compute_logits(hidden, native)
 
     @torch.inference_mode()
     def forward(

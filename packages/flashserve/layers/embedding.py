@@ -61,6 +61,8 @@ class LMHead(VocabEmbedding):
     (its logits come from `vocab_logits`)."""
 
 
-def vocab_logits(hidden: torch.Tensor, table: VocabEmbedding) -> torch.Tensor:
-    """fp32 logits over the whole vocabulary on rank 0 (this rank's slice elsewhere)."""
-    return gather_last_dim(cpu_linear.linear(hidden, table.weight).float(), table.tp)
+def vocab_logits(hidden: torch.Tensor, table: VocabEmbedding, native: bool = False) -> torch.Tensor:
+    """fp32 logits over the whole vocabulary on rank 0 (this rank's slice elsewhere); native:
+    in the weights' dtype. The ranks gather in that dtype whichever each asks for."""
+    logits = gather_last_dim(cpu_linear.linear(hidden, table.weight), table.tp)
+    return logits if native else logits.float()

@@ -74,7 +74,9 @@ class CausalLM(nn.Module):
         """Final hidden states [T, hidden] for a flat batch of T tokens."""
         raise NotImplementedError
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
+        """fp32 logits of hidden [T, hidden]; native: in the model's dtype as the output
+        projection gives them (the CPU sampler reads those without a widened copy)."""
         raise NotImplementedError
 
     def checkpoint_target(self, name: str) -> tuple[str, Any] | None:

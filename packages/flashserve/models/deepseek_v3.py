@@ -324,9 +324,10 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
             return self.norm(hidden)
         return self.norm.add_and_norm(hidden, residual)[1]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return cpu_linear.linear(hidden, weight).float()
+        logits = cpu_linear.linear(hidden, weight)
+        return logits if native else logits.float()
 
 
 class DeepseekV2ForCausalLM(DeepseekV3ForCausalLM):

@@ -176,9 +176,9 @@ class DecoderOnlyLM(CausalLM):
             return self.norm(hidden)
         return self.norm.add_and_norm(hidden, residual)[1]
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:
         table = self.embed_tokens if self.lm_head is None else self.lm_head
-        return vocab_logits(hidden, table)
+        return vocab_logits(hidden, table, native)
 
 
 class LlamaForCausalLM(DecoderOnlyLM):
