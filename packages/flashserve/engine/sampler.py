@@ -93,8 +93,9 @@ class Sampler:
     ) -> SampledBatch:
         """Draw one token per row; nothing here waits for the device (see SampledBatch).
 
-        private: the caller hands over fp32 logits nobody else reads (the runner's fresh
-        ones), so they are edited in place instead of copied first.
+        logits: [rows, >= vocab] in any float dtype (the runner's are the model's own).
+        private: the caller hands over logits nobody else reads (the runner's fresh ones),
+        so fp32 ones are edited in place instead of copied first.
         """
         logits = logits[:, : self.vocab_size]
         params = [s.params for s in seqs]

@@ -218,7 +218,6 @@ def rotate_half_in_place(
     changed then; use torch)."""
     if not (
         len(tensors) in (1, 2)
-        and all(x.shape[0] == positions.shape[0] for x in tensors)
         and enabled
         and table.dtype == torch.float32
         and table.is_contiguous()
@@ -236,6 +235,8 @@ def rotate_half_in_place(
             and x.stride(2) == 1
             for x in tensors
         )
+        and positions.dim() == 1
+        and all(x.shape[0] == positions.shape[0] for x in tensors)
     ):
         return False
     library = KERNELS.load()
