@@ -114,6 +114,20 @@ def test_prefix_cache_reuses_blocks_and_keeps_output(model_dir):
     assert [t for o in outputs for t in o.new_token_ids] == first
 
 
+def test_blocks_filled_while_decoding_are_published_for_reuse(model_dir):
+    """Each step publishes the blocks that became full (not the whole context again): a
+    request repeating another's prompt and output finds every full block of it cached."""
+    engine = make_engine(model_dir)
+    prompt = list(range(3, 23))
+    output = run_all(engine, {"a": (prompt, greedy(max_tokens=90))})["a"]
+    seen = prompt + output  # the last token's KV was never computed
+    engine.add_request("b", seen, greedy(max_tokens=1))
+    outputs = []
+    while engine.has_work():
+        outputs.extend(engine.step())
+    assert outputs[0].num_cached_tokens == (len(seen) - 1) // 16 * 16 == 96
+
+
 def test_abort_frees_blocks(model_dir):
     engine = make_engine(model_dir, enable_prefix_caching=False)
     engine.add_request("x", list(range(3, 100)), greedy(max_tokens=100))

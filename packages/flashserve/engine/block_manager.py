@@ -88,6 +88,7 @@ class BlockManager:
                 if self.block_hash[block] is None:
                     self.free.move_to_end(block, last=False)
         seq.block_ids.clear()
+        seq.num_published_blocks = 0
         seq.num_computed_tokens = 0
 
     def trim(self, seq: Sequence) -> None:
@@ -100,18 +101,25 @@ class BlockManager:
                 # Never hashed (only full blocks of accepted tokens are): reused first.
                 self.free[block] = None
                 self.free.move_to_end(block, last=False)
+        seq.num_published_blocks = min(seq.num_published_blocks, len(seq.block_ids))
 
     def register_full_blocks(self, seq: Sequence) -> None:
-        """Publish the hashes of blocks seq has completely computed, for reuse."""
+        """Publish the hashes of blocks seq has completely computed, for reuse.
+
+        Called for every scheduled sequence every step: it starts after the blocks it
+        already published (a sequence's leading blocks change only when release clears
+        them), so a step costs the new full blocks, not the whole context.
+        """
         if not self.enable_prefix_caching:
             return
         full = min(seq.num_computed_tokens // self.block_size, len(seq.block_ids))
         self._extend_hashes(seq, full)
-        for i in range(full):
+        for i in range(min(seq.num_published_blocks, full), full):
             block, h = seq.block_ids[i], seq.block_hashes[i]
             if self.block_hash[block] is None:
                 self.block_hash[block] = h
                 self.cached.setdefault(h, block)
+        seq.num_published_blocks = max(seq.num_published_blocks, full)
 
     def _extend_hashes(self, seq: Sequence, count: int) -> None:
         bs = self.block_size

@@ -85,6 +85,9 @@ class Sequence:
     block_ids: list[int] = field(default_factory=list)
     # Prefix-cache hashes of this sequence's full blocks, in order.
     block_hashes: list[int] = field(default_factory=list)
+    # Leading blocks of block_ids whose hashes are published (BlockManager.register_full_blocks
+    # starts after them; release resets it).
+    num_published_blocks: int = 0
     status: SequenceStatus = SequenceStatus.WAITING
     num_cached_tokens: int = 0
     generator: torch.Generator | None = None
