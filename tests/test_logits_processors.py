@@ -205,7 +205,7 @@ def test_engine_step_over_64_requests_calls_each_processor_once(monkeypatch, mod
     assert all(calls == len(steps) for calls, _ in work.values()), (work, len(steps))
 
 
-def test_a_row_edits_logits_does_not_rule_out_is_left_as_it_was():
+def test_edits_logits_is_true_wherever_a_processor_changes_the_row():
     """The sampler reads raw logits where edits_logits is False for every row: then no
     processor may change that row. Each setting alone, and none, over outputs of several
     lengths (min_tokens holds only until it is reached)."""

@@ -25,7 +25,7 @@ def test_certainly_kept_vouches_only_for_tokens_the_truncation_keeps():
     vouched = 0
     for rank in list(range(0, 5000, 7)) + [4999]:
         tokens = ranked[:, rank]
-        sure = certainly_kept(probs, tokens, params, top_p)
+        sure = torch.tensor(certainly_kept(probs, tokens, params, top_p))
         assert not (sure & ~kept.gather(1, tokens[:, None])[:, 0]).any(), rank
         vouched += int(sure.sum())
     assert vouched > 0

@@ -60,8 +60,27 @@ class LogitsBatch:
         return upload(values, dtype, self.device)
 
 
+# Which rows each processor edits: the processors and edits_logits both ask these.
+def _penalizes_repetition(p: SamplingParams) -> bool:
+    return p.repetition_penalty != 1.0
+
+
+def _penalizes_frequency(p: SamplingParams) -> bool:
+    return bool(p.frequency_penalty or p.presence_penalty)
+
+
+def _may_ban(seq: Sequence) -> bool:
+    """Whether banned_tokens can name any token for seq (cheap; a superset)."""
+    p = seq.params
+    return bool(
+        p.bad_token_ids
+        or p.bad_sequences
+        or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
+    )
+
+
 def apply_repetition_penalty(logits: torch.Tensor, batch: LogitsBatch) -> torch.Tensor:
-    rows = batch.rows(lambda p: p.repetition_penalty != 1.0)
+    rows = batch.rows(_penalizes_repetition)
     if not rows:
         return logits
     seqs = [batch.seqs[i] for i in rows]
@@ -83,7 +102,7 @@ def apply_repetition_penalty(logits: torch.Tensor, batch: LogitsBatch) -> torch.
 
 
 def apply_frequency_presence_penalties(logits: torch.Tensor, batch: LogitsBatch) -> torch.Tensor:
-    rows = batch.rows(lambda p: bool(p.frequency_penalty or p.presence_penalty))
+    rows = batch.rows(_penalizes_frequency)
     if not rows:
         return logits
     seqs = [batch.seqs[i] for i in rows]
@@ -141,14 +160,11 @@ def edits_logits(seq: Sequence) -> bool:
     leaves the row as the model gave it; True may still edit nothing, e.g. a bad sequence
     that does not match). The sampler reads raw logits where no row needs editing."""
     p = seq.params
-    return bool(
-        p.repetition_penalty != 1.0
-        or p.frequency_penalty
-        or p.presence_penalty
-        or p.logit_bias
-        or p.bad_token_ids
-        or p.bad_sequences
-        or (p.min_tokens and seq.num_output_tokens < p.min_tokens)
+    return (
+        _penalizes_repetition(p)
+        or _penalizes_frequency(p)
+        or bool(p.logit_bias)
+        or _may_ban(seq)
         or seq.grammar_matcher is not None
     )
 
@@ -164,6 +180,8 @@ def apply_logits_processors(
 
 def banned_tokens(seq: Sequence, eos_token_ids: tuple[int, ...]) -> list[int]:
     """Token ids seq may not produce next (may repeat; Python work per row, not per token)."""
+    if not _may_ban(seq):
+        return []
     p = seq.params
     banned = list(p.bad_token_ids)
     if p.min_tokens and seq.num_output_tokens < p.min_tokens:

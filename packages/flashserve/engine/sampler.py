@@ -250,7 +250,7 @@ def _draw_from_vocab(
         probs = torch.softmax(logits, dim=-1).nan_to_num_(nan=0.0)
         totals = block_sums(probs)
         chosen = _race_with(probs, totals, log_block_u, log_token_u)
-        sure = certainly_kept(probs, chosen, params, top_p, totals).tolist()
+        sure = certainly_kept(probs, chosen, params, top_p, totals)
     rows = [i for i, kept in enumerate(sure) if not kept]
     if rows:
         unsure = upload(rows, torch.long, logits.device)

@@ -133,8 +133,8 @@ def certainly_kept(
     params: list[SamplingParams],
     top_p: list[float],
     totals: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """[B] bool: rows whose token kept_probs surely keeps (False: not known, not "dropped").
+) -> list[bool]:
+    """Per row: whether kept_probs surely keeps its token (False: not known, not "dropped").
 
     probs: the rows' softmax (kept_probs's first step); tokens: one per row; totals:
     block_sums(probs) where the caller has them. Known only
@@ -147,8 +147,7 @@ def certainly_kept(
     # Both sums have the same bits in any batch, so a seeded row decides the same way alone.
     through = mass_at_least(probs, chosen)
     mass = row_sums(probs) if totals is None else totals.cumsum(dim=-1)[:, -1]
-    sure = vouched(chosen.squeeze(1), through, mass, probs.shape[-1], params, top_p)
-    return torch.tensor(sure, dtype=torch.bool, device=probs.device)
+    return vouched(chosen.squeeze(1), through, mass, probs.shape[-1], params, top_p)
 
 
 def vouched(

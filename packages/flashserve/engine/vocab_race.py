@@ -4,9 +4,9 @@ For each row of logits: the softmax, its blocks' totals, the two-round exponenti
 race (sampler._race) and the mass at or above the drawn token (certainly_kept's
 check), while the row sits in the cache. The row may be the model's own (bf16 too)
 with its temperature still to divide by: the kernel widens and divides as it reads,
-with the bits torch's `.float()` and `div_` give, and no [rows, vocab] copy is made. The torch passes read and write the whole
-[rows, vocab] batch several times over (softmax, nan_to_num, block_sums, the mass),
-each through memory. The kernel repeats torch's arithmetic operation for operation,
+with the bits torch's `.float()` and `div_` give, and no [rows, vocab] copy is made.
+The torch passes read and write the whole [rows, vocab] batch several times over
+(softmax, nan_to_num, block_sums, the mass), each through memory. The kernel repeats torch's arithmetic operation for operation,
 with the exp torch itself calls (Sleef's, found in libtorch_cpu), so where torch
 runs its 8-lane kernels the results are the torch passes' bits; elsewhere (AVX-512)
 they differ in the last bits, no row depends on another either way.
@@ -70,19 +70,28 @@ use_exp16 = True
 _exp16_address: int | None = None
 
 
+_LIBTORCH_CPU = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
+
+
+def _libtorch_symbol(name: str) -> int:
+    """The address of a function libtorch_cpu exports (OSError, AttributeError: none)."""
+    return ctypes.cast(getattr(ctypes.CDLL(str(_LIBTORCH_CPU)), name), ctypes.c_void_p).value
+
+
 def torch_exp_address() -> int | None:
     """The address of torch's own 8-lane float exp, or None (logged once) where this
     torch build does not export it."""
     global _exp_address, _exp_missing
     if _exp_address is None and _exp_missing is None:
-        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
         try:
-            function = getattr(ctypes.CDLL(str(library)), EXP_SYMBOL)
-            _exp_address = ctypes.cast(function, ctypes.c_void_p).value
+            _exp_address = _libtorch_symbol(EXP_SYMBOL)
         except (OSError, AttributeError) as exc:
             _exp_missing = f"{type(exc).__name__}: {exc}"
             logger.warning(
-                "sampler: %s not found in %s (%s); using torch", EXP_SYMBOL, library, _exp_missing
+                "sampler: %s not found in %s (%s); using torch",
+                EXP_SYMBOL,
+                _LIBTORCH_CPU,
+                _exp_missing,
             )
     return _exp_address
 
@@ -92,10 +101,8 @@ def torch_exp16_address() -> int | None:
     kernel then calls the 8-lane one)."""
     global _exp16_address
     if _exp16_address is None:
-        library = Path(torch.__file__).parent / "lib" / "libtorch_cpu.so"
         try:
-            function = getattr(ctypes.CDLL(str(library)), EXP16_SYMBOL)
-            _exp16_address = ctypes.cast(function, ctypes.c_void_p).value or 0
+            _exp16_address = _libtorch_symbol(EXP16_SYMBOL) or 0
         except (OSError, AttributeError):
             _exp16_address = 0
     return _exp16_address or None

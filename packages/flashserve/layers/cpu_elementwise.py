@@ -61,10 +61,10 @@ _ROTATE_HALF = [
     ctypes.c_int64,  # q row stride
     ctypes.c_int64,  # q head stride
     ctypes.c_int64,  # q heads
-    ctypes.c_void_p,  # k [rows, k heads, head_dim], rotated in place (or NULL)
+    ctypes.c_void_p,  # k [rows, k heads, head_dim], rotated in place
     ctypes.c_int64,  # k row stride
     ctypes.c_int64,  # k head stride
-    ctypes.c_int64,  # k heads (0: q alone)
+    ctypes.c_int64,  # k heads
     ctypes.c_int64,  # rows
     ctypes.c_int64,  # rotated dims per head
     ctypes.c_void_p,  # table float32 [positions, 2 * rotated dims]: cos|cos, -sin|sin
@@ -210,15 +210,15 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor | None:
 
 
 def rotate_half_in_place(
-    tensors: tuple[torch.Tensor, ...], positions: torch.Tensor, table: torch.Tensor, rotary_dim: int
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, table: torch.Tensor, rotary_dim: int
 ) -> bool:
-    """Rope each x [rows, heads, head_dim] (one or two: q and k, in one call) in place at
-    positions with the rotary table's rows (cos|cos, -sin|sin over the first rotary_dim
-    dims). All or none: False when the kernel takes not every one of them (nothing is
-    changed then; use torch)."""
+    """Rope q [rows, heads, head_dim] and k [rows, kv_heads, head_dim] in place, in one
+    call, at positions with the rotary table's rows (cos|cos, -sin|sin over the first
+    rotary_dim dims). Both or neither: False when the kernel does not take both (nothing
+    is changed then; use torch)."""
+    tensors = (q, k)
     if not (
-        len(tensors) in (1, 2)
-        and enabled
+        enabled
         and table.dtype == torch.float32
         and table.is_contiguous()
         and table.shape[-1] == 2 * rotary_dim
@@ -231,7 +231,7 @@ def rotate_half_in_place(
             and x.shape[2] >= rotary_dim
             and x.device.type == "cpu"
             and x.dtype in SUFFIXES
-            and x.dtype == tensors[0].dtype
+            and x.dtype == q.dtype
             and x.stride(2) == 1
             for x in tensors
         )
@@ -243,16 +243,15 @@ def rotate_half_in_place(
     if library is None:
         return False
     positions = positions.contiguous()
-    q, k = tensors[0], tensors[-1] if len(tensors) == 2 else None
     out_of_table = getattr(library, f"rotate_half_{SUFFIXES[q.dtype]}")(
         q.data_ptr(),
         q.stride(0),
         q.stride(1),
         q.shape[1],
-        None if k is None else k.data_ptr(),
-        0 if k is None else k.stride(0),
-        0 if k is None else k.stride(1),
-        0 if k is None else k.shape[1],
+        k.data_ptr(),
+        k.stride(0),
+        k.stride(1),
+        k.shape[1],
         q.shape[0],
         rotary_dim,
         table.data_ptr(),

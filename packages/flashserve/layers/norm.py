@@ -16,10 +16,13 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def add_and_norm(
-        self, x: torch.Tensor, residual: torch.Tensor
+        self, x: torch.Tensor, residual: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(x + residual, this norm of it): a pre-norm layer's residual stream and the
-        next block's input, in one pass on the CPU."""
+        next block's input, in one pass on the CPU. residual None: x is the stream (the
+        first layer's input)."""
+        if residual is None:
+            return x, self(x)
         fused = cpu_elementwise.add_rms_norm(x, residual, self.weight, self.eps)
         if fused is not None:
             return fused

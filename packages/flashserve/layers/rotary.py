@@ -140,7 +140,7 @@ class RotaryEmbedding(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """forward's result, computed in q and k themselves where the CPU kernel takes them
         (the caller gives up their unrotated values either way)."""
-        if cpu_elementwise.rotate_half_in_place((q, k), positions, self.cos_sin, self.rotary_dim):
+        if cpu_elementwise.rotate_half_in_place(q, k, positions, self.cos_sin, self.rotary_dim):
             return q, k
         return self.forward(positions, q, k)
 

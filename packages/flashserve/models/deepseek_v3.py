@@ -212,10 +212,7 @@ class DeepseekDecoderLayer(nn.Module):
 
     def forward(self, positions, hidden, residual, cache, meta):
         """As llama.DecoderLayer: (output, residual stream before it)."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
+        residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
         attended = self.self_attn(positions, normed, cache, meta)
         residual, normed = self.post_attention_layernorm.add_and_norm(attended, residual)
         return self.mlp(normed), residual
@@ -320,8 +317,6 @@ class DeepseekV3ForCausalLM(RoutedExpertsModel, CausalLM):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, (cache, _latent_view) in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, cache, meta)
-        if residual is None:  # no layers
-            return self.norm(hidden)
         return self.norm.add_and_norm(hidden, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:

@@ -114,10 +114,7 @@ class DecoderLayer(nn.Module):
         """(this layer's output, the residual stream before it): the next layer (or the
         final norm) adds them while it normalises, in one pass. residual None: hidden is
         the stream itself (the first layer)."""
-        if residual is None:
-            residual, normed = hidden, self.input_layernorm(hidden)
-        else:
-            residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
+        residual, normed = self.input_layernorm.add_and_norm(hidden, residual)
         attended = self.self_attn(positions, normed, k_cache, v_cache, meta)
         residual, normed = self.post_attention_layernorm.add_and_norm(attended, residual)
         return self.mlp(normed), residual
@@ -172,8 +169,6 @@ class DecoderOnlyLM(CausalLM):
         hidden, residual = self.embed_tokens(input_ids), None
         for layer, (k_cache, v_cache) in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, k_cache, v_cache, meta)
-        if residual is None:  # no layers
-            return self.norm(hidden)
         return self.norm.add_and_norm(hidden, residual)[1]
 
     def compute_logits(self, hidden: torch.Tensor, native: bool = False) -> torch.Tensor:

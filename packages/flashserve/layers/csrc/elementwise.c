@@ -68,7 +68,8 @@ static inline __m512 round_bf16_wide(__m512 v) {
         _mm512_set1_epi32((int)0xffff0000u));
     const __mmask16 nan = _mm512_cmp_epu32_mask(_mm512_and_si512(bits, _mm512_set1_epi32(0x7fffffff)),
                                                 _mm512_set1_epi32(0x7f800000), _MM_CMPINT_NLE);
-    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
+    return _mm512_castsi512_ps(
+        _mm512_mask_mov_epi32(rounded, nan, _mm512_set1_epi32(0x7fc00000)));
 }
 
 static inline void store_bf16_wide(uint16_t *p, __m512 v) {
@@ -77,7 +78,8 @@ static inline void store_bf16_wide(uint16_t *p, __m512 v) {
 }
 
 static inline __m512 load_wide(int bf16, const void *row, int64_t i) {
-    return bf16 ? load_bf16_wide((const uint16_t *)row + i) : _mm512_loadu_ps((const float *)row + i);
+    return bf16 ? load_bf16_wide((const uint16_t *)row + i)
+                : _mm512_loadu_ps((const float *)row + i);
 }
 
 static inline void store_wide(int bf16, void *row, int64_t i, __m512 v) {
@@ -187,27 +189,8 @@ static void rms_norm_rows_bf16(void *job, int64_t begin, int64_t end) {
     rms_norm_rows(1, job, begin, end);
 }
 
-/* out[r, :] = weight * (x[r, :] / sqrt(mean(x[r, :]^2) + eps)); n a multiple of LANES. */
-static int rms_norm(int bf16, const void *x, int64_t ldx, int64_t rows, int64_t n,
-                    const void *weight, float eps, void *out, int64_t ldo, int threads) {
-    struct rms_norm_job job = {.x = x, .weight = weight, .ldx = ldx, .n = n, .ldo = ldo,
-                               .eps = eps, .out = out};
-    flashserve_run_ranges(bf16 ? rms_norm_rows_bf16 : rms_norm_rows_f32, &job, rows,
-                          (int64_t)threads * CHUNKS_PER_THREAD, threads);
-    return 0;
-}
-
-int rms_norm_f32(const float *x, int64_t ldx, int64_t rows, int64_t n, const float *weight,
-                 float eps, float *out, int64_t ldo, int threads) {
-    return rms_norm(0, x, ldx, rows, n, weight, eps, out, ldo, threads);
-}
-
-int rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t rows, int64_t n,
-                  const uint16_t *weight, float eps, uint16_t *out, int64_t ldo, int threads) {
-    return rms_norm(1, x, ldx, rows, n, weight, eps, out, ldo, threads);
-}
-
-/* sum = x + residual; out = rms_norm(sum) (see rms_norm_rows). */
+/* sum = x + residual (residual NULL: no sum, x itself); out[r, :] = weight * (s[r, :] /
+ * sqrt(mean(s[r, :]^2) + eps)) of that row s; n a multiple of LANES. */
 static int add_rms_norm(int bf16, const void *x, int64_t ldx, const void *residual,
                         int64_t ldr, int64_t rows, int64_t n, const void *weight, float eps,
                         void *sum, int64_t lds, void *out, int64_t ldo, int threads) {
@@ -215,6 +198,16 @@ static int add_rms_norm(int bf16, const void *x, int64_t ldx, const void *residu
     flashserve_run_ranges(bf16 ? rms_norm_rows_bf16 : rms_norm_rows_f32, &job, rows,
                           (int64_t)threads * CHUNKS_PER_THREAD, threads);
     return 0;
+}
+
+int rms_norm_f32(const float *x, int64_t ldx, int64_t rows, int64_t n, const float *weight,
+                 float eps, float *out, int64_t ldo, int threads) {
+    return add_rms_norm(0, x, ldx, NULL, 0, rows, n, weight, eps, NULL, 0, out, ldo, threads);
+}
+
+int rms_norm_bf16(const uint16_t *x, int64_t ldx, int64_t rows, int64_t n,
+                  const uint16_t *weight, float eps, uint16_t *out, int64_t ldo, int threads) {
+    return add_rms_norm(1, x, ldx, NULL, 0, rows, n, weight, eps, NULL, 0, out, ldo, threads);
 }
 
 int add_rms_norm_f32(const float *x, int64_t ldx, const float *residual, int64_t ldr,
@@ -342,7 +335,7 @@ struct rope_operand {
 };
 
 struct rope_job {
-    struct rope_operand operands[2]; /* q and k; a second with no heads is skipped */
+    struct rope_operand operands[2]; /* q and k */
     int64_t rotary;
     const float *table;
     const int64_t *positions;
@@ -387,7 +380,7 @@ static void rope_rows_bf16(void *job, int64_t begin, int64_t end) {
 }
 
 /* Rotate-half rope in place: q [rows, q_heads, head_dim] (row stride ldq, head stride
- * ldqh) and k [rows, k_heads, head_dim] (ldk, ldkh; k_heads 0: q alone), the first
+ * ldqh) and k [rows, k_heads, head_dim] (ldk, ldkh), the first
  * `rotary` dims of each head, at positions[r]; table row p holds cos|cos over the rotated
  * dims, then -sin|sin. Each element is x * cos + partner * sin (two products, one sum:
  * torch's arithmetic for the same table, bit for bit). Returns 1, with nothing written,

@@ -163,7 +163,8 @@ static void softmax_row(const struct logit_row *row, int64_t n, float *probs, ex
     (void)exp16;
 #endif
     for (; d < whole; d += 8) {
-        if (next && d % line_elements == 0) __builtin_prefetch(next + d * (row->bf16 ? 2 : 4), 0, 2);
+        if (next && d % line_elements == 0)
+            __builtin_prefetch(next + d * (row->bf16 ? 2 : 4), 0, 2);
         __m256 e = exp8(_mm256_sub_ps(scaled(row, raw8(row, d)), shift));
         _mm256_storeu_ps(probs + d, e);
         sum = d ? _mm256_add_ps(sum, e) : e;
@@ -289,9 +290,10 @@ static void race_rows(void *ctx, int64_t begin, int64_t end) {
 
 /* logits [rows, vocab] fp32 (or bf16: vocab_race_bf16), row stride `stride` (elements),
  * vocab >= 8; temperatures [rows] (> 0) or NULL: each row's logits divided by its own
- * first, as torch's div_ would (fp32 division, after widening bf16); log_block_u [rows, blocks] and
- * log_token_u [rows, 256], contiguous: the logs of the race's uniforms; exp8: Sleef_expf8_u10,
- * exp16: Sleef_expf16_u10 or NULL (taken where the build has AVX-512).
+ * first, as torch's div_ would (fp32 division, after widening bf16); log_block_u
+ * [rows, blocks] and log_token_u [rows, 256], contiguous: the logs of the race's uniforms;
+ * exp8: Sleef_expf8_u10, exp16: Sleef_expf16_u10 or NULL (taken where the build has
+ * AVX-512).
  * Out: chosen, chosen_prob (its probability), through (mass of the tokens at least as
  * probable as it) and mass (the row's total) [rows]; probs [rows, vocab] and totals
  * [rows, blocks], contiguous, where not NULL (else scratch rows).
@@ -324,7 +326,8 @@ static int vocab_race(int bf16, const void *logits, int64_t rows, int64_t vocab,
 #else
     (void)bf16, (void)temperatures;
     (void)logits, (void)rows, (void)vocab, (void)stride, (void)log_block_u;
-    (void)log_token_u, (void)exp8, (void)exp16, (void)probs, (void)totals, (void)chosen, (void)chosen_prob;
+    (void)log_token_u, (void)exp8, (void)exp16, (void)probs, (void)totals, (void)chosen;
+    (void)chosen_prob;
     (void)through, (void)mass, (void)threads;
     return 2;
 #endif
