@@ -64,6 +64,27 @@ def test_sliding_window_is_read_only_where_the_config_uses_it():
     assert ModelConfig.from_dict(qwen).sliding_window is None
 
 
+def test_qwen_windows_start_at_max_window_layers():
+    qwen = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "vocab_size": 8,
+        "hidden_size": 8,
+        "intermediate_size": 8,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "sliding_window": 64,
+        "use_sliding_window": True,
+    }
+    assert ModelConfig.from_dict({**qwen, "max_window_layers": 1}).sliding_window == 64
+    # No layer from max_window_layers on: every layer attends to the whole context.
+    assert ModelConfig.from_dict({**qwen, "max_window_layers": 2}).sliding_window is None
+    full = ["full_attention", "full_attention"]
+    assert ModelConfig.from_dict({**qwen, "layer_types": full}).sliding_window is None
+    config = transformers.Qwen2Config(**{k: v for k, v in qwen.items() if k != "architectures"})
+    config.max_window_layers = 2
+    assert ModelConfig.from_dict(config.to_dict()).sliding_window is None
+
+
 def test_an_activation_other_than_silu_is_refused():
     raw = {
         "architectures": ["LlamaForCausalLM"],

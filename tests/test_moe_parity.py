@@ -110,6 +110,30 @@ ARCHITECTURES = {
         transformers.Qwen3MoeConfig,
         dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, attention_bias=True),
     ),
+    # No shared expert: transformers still saves its empty projections (and Qwen2-MoE its
+    # gate), which add nothing.
+    "qwen2-moe-no-shared-expert": (
+        transformers.Qwen2MoeConfig,
+        dict(
+            num_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=0,
+        ),
+    ),
+    "glm4-moe-no-shared-expert": (
+        transformers.Glm4MoeConfig,
+        dict(
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            n_shared_experts=0,
+            n_group=1,
+            topk_group=1,
+            first_k_dense_replace=1,
+            head_dim=16,
+        ),
+    ),
     "qwen2-moe-shared-expert": (
         transformers.Qwen2MoeConfig,
         dict(

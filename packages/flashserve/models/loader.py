@@ -144,7 +144,10 @@ def load_weights(model: CausalLM, files: list[Path]) -> None:
         param_name, shard = target
         param = params.get(param_name)
         if param is None:
-            unplaced.append(name)
+            # An empty tensor adds nothing: transformers saves a shared expert of
+            # intermediate size 0 as empty projections where this model has none.
+            if tensor.numel() != 0:
+                unplaced.append(name)
             continue
         try:
             written[param_name] += weight_loader_of(param)(param, tensor, shard)

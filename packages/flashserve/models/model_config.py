@@ -118,4 +118,15 @@ def _sliding_window(raw: dict[str, Any]) -> int | None:
     if not raw.get("use_sliding_window", True):
         return None
     window = raw.get("sliding_window")
-    return int(window) if window else None
+    if not window:
+        return None
+    # Qwen's windows start at layer `max_window_layers` (transformers 5 also writes the
+    # resulting `layer_types`): no layer past the last one slides.
+    layer_types = raw.get("layer_types")
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    layers = raw.get("num_hidden_layers")
+    first_sliding = raw.get("max_window_layers")
+    if layers is not None and first_sliding is not None and first_sliding >= layers:
+        return None
+    return int(window)

@@ -52,6 +52,9 @@ class Qwen2MoeForCausalLM(MoeDecoderLM):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend, max_positions: int) -> None:
         sparse = _sparse_layers(cfg)
         super().__init__(cfg, backend, max_positions, lambda i: self._mlp(cfg, i in sparse))
+        if not cfg.raw.get("shared_expert_intermediate_size"):
+            # Its checkpoint still has the gate of the (empty) shared expert: a gate on zero.
+            self.ignored_weights = (*self.ignored_weights, r"\.shared_expert_gate\.weight$")
 
     @staticmethod
     def _mlp(cfg: ModelConfig, sparse: bool) -> nn.Module:
