@@ -161,6 +161,16 @@ def cases() -> list[Case]:
         # Qwen2-MoE
         Case("qwen2-moe-defaults", "qwen2_moe", dict(QWEN_MOE, shared_expert_intermediate_size=48)),
         Case(
+            "qwen2-moe-no-shared-expert",
+            "qwen2_moe",
+            dict(QWEN_MOE, shared_expert_intermediate_size=0),
+        ),
+        Case(
+            "qwen2-window-past-last-layer",
+            "qwen2",
+            dict(DENSE, use_sliding_window=True, sliding_window=64, max_window_layers=2),
+        ),
+        Case(
             "qwen2-moe-unshrunk-experts",
             "qwen2_moe",
             dict(DENSE, num_experts=60, num_experts_per_tok=4),
@@ -236,6 +246,7 @@ def cases() -> list[Case]:
         Case("mixtral-bf16-sharded", "mixtral", MIXTRAL, save_dtype=bf16, shard_size="100KB"),
         # GLM-4.5 (partial rope 0.5, one group, scaling 1.0 by default)
         Case("glm4-moe-defaults", "glm4_moe", GLM_MOE),
+        Case("glm4-moe-no-shared-expert", "glm4_moe", dict(GLM_MOE, n_shared_experts=0)),
         Case(
             "glm4-moe-glm45-like",
             "glm4_moe",
@@ -314,6 +325,11 @@ def cases() -> list[Case]:
         # DeepSeek-V3 / Kimi K2
         # first_k_dense_replace defaults to 3: with 2 layers every one is dense.
         Case("deepseek-v3-defaults", "deepseek_v3", MLA),
+        Case(
+            "deepseek-v3-no-shared-expert",
+            "deepseek_v3",
+            dict(MLA, first_k_dense_replace=1, n_shared_experts=0),
+        ),
         Case("deepseek-v3-default-groups-moe", "deepseek_v3", dict(MLA, first_k_dense_replace=1)),
         Case(
             "deepseek-v3-attention-bias",
