@@ -62,6 +62,42 @@ USER_IMAGE = {"role": "user", "content": [{"type": "image", "source": {"type": "
             "messages[1].content[0]",
             "prefill text only",
         ),
+        (  # a tool_use left unanswered by the next turn
+            {
+                "messages": [
+                    *ASK,
+                    {"role": "assistant", "content": [CALL]},
+                    {"role": "user", "content": "never mind"},
+                ]
+            },
+            "messages[2].content",
+            "without tool_result blocks immediately after: 'toolu_1'",
+        ),
+        (  # assistant messages in a row are one turn: its call is answered after the run
+            {
+                "messages": [
+                    *ASK,
+                    {"role": "assistant", "content": [CALL]},
+                    {"role": "assistant", "content": "and"},
+                    {"role": "user", "content": "go on"},
+                ]
+            },
+            "messages[3].content",
+            "'toolu_1'",
+        ),
+        (  # its result in a later turn is not enough either
+            {
+                "messages": [
+                    *ASK,
+                    {"role": "assistant", "content": [CALL]},
+                    {"role": "user", "content": [{"type": "text", "text": "wait"}]},
+                    {"role": "assistant", "content": "ok"},
+                    {"role": "user", "content": [RESULT]},
+                ]
+            },
+            "messages[2].content",
+            "corresponding tool_result block in the next message",
+        ),
         ({"temperature": 2.5}, "temperature", "at most 2"),
         ({"top_p": 0}, "top_p", "greater than 0"),
         ({"top_k": -1}, "top_k", "at least 0"),
@@ -123,6 +159,23 @@ def test_bad_requests_are_400s_naming_the_field(
     detail = refusal(messages, request)
     assert detail["param"] == param, detail
     assert words in detail["message"] and param in detail["message"], detail
+
+
+def test_a_tool_use_is_answered_by_the_next_turn_whatever_its_messages(
+    messages: MessagesEndpoint,
+) -> None:
+    # Messages of one role in a row are one turn (they merge): the call is answered.
+    request = body(
+        messages=[
+            *ASK,
+            {"role": "assistant", "content": [CALL]},
+            {"role": "assistant", "content": "and"},
+            {"role": "user", "content": "one moment"},
+            {"role": "user", "content": [RESULT]},
+        ],
+        tools=TOOLS,
+    )
+    assert messages.validator.parse(request).chat.messages
 
 
 FULL_BODY = body(

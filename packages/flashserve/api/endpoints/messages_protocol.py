@@ -150,6 +150,7 @@ def _check_semantics(body: dict[str, Any]) -> None:
                 calls.add(block["id"])
             elif kind == "tool_result":
                 _check_tool_result(block, calls, param)
+    _check_answered(messages)
     last = messages[-1]
     if last["role"] == ASSISTANT and isinstance(last["content"], list):
         for j, block in enumerate(last["content"]):
@@ -162,6 +163,41 @@ def _check_semantics(body: dict[str, Any]) -> None:
                 )
     _check_thinking(body)
     _check_tools(body)
+
+
+def _check_answered(messages: list[dict[str, Any]]) -> None:
+    """As Anthropic: every tool_use of an assistant turn has its tool_result in the next
+    turn, else the model would read a call that never returned. A turn is a run of
+    messages of one role (they merge); a final assistant turn is checked elsewhere."""
+    turns: list[list[int]] = []
+    for i, message in enumerate(messages):
+        if turns and messages[turns[-1][0]]["role"] == message["role"]:
+            turns[-1].append(i)
+        else:
+            turns.append([i])
+
+    def blocks(turn: list[int], kind: str) -> list[dict[str, Any]]:
+        return [
+            block
+            for i in turn
+            if isinstance(messages[i]["content"], list)
+            for block in messages[i]["content"]
+            if block["type"] == kind
+        ]
+
+    for turn, reply in zip(turns, turns[1:]):
+        if messages[turn[0]]["role"] != ASSISTANT:
+            continue
+        answered = {block["tool_use_id"] for block in blocks(reply, "tool_result")}
+        missing = [b["id"] for b in blocks(turn, "tool_use") if b["id"] not in answered]
+        if missing:
+            param = f"messages[{reply[0]}].content"
+            raise invalid_field(
+                f"'{param}': tool_use ids were found without tool_result blocks immediately "
+                f"after: {', '.join(repr(m[:80]) for m in missing[:4])}. Each tool_use "
+                "block must have a corresponding tool_result block in the next message",
+                param,
+            )
 
 
 def _article(word: str) -> str:
