@@ -175,7 +175,8 @@ def test_a_tool_use_is_answered_by_the_next_turn_whatever_its_messages(
         ],
         tools=TOOLS,
     )
-    assert messages.validator.parse(request).chat.messages
+    chat = messages.validator.parse(request).chat.messages
+    assert [m["role"] for m in chat][-2:] == ["user", "tool"]
 
 
 FULL_BODY = body(

@@ -78,11 +78,19 @@ def test_qwen_windows_start_at_max_window_layers():
     assert ModelConfig.from_dict({**qwen, "max_window_layers": 1}).sliding_window == 64
     # No layer from max_window_layers on: every layer attends to the whole context.
     assert ModelConfig.from_dict({**qwen, "max_window_layers": 2}).sliding_window is None
-    full = ["full_attention", "full_attention"]
-    assert ModelConfig.from_dict({**qwen, "layer_types": full}).sliding_window is None
-    config = transformers.Qwen2Config(**{k: v for k, v in qwen.items() if k != "architectures"})
-    config.max_window_layers = 2
-    assert ModelConfig.from_dict(config.to_dict()).sliding_window is None
+    # As transformers writes them (its `layer_types` follow max_window_layers).
+    settings = {k: v for k, v in qwen.items() if k != "architectures"}
+    for first_sliding, window in ((1, 64), (2, None)):
+        saved = transformers.Qwen2Config(**settings, max_window_layers=first_sliding).to_dict()
+        assert (
+            ModelConfig.from_dict({**saved, "architectures": qwen["architectures"]}).sliding_window
+            == window
+        )
+        del saved["max_window_layers"]  # layer_types alone decide too
+        assert (
+            ModelConfig.from_dict({**saved, "architectures": qwen["architectures"]}).sliding_window
+            == window
+        )
 
 
 def test_an_activation_other_than_silu_is_refused():

@@ -167,31 +167,16 @@ def _check_semantics(body: dict[str, Any]) -> None:
 
 def _check_answered(messages: list[dict[str, Any]]) -> None:
     """As Anthropic: every tool_use of an assistant turn has its tool_result in the next
-    turn, else the model would read a call that never returned. A turn is a run of
-    messages of one role (they merge); a final assistant turn is checked elsewhere."""
-    turns: list[list[int]] = []
-    for i, message in enumerate(messages):
-        if turns and messages[turns[-1][0]]["role"] == message["role"]:
-            turns[-1].append(i)
-        else:
-            turns.append([i])
-
-    def blocks(turn: list[int], kind: str) -> list[dict[str, Any]]:
-        return [
-            block
-            for i in turn
-            if isinstance(messages[i]["content"], list)
-            for block in messages[i]["content"]
-            if block["type"] == kind
-        ]
-
-    for turn, reply in zip(turns, turns[1:]):
-        if messages[turn[0]]["role"] != ASSISTANT:
+    turn, else the model would read a call that never returned. (A final assistant turn
+    is checked elsewhere.)"""
+    turns = _turns(messages)
+    for (role, _, blocks), (_, first, reply) in zip(turns, turns[1:]):
+        if role != ASSISTANT:
             continue
-        answered = {block["tool_use_id"] for block in blocks(reply, "tool_result")}
-        missing = [b["id"] for b in blocks(turn, "tool_use") if b["id"] not in answered]
+        answered = {b["tool_use_id"] for b in reply if b["type"] == "tool_result"}
+        missing = [b["id"] for b in blocks if b["type"] == "tool_use" and b["id"] not in answered]
         if missing:
-            param = f"messages[{reply[0]}].content"
+            param = f"messages[{first}].content"
             raise invalid_field(
                 f"'{param}': tool_use ids were found without tool_result blocks immediately "
                 f"after: {', '.join(repr(m[:80]) for m in missing[:4])}. Each tool_use "
@@ -332,6 +317,18 @@ def _blocks(content: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"type": "text", "text": content}] if isinstance(content, str) else content
 
 
+def _turns(messages: list[dict[str, Any]]) -> list[tuple[str, int, list[dict[str, Any]]]]:
+    """(role, index of its first message, blocks) per turn: consecutive messages of one
+    role are one turn (Anthropic combines them too)."""
+    turns: list[tuple[str, int, list[dict[str, Any]]]] = []
+    for i, message in enumerate(messages):
+        if turns and turns[-1][0] == message["role"]:
+            turns[-1][2].extend(_blocks(message["content"]))
+        else:
+            turns.append((message["role"], i, list(_blocks(message["content"]))))
+    return turns
+
+
 def _text_of(blocks: list[dict[str, Any]]) -> str:
     return "\n".join(block["text"] for block in blocks if block["type"] == "text")
 
@@ -349,13 +346,7 @@ def chat_messages(
     out: list[dict[str, Any]] = []
     if system:
         out.append({"role": "system", "content": _text_of(_blocks(system))})
-    turns: list[tuple[str, list[dict[str, Any]]]] = []
-    for message in messages:
-        if turns and turns[-1][0] == message["role"]:
-            turns[-1][1].extend(_blocks(message["content"]))
-        else:
-            turns.append((message["role"], list(_blocks(message["content"]))))
-    for role, blocks in turns:
+    for role, _, blocks in _turns(messages):
         if role == ASSISTANT:
             out.append(_assistant_message(blocks))
         else:
