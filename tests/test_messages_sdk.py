@@ -118,6 +118,11 @@ def test_a_tool_use_round_trip(client: anthropic.Anthropic) -> None:
     reply = create(client, messages=history, tools=TOOLS, max_tokens=8)
     assert reply.stop_reason in ("max_tokens", "end_turn", "tool_use") and reply.content
 
+    # The call sent back with a text turn but no tool_result: Anthropic's 400.
+    unanswered = [*history[:2], {"role": "user", "content": "never mind"}]
+    with pytest.raises(anthropic.BadRequestError, match=rf"messages\[2\]\.content.*{call.id}"):
+        create(client, messages=unanswered, tools=TOOLS, max_tokens=8)
+
 
 def test_thinking_blocks_streamed_signed_and_sent_back(client: anthropic.Anthropic) -> None:
     thinking = {"type": "adaptive"}
